@@ -1,0 +1,219 @@
+//! `run`: wires the parts together, and owns the shutdown order.
+//!
+//! Start: connect and migrate, load and check every plugin, start the wake-up listener and the
+//! safe-head tracker, join the replica set, start one pipeline per projection, serve HTTP.
+//!
+//! Shutdown (SIGTERM/SIGINT, or caught up with `--once`): readiness turns false; the coordinator
+//! stops rebalancing but keeps heartbeating; pipelines take no new batch and finish the
+//! in-flight one within the shutdown timeout (then it is abandoned and rolls back); the worker
+//! releases its partitions and deregisters, so peers take over at once; HTTP stops last.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::RunConfig;
+use crate::coordination::{Coordinator, Member, Ownership, COORDINATION_CHANNEL};
+use crate::http::AppState;
+use crate::ids::WorkerId;
+use crate::metrics::HostMetrics;
+use crate::pipeline::{PipelineConfig, ProjectionWorker, StatusBoard};
+use crate::runtime::Runtime;
+use crate::source::safe_head::SafeHeadTracker;
+use crate::source::wakeup::{self, Wakeup};
+
+pub async fn run(config: RunConfig) -> anyhow::Result<()> {
+    let incarnation = uuid::Uuid::new_v4();
+    let worker = WorkerId::from_environment(config.pod_name.as_deref());
+    let mut db = config.database.clone();
+    db.application_name = Member::application_name(&incarnation);
+    let pool = db
+        .connect_pool()
+        .await
+        .context("connecting to PostgreSQL (check DATABASE_URL and that the server is reachable)")?;
+    crate::db::migrate(&pool).await.context("creating the host's tables")?;
+
+    let replica_set = config.coordination.replica_set.clone();
+    let metrics = HostMetrics::new(&replica_set, worker.as_str());
+    let runtime = Arc::new(Runtime::new(config.runtime.clone()).context("starting the WebAssembly runtime")?);
+
+    let mut loaded = Vec::new();
+    for file in &config.plugin_files {
+        let (plugin, instance) = runtime.load_file(file).await?;
+        if let Some((other, _)) = loaded.iter().find(|(p, _): &&(Arc<crate::runtime::Plugin>, _)| p.name == plugin.name) {
+            anyhow::bail!(
+                "two plugins are both named '{}': {} and {}; projection names must be unique",
+                plugin.name,
+                other.source.display(),
+                plugin.source.display()
+            );
+        }
+        tracing::info!(
+            projection = %plugin.name,
+            version = %plugin.version,
+            sha256 = %plugin.sha256,
+            file = %plugin.source.display(),
+            subscription = ?plugin.subscription,
+            "loaded plugin"
+        );
+        loaded.push((plugin, instance));
+    }
+
+    let background = CancellationToken::new();
+    let events_wakeup = Wakeup::default();
+    let coordination_wakeup = Wakeup::default();
+    let mut routes: Vec<(String, Wakeup)> = config.notify_channels.iter().map(|c| (c.clone(), events_wakeup.clone())).collect();
+    routes.push((COORDINATION_CHANNEL.to_string(), coordination_wakeup.clone()));
+    tokio::spawn(wakeup::listen(db.clone(), routes, background.child_token()));
+
+    let (tracker, head) = SafeHeadTracker::new(db.clone(), config.events_table.clone(), events_wakeup, config.poll_interval, metrics.clone())
+        .await
+        .context("preparing to read the events table")?;
+    tokio::spawn(tracker.run(background.child_token()));
+
+    let once_target = if config.once {
+        let head: i64 = sqlx::query_scalar(&format!("SELECT coalesce(max(global_position), 0) FROM {}", config.events_table))
+            .fetch_one(&pool)
+            .await?;
+        tracing::info!(head, "--once: running until every projection has caught up with this position");
+        Some(head)
+    } else {
+        None
+    };
+
+    let ownership = Ownership::new();
+    let member = Member {
+        replica_set: replica_set.clone(),
+        worker: worker.clone(),
+        incarnation,
+        hostname: gethostname::gethostname().to_string_lossy().into_owned(),
+        pod_namespace: config.pod_namespace.clone(),
+    };
+    let (coordinator, coordination) = Coordinator::join(
+        pool.clone(),
+        config.coordination.clone(),
+        member,
+        ownership.clone(),
+        coordination_wakeup.clone(),
+        metrics.clone(),
+    )
+    .await?;
+    let partitions = coordinator.partitions();
+    let stop_rebalancing = CancellationToken::new();
+    let leave = CancellationToken::new();
+    let mut coordinator_task = tokio::spawn(coordinator.run(stop_rebalancing.clone(), leave.clone()));
+
+    let board = StatusBoard::default();
+    let stop_pipelines = CancellationToken::new();
+    let mut pipelines: Vec<JoinHandle<()>> = Vec::new();
+    for (plugin, instance) in loaded {
+        let pipeline = ProjectionWorker::new(
+            plugin,
+            instance,
+            runtime.clone(),
+            pool.clone(),
+            ownership.clone(),
+            head.clone(),
+            PipelineConfig {
+                replica_set: replica_set.clone(),
+                worker: worker.clone(),
+                partitions,
+                batch_size: config.batch_size,
+                max_batch_size: config.max_batch_size,
+                poll_interval: config.poll_interval,
+                call_timeout: config.runtime.call_timeout,
+                events_table: config.events_table.clone(),
+                once_target,
+            },
+            metrics.clone(),
+            board.clone(),
+            coordination_wakeup.clone(),
+        );
+        pipelines.push(tokio::spawn(pipeline.run(stop_pipelines.clone())));
+    }
+
+    let shutting_down = Arc::new(AtomicBool::new(false));
+    let http_stop = CancellationToken::new();
+    let mut http_tasks = Vec::new();
+    if let Some(http) = &config.http {
+        let state = AppState {
+            pool: pool.clone(),
+            coordination: coordination.clone(),
+            board: board.clone(),
+            metrics: metrics.clone(),
+            shutting_down: shutting_down.clone(),
+            worker: worker.clone(),
+            head: head.clone(),
+        };
+        http_tasks = crate::http::serve(http, state, http_stop.clone()).await?;
+    }
+
+    // Run until told to stop.
+    let outcome: anyhow::Result<&str> = tokio::select! {
+        signal = shutdown_signal() => Ok(signal),
+        () = caught_up(&board, once_target.is_some()) => Ok("caught up (--once)"),
+        result = &mut coordinator_task => match result {
+            Ok(Ok(())) => Ok("coordinator ended"),
+            Ok(Err(e)) => Err(anyhow::Error::new(e)),
+            Err(e) => Err(anyhow::anyhow!("the coordinator task failed: {e}")),
+        },
+    };
+    let reason = match &outcome {
+        Ok(reason) => reason.to_string(),
+        Err(e) => format!("error: {e:#}"),
+    };
+    tracing::info!(%reason, "shutting down: readiness is now false, in-flight batches finish");
+    shutting_down.store(true, Ordering::SeqCst);
+    stop_rebalancing.cancel();
+    ownership.close();
+    stop_pipelines.cancel();
+    let drain = futures::future::join_all(pipelines.iter_mut());
+    if tokio::time::timeout(config.shutdown_timeout, drain).await.is_err() {
+        tracing::warn!(timeout = ?config.shutdown_timeout, "in-flight batches did not finish within the shutdown timeout; abandoning them (they roll back)");
+        pipelines.iter().for_each(JoinHandle::abort);
+    }
+    leave.cancel();
+    if !coordinator_task.is_finished() {
+        let _ = tokio::time::timeout(Duration::from_secs(10), &mut coordinator_task).await;
+    }
+    background.cancel();
+    http_stop.cancel();
+    for task in http_tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+    }
+    pool.close().await;
+    outcome.map(|reason| tracing::info!(%reason, "stopped"))
+}
+
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the host");
+            let _ = tokio::signal::ctrl_c().await;
+            return "SIGINT";
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+    }
+}
+
+async fn caught_up(board: &StatusBoard, once: bool) {
+    if !once {
+        return std::future::pending().await;
+    }
+    loop {
+        let all = board.all();
+        if !all.is_empty() && all.iter().all(|s| s.caught_up) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -1,0 +1,293 @@
+//! The command line: subcommands and flags. Every flag that the seed's ConfigMap sets can also
+//! come from the same environment variable. No logic lives here; `config` validates.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(name = "projection-host", version, about = "Runs event-sourced projections compiled to WebAssembly components against a PostgreSQL event store")]
+pub struct Cli {
+    #[command(flatten)]
+    pub log: LogArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create or upgrade the host's own tables (idempotent), optionally installing the NOTIFY
+    /// trigger on the events table.
+    Migrate(MigrateArgs),
+    /// Run projections: join the replica set, take a share of the partitions, and project events
+    /// until stopped (or, with --once, until caught up).
+    Run(Box<RunArgs>),
+    /// Print the replica set's generation, workers, partition owners, checkpoints and lag.
+    Status(StatusArgs),
+    /// Seed a throwaway database with the W1 workload, project it with bank-balances and print
+    /// the result: the quickest way to see the host work.
+    Demo(DemoArgs),
+    /// Benchmarks on the reference workload W1.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct LogArgs {
+    /// Log filter: a level (error, warn, info, debug, trace) or a tracing directive list.
+    #[arg(long, env = "LOG_LEVEL", default_value = "info", global = true)]
+    pub log_level: String,
+    /// Log format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct DatabaseArgs {
+    /// PostgreSQL URL of the event store (and of the read models).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Upper bound of the host's connection pool.
+    #[arg(long, env = "DB_MAX_CONNECTIONS", default_value_t = 10)]
+    pub max_connections: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// Also install an `AFTER INSERT ... FOR EACH STATEMENT` trigger on the events table that
+    /// wakes hosts with NOTIFY. It changes the user's table, so it is opt-in.
+    #[arg(long)]
+    pub install_notify_trigger: bool,
+    /// The events table (optionally schema-qualified).
+    #[arg(long, env = "EVENTS_TABLE", default_value = "events")]
+    pub events_table: String,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct SourceArgs {
+    /// The events table in the pupsourcing layout (optionally schema-qualified).
+    #[arg(long, env = "EVENTS_TABLE", default_value = "events")]
+    pub events_table: String,
+    /// Events per batch while live. Batches grow up to --max-batch-size while catching up.
+    #[arg(long, env = "BATCH_SIZE", default_value_t = 100)]
+    pub batch_size: u32,
+    /// Largest batch while catching up.
+    #[arg(long, env = "MAX_BATCH_SIZE", default_value_t = 5000)]
+    pub max_batch_size: u32,
+    /// Longest wait between two looks at the events table when no notification arrives.
+    #[arg(long, env = "POLL_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub poll_interval: Duration,
+    /// NOTIFY channels that announce new events (comma-separated). `pupsourcing_events` is the
+    /// channel pupsourcing/core's store uses; `projection_host_events` is our optional trigger's.
+    #[arg(
+        long,
+        env = "NOTIFY_CHANNELS",
+        default_value = "pupsourcing_events,projection_host_events",
+        value_delimiter = ','
+    )]
+    pub notify_channels: Vec<String>,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct PluginArgs {
+    /// A projection component (.wasm). Repeatable.
+    #[arg(long = "plugin", env = "PLUGINS", value_delimiter = ',')]
+    pub plugins: Vec<PathBuf>,
+    /// A directory whose *.wasm files are projection components.
+    #[arg(long = "plugins", env = "PLUGINS_DIR")]
+    pub plugins_dir: Option<PathBuf>,
+    /// Linear-memory cap per plugin instance, e.g. 256MiB.
+    #[arg(long, env = "PLUGIN_MEMORY_LIMIT", default_value = "256MiB", value_parser = parse_bytes)]
+    pub plugin_memory_limit: u64,
+    /// CPU deadline for one plugin call (setup or one batch).
+    #[arg(long, env = "PLUGIN_CALL_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub plugin_call_timeout: Duration,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct CoordinationArgs {
+    /// The group of projections that scale together.
+    #[arg(long, env = "REPLICA_SET", default_value = "default")]
+    pub replica_set: String,
+    /// Logical partitions of the replica set. Fixed once the replica set exists; omit it to use
+    /// the stored value (32 for a new replica set).
+    #[arg(long, env = "PARTITIONS")]
+    pub partitions: Option<u32>,
+    #[arg(long, env = "HEARTBEAT_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub heartbeat_interval: Duration,
+    /// A worker whose heartbeat is older than this (database clock) is removed and its
+    /// partitions reassigned.
+    #[arg(long, env = "STALE_WORKER_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub stale_worker_timeout: Duration,
+    /// Longest wait for a coordination step (joining, a stop barrier) before it is reported.
+    #[arg(long, env = "COORDINATION_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub coordination_timeout: Duration,
+    /// How partitions move when membership changes.
+    #[arg(long, env = "STRATEGY", value_enum, default_value_t = Strategy::Cooperative)]
+    pub strategy: Strategy,
+    /// Stable worker identity (Kubernetes: the pod name from the downward API).
+    #[arg(long = "worker-id", env = "POD_NAME")]
+    pub pod_name: Option<String>,
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub pod_namespace: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Strategy {
+    /// Only partitions that must move pause; the rest keep running.
+    Cooperative,
+    /// Every worker stops, then all restart with the new assignment (behind a stop barrier).
+    Recreate,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct HttpArgs {
+    /// Address of the probes (/health, /ready) and the admin API.
+    #[arg(long, env = "HEALTH_ADDR", default_value = "0.0.0.0:8080")]
+    pub health_addr: SocketAddr,
+    /// Address of the Prometheus endpoint (/metrics).
+    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9090")]
+    pub metrics_addr: SocketAddr,
+    /// Disable both HTTP listeners (benchmarks, one-off runs).
+    #[arg(long, env = "DISABLE_HTTP")]
+    pub no_http: bool,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    #[command(flatten)]
+    pub source: SourceArgs,
+    #[command(flatten)]
+    pub plugins: PluginArgs,
+    #[command(flatten)]
+    pub coordination: CoordinationArgs,
+    #[command(flatten)]
+    pub http: HttpArgs,
+    /// Stop (exit 0) once every projection has caught up with the head of the stream.
+    #[arg(long)]
+    pub once: bool,
+    /// On SIGTERM/SIGINT, how long in-flight batches may take to finish before they are
+    /// abandoned (rolled back). Keep it below terminationGracePeriodSeconds.
+    #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "45s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    #[arg(long, env = "REPLICA_SET", default_value = "default")]
+    pub replica_set: String,
+    #[arg(long, env = "EVENTS_TABLE", default_value = "events")]
+    pub events_table: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// PostgreSQL to use; without it a throwaway local server is started and removed on exit.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    #[arg(long, default_value_t = 200_000)]
+    pub events: u64,
+    #[arg(long, default_value_t = 1_000)]
+    pub accounts: u64,
+    /// The bank-balances component.
+    #[arg(long, default_value = "target/wasm32-wasip2/release/bank_balances.wasm")]
+    pub plugin: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Catch-up throughput on W1 against the set-based SQL ceiling.
+    W1(BenchW1Args),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchW1Args {
+    /// PostgreSQL server to create the scratch database on; without it a throwaway local server
+    /// is started.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    #[arg(long, default_value_t = 1_000_000)]
+    pub events: u64,
+    #[arg(long, default_value_t = 10_000)]
+    pub accounts: u64,
+    #[arg(long, default_value_t = 5000)]
+    pub batch_size: u32,
+    /// Repeat the whole measurement and report the median run.
+    #[arg(long, default_value_t = 1)]
+    pub runs: u32,
+    #[arg(long, default_value = "target/wasm32-wasip2/release/bank_balances.wasm")]
+    pub plugin: PathBuf,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("'{s}' is not a duration ({e}); use e.g. 500ms, 5s, 1m30s"))
+}
+
+/// Parses sizes such as `256MiB`, `1GiB`, `512MB`, `1048576`.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size; use e.g. 64MiB, 1GiB"))?;
+    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "kib" | "ki" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" | "mi" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" | "gi" => 1 << 30,
+        other => return Err(format!("'{s}': unknown size unit '{other}'; use KiB, MiB or GiB")),
+    };
+    n.checked_mul(factor)
+        .ok_or_else(|| format!("'{s}' is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn go_style_durations_from_the_seed_configmap_parse() {
+        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert!(parse_duration("five seconds").is_err());
+    }
+
+    #[test]
+    fn sizes_parse_with_binary_and_decimal_units() {
+        assert_eq!(parse_bytes("256MiB").unwrap(), 256 << 20);
+        assert_eq!(parse_bytes("1GiB").unwrap(), 1 << 30);
+        assert_eq!(parse_bytes("64Mi").unwrap(), 64 << 20);
+        assert_eq!(parse_bytes("1000").unwrap(), 1000);
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("5 parsecs").is_err());
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

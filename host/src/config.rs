@@ -1,0 +1,266 @@
+//! `run`'s flags and environment -> a checked configuration. Every refusal names the setting
+//! (flag and environment variable) and says what would be accepted.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::cli::{RunArgs, Strategy};
+use crate::coordination::CoordinationConfig;
+use crate::db::{DbConfig, QualifiedName};
+use crate::runtime::RuntimeConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{env} (--{flag}) is required: {hint}")]
+    Missing { env: &'static str, flag: &'static str, hint: &'static str },
+    #[error("invalid {env} (--{flag}): {reason}")]
+    Invalid { env: &'static str, flag: &'static str, reason: String },
+}
+
+fn invalid(env: &'static str, flag: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        env,
+        flag,
+        reason: reason.into(),
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub database: DbConfig,
+    pub events_table: QualifiedName,
+    pub batch_size: u32,
+    pub max_batch_size: u32,
+    pub poll_interval: Duration,
+    pub notify_channels: Vec<String>,
+    pub plugin_files: Vec<PathBuf>,
+    pub runtime: RuntimeConfig,
+    pub coordination: CoordinationConfig,
+    pub pod_name: Option<String>,
+    pub pod_namespace: Option<String>,
+    pub http: Option<HttpConfig>,
+    pub once: bool,
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    pub health_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+}
+
+impl RunConfig {
+    pub fn from_args(args: RunArgs) -> Result<RunConfig, ConfigError> {
+        let url = args.database.database_url.clone().filter(|u| !u.trim().is_empty()).ok_or(ConfigError::Missing {
+            env: "DATABASE_URL",
+            flag: "database-url",
+            hint: "a PostgreSQL URL such as postgres://user:password@host:5432/db",
+        })?;
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(invalid("DATABASE_URL", "database-url", "must start with postgres:// or postgresql://"));
+        }
+        if args.database.max_connections < 2 {
+            return Err(invalid("DB_MAX_CONNECTIONS", "max-connections", "must be at least 2 (batches and coordination run side by side)"));
+        }
+
+        let events_table: QualifiedName = args
+            .source
+            .events_table
+            .parse()
+            .map_err(|e: String| invalid("EVENTS_TABLE", "events-table", e))?;
+        let s = &args.source;
+        if s.batch_size == 0 {
+            return Err(invalid("BATCH_SIZE", "batch-size", "must be at least 1"));
+        }
+        if s.max_batch_size < s.batch_size {
+            return Err(invalid(
+                "MAX_BATCH_SIZE",
+                "max-batch-size",
+                format!("must be at least BATCH_SIZE ({}), got {}", s.batch_size, s.max_batch_size),
+            ));
+        }
+        if s.poll_interval < Duration::from_millis(10) {
+            return Err(invalid("POLL_INTERVAL", "poll-interval", "must be at least 10ms"));
+        }
+        for channel in &s.notify_channels {
+            let ok = !channel.is_empty()
+                && channel.len() <= 63
+                && channel.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !ok {
+                return Err(invalid("NOTIFY_CHANNELS", "notify-channels", format!("'{channel}' is not a channel name (letters, digits, '_')")));
+            }
+        }
+
+        let p = &args.plugins;
+        if p.plugin_memory_limit < (1 << 20) {
+            return Err(invalid("PLUGIN_MEMORY_LIMIT", "plugin-memory-limit", "must be at least 1MiB"));
+        }
+        if p.plugin_call_timeout < Duration::from_millis(10) {
+            return Err(invalid("PLUGIN_CALL_TIMEOUT", "plugin-call-timeout", "must be at least 10ms"));
+        }
+        let plugin_files = collect_plugins(&p.plugins, p.plugins_dir.as_ref())?;
+
+        let c = &args.coordination;
+        let name_ok = !c.replica_set.is_empty()
+            && c.replica_set.len() <= 63
+            && c.replica_set.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch));
+        if !name_ok {
+            return Err(invalid("REPLICA_SET", "replica-set", "use 1 to 63 letters, digits, '-', '_' or '.'"));
+        }
+        if let Some(n) = c.partitions {
+            if !(1..=4096).contains(&n) {
+                return Err(invalid("PARTITIONS", "partitions", format!("must be between 1 and 4096, got {n}")));
+            }
+        }
+        if c.heartbeat_interval < Duration::from_millis(50) {
+            return Err(invalid("HEARTBEAT_INTERVAL", "heartbeat-interval", "must be at least 50ms"));
+        }
+        if c.stale_worker_timeout <= c.heartbeat_interval {
+            return Err(invalid(
+                "STALE_WORKER_TIMEOUT",
+                "stale-worker-timeout",
+                format!(
+                    "must be larger than HEARTBEAT_INTERVAL ({}), got {}; a few heartbeats must fit in it (e.g. 30s with 5s)",
+                    humantime::format_duration(c.heartbeat_interval),
+                    humantime::format_duration(c.stale_worker_timeout)
+                ),
+            ));
+        }
+        if c.coordination_timeout.is_zero() {
+            return Err(invalid("COORDINATION_TIMEOUT", "coordination-timeout", "must be larger than 0"));
+        }
+        if args.shutdown_timeout.is_zero() {
+            return Err(invalid("SHUTDOWN_TIMEOUT", "shutdown-timeout", "must be larger than 0"));
+        }
+
+        let database = DbConfig {
+            url,
+            max_connections: args.database.max_connections,
+            // A paused host must not hold locks for long; a live one never idles inside a
+            // transaction for longer than a plugin call.
+            idle_in_transaction_timeout: c.stale_worker_timeout.max(p.plugin_call_timeout + Duration::from_secs(5)),
+            application_name: "projection-host".into(),
+        };
+        Ok(RunConfig {
+            database,
+            events_table,
+            batch_size: s.batch_size,
+            max_batch_size: s.max_batch_size,
+            poll_interval: s.poll_interval,
+            notify_channels: s.notify_channels.clone(),
+            plugin_files,
+            runtime: RuntimeConfig {
+                memory_limit: p.plugin_memory_limit,
+                call_timeout: p.plugin_call_timeout,
+            },
+            coordination: CoordinationConfig {
+                replica_set: c.replica_set.clone(),
+                partitions: c.partitions,
+                heartbeat_interval: c.heartbeat_interval,
+                stale_timeout: c.stale_worker_timeout,
+                coordination_timeout: c.coordination_timeout,
+                strategy: c.strategy,
+                revoke_timeout: p.plugin_call_timeout + Duration::from_secs(10),
+            },
+            pod_name: c.pod_name.clone(),
+            pod_namespace: c.pod_namespace.clone(),
+            http: (!args.http.no_http).then_some(HttpConfig {
+                health_addr: args.http.health_addr,
+                metrics_addr: args.http.metrics_addr,
+            }),
+            once: args.once,
+            shutdown_timeout: args.shutdown_timeout,
+        })
+    }
+
+    pub fn strategy(&self) -> Strategy {
+        self.coordination.strategy
+    }
+}
+
+fn collect_plugins(files: &[PathBuf], dir: Option<&PathBuf>) -> Result<Vec<PathBuf>, ConfigError> {
+    let mut all: Vec<PathBuf> = files.to_vec();
+    if let Some(dir) = dir {
+        let entries = std::fs::read_dir(dir).map_err(|e| invalid("PLUGINS_DIR", "plugins", format!("cannot read directory {}: {e}", dir.display())))?;
+        let mut found: Vec<PathBuf> = entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "wasm"))
+            .collect();
+        found.sort();
+        if found.is_empty() {
+            tracing::warn!(dir = %dir.display(), "the plugins directory holds no .wasm files");
+        }
+        all.extend(found);
+    }
+    if all.is_empty() {
+        return Err(ConfigError::Missing {
+            env: "PLUGINS",
+            flag: "plugin",
+            hint: "give at least one projection component with --plugin FILE.wasm or a directory with --plugins DIR",
+        });
+    }
+    for file in &all {
+        if !file.is_file() {
+            return Err(invalid("PLUGINS", "plugin", format!("{} is not a file", file.display())));
+        }
+    }
+    all.dedup();
+    Ok(all)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn parse(extra: &[&str]) -> Result<RunConfig, ConfigError> {
+        let plugin = std::env::current_exe().unwrap();
+        let mut argv = vec![
+            "projection-host".to_string(),
+            "run".into(),
+            "--database-url".into(),
+            "postgres://u:p@localhost/db".into(),
+            "--plugin".into(),
+            plugin.display().to_string(),
+        ];
+        argv.extend(extra.iter().map(|s| s.to_string()));
+        let cli = crate::cli::Cli::try_parse_from(argv).expect("parses");
+        match cli.command {
+            crate::cli::Command::Run(args) => RunConfig::from_args(*args),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn defaults_match_the_seed() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.coordination.heartbeat_interval, Duration::from_secs(5));
+        assert_eq!(c.coordination.stale_timeout, Duration::from_secs(30));
+        assert_eq!(c.coordination.coordination_timeout, Duration::from_secs(60));
+        assert_eq!(c.batch_size, 100);
+        assert_eq!(c.coordination.replica_set, "default");
+    }
+
+    #[test]
+    fn a_stale_timeout_not_above_the_heartbeat_is_refused_by_name() {
+        let err = parse(&["--heartbeat-interval", "10s", "--stale-worker-timeout", "10s"]).unwrap_err().to_string();
+        assert!(err.contains("STALE_WORKER_TIMEOUT"), "{err}");
+        assert!(err.contains("HEARTBEAT_INTERVAL"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_their_variable() {
+        for (args, name) in [
+            (vec!["--batch-size", "0"], "BATCH_SIZE"),
+            (vec!["--batch-size", "500", "--max-batch-size", "100"], "MAX_BATCH_SIZE"),
+            (vec!["--partitions", "0"], "PARTITIONS"),
+            (vec!["--replica-set", "a b"], "REPLICA_SET"),
+            (vec!["--events-table", "x;y"], "EVENTS_TABLE"),
+        ] {
+            let err = parse(&args).unwrap_err().to_string();
+            assert!(err.contains(name), "{args:?}: {err}");
+        }
+    }
+}

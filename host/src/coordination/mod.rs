@@ -1,0 +1,615 @@
+//! Coordination through PostgreSQL: membership (register, heartbeat, stale removal), one leader
+//! at a time computing a balanced, sticky assignment (a new numbered generation per change),
+//! and each worker claiming what is assigned to it and releasing what is not.
+//!
+//! Handoff is cooperative: the old owner stops taking batches for a partition, lets its
+//! in-flight batch finish, releases the row; only then can the new owner claim it, with the
+//! epoch incremented. A worker that lost a partition without noticing (paused, cut off) is
+//! stopped by fencing at its next commit.
+
+pub mod assignment;
+pub mod membership;
+pub mod ownership;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sqlx::PgPool;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::Strategy;
+use crate::ids::{Epoch, Generation, PartitionId, WorkerId};
+use crate::metrics::HostMetrics;
+use crate::source::wakeup::Wakeup;
+pub use membership::{Member, COORDINATION_CHANNEL, DEFAULT_PARTITIONS};
+pub use ownership::{Lease, Ownership};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinationError {
+    #[error(
+        "replica set '{replica_set}' was created with {stored} partitions, but this host was started with \
+         --partitions {configured}. The partition count is fixed for a replica set (checkpoints are per \
+         partition); start with --partitions {stored} (or without --partitions), or use a new replica set name"
+    )]
+    PartitionCountMismatch { replica_set: String, stored: u32, configured: u32 },
+    #[error("another process registered as worker '{worker}' in replica set '{replica_set}'; this one stops (give each host its own POD_NAME)")]
+    IdentityTaken { replica_set: String, worker: String },
+    #[error("database error during coordination: {0}")]
+    Sql(#[from] sqlx::Error),
+}
+
+#[derive(Debug, Clone)]
+pub struct CoordinationConfig {
+    pub replica_set: String,
+    pub partitions: Option<u32>,
+    pub heartbeat_interval: Duration,
+    pub stale_timeout: Duration,
+    pub coordination_timeout: Duration,
+    pub strategy: Strategy,
+    /// Longest wait for an in-flight batch when a partition is handed over.
+    pub revoke_timeout: Duration,
+}
+
+/// What the coordinator last saw; read by probes, status and metrics.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct CoordinationStatus {
+    pub registered: bool,
+    pub leader: bool,
+    pub generation: i64,
+    pub phase: String,
+    pub partitions: u32,
+    pub live_workers: usize,
+    pub assigned: usize,
+    pub owned: usize,
+    /// Every partition assigned to this worker is held.
+    pub holds_assignment: bool,
+}
+
+pub struct Coordinator {
+    pool: PgPool,
+    config: CoordinationConfig,
+    member: Member,
+    partitions: u32,
+    ownership: Arc<Ownership>,
+    wakeup: Wakeup,
+    metrics: HostMetrics,
+    status: watch::Sender<CoordinationStatus>,
+    releasing: Arc<Mutex<HashSet<PartitionId>>>,
+    last_generation: Option<Generation>,
+    last_assigned: Vec<PartitionId>,
+    waiting_since: Option<Instant>,
+}
+
+/// Rows of `projection_host.partitions`.
+#[derive(Debug, Clone, sqlx::FromRow)]
+struct PartitionRow {
+    partition: i32,
+    assigned_to: Option<String>,
+    owner: Option<String>,
+    epoch: i64,
+}
+
+struct ReplicaSetRow {
+    generation: i64,
+    phase: String,
+    leader: bool,
+    leader_until_ms: Option<i64>,
+}
+
+impl Coordinator {
+    /// Creates or checks the replica set and registers this worker.
+    pub async fn join(
+        pool: PgPool,
+        config: CoordinationConfig,
+        member: Member,
+        ownership: Arc<Ownership>,
+        wakeup: Wakeup,
+        metrics: HostMetrics,
+    ) -> Result<(Coordinator, watch::Receiver<CoordinationStatus>), CoordinationError> {
+        let started = Instant::now();
+        let partitions = membership::ensure_replica_set(&pool, &config.replica_set, config.partitions, config.strategy).await?;
+        let took_over = member.register(&pool).await?;
+        metrics.workers_registered_total.inc();
+        metrics.set_worker_state(member.worker.as_str(), "ready");
+        if took_over {
+            tracing::warn!(worker = %member.worker, "took over the worker id from an earlier process (restart with the same POD_NAME)");
+        }
+        tracing::info!(
+            replica_set = %config.replica_set,
+            worker = %member.worker,
+            partitions,
+            strategy = ?config.strategy,
+            "joined the replica set"
+        );
+        let (status, rx) = watch::channel(CoordinationStatus {
+            registered: true,
+            partitions,
+            ..Default::default()
+        });
+        metrics.coordination_duration_seconds.observe(started.elapsed().as_secs_f64());
+        Ok((
+            Coordinator {
+                pool,
+                config,
+                member,
+                partitions,
+                ownership,
+                wakeup,
+                metrics,
+                status,
+                releasing: Arc::default(),
+                last_generation: None,
+                last_assigned: Vec::new(),
+                waiting_since: None,
+            },
+            rx,
+        ))
+    }
+
+    pub fn partitions(&self) -> u32 {
+        self.partitions
+    }
+
+    /// Heartbeats and coordination rounds until `cancel`; then leaves the replica set (after
+    /// the caller stopped the pipelines). Returns an error only for conditions that must stop
+    /// the process (another process took our identity).
+    pub async fn run(mut self, cancel: CancellationToken, leave: CancellationToken) -> Result<(), CoordinationError> {
+        let mut next_heartbeat = tokio::time::Instant::now();
+        let mut failures = 0u32;
+        loop {
+            let mut wait = self.config.heartbeat_interval;
+            if tokio::time::Instant::now() >= next_heartbeat {
+                match self.heartbeat().await {
+                    Ok(()) => next_heartbeat = tokio::time::Instant::now() + self.config.heartbeat_interval,
+                    Err(CoordinationError::IdentityTaken { replica_set, worker }) => {
+                        self.ownership.forfeit(&self.ownership.held().iter().map(|(p, _)| *p).collect::<Vec<_>>());
+                        return Err(CoordinationError::IdentityTaken { replica_set, worker });
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "heartbeat failed; retrying");
+                        next_heartbeat = tokio::time::Instant::now() + Duration::from_millis(500);
+                    }
+                }
+            }
+            match self.round().await {
+                Ok(next) => {
+                    failures = 0;
+                    wait = wait.min(next);
+                }
+                Err(e) => {
+                    failures += 1;
+                    wait = crate::pipeline::retry::backoff(failures, Duration::from_millis(100), Duration::from_secs(5));
+                    tracing::warn!(error = %e, retry_in = ?wait, "coordination round failed");
+                }
+            }
+            let until_heartbeat = next_heartbeat.saturating_duration_since(tokio::time::Instant::now());
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = self.wakeup.notified() => {}
+                _ = tokio::time::sleep(wait.min(until_heartbeat)) => {}
+            }
+        }
+        // Shutdown: no more rebalancing, but keep heartbeating while the app drains the
+        // pipelines, so that peers do not declare us stale mid-drain. Then leave.
+        self.metrics.set_worker_state(self.member.worker.as_str(), "stopping");
+        loop {
+            tokio::select! {
+                _ = leave.cancelled() => break,
+                _ = tokio::time::sleep(self.config.heartbeat_interval) => {
+                    if let Err(e) = self.member.heartbeat(&self.pool).await {
+                        tracing::warn!(error = %e, "heartbeat failed while draining");
+                    }
+                }
+            }
+        }
+        match self.member.leave(&self.pool).await {
+            Ok(released) => tracing::info!(released, "left the replica set; peers take over now"),
+            Err(e) => tracing::warn!(error = %e, "could not leave the replica set cleanly; peers take over after the stale timeout"),
+        }
+        self.metrics.set_worker_state(self.member.worker.as_str(), "stopped");
+        Ok(())
+    }
+
+    async fn heartbeat(&mut self) -> Result<(), CoordinationError> {
+        let started = Instant::now();
+        let beat = self.member.heartbeat(&self.pool).await?;
+        self.metrics.heartbeat_latency_seconds.observe(started.elapsed().as_secs_f64());
+        match beat {
+            membership::Heartbeat::Alive => Ok(()),
+            membership::Heartbeat::Removed => {
+                tracing::warn!(worker = %self.member.worker, "this worker was removed as stale (paused or cut off?); registering again");
+                // Whatever we held has been reassigned; fencing guards the in-flight batch.
+                self.ownership.forfeit(&self.ownership.held().iter().map(|(p, _)| *p).collect::<Vec<_>>());
+                self.member.register(&self.pool).await?;
+                self.metrics.workers_registered_total.inc();
+                Ok(())
+            }
+            membership::Heartbeat::Replaced => Err(CoordinationError::IdentityTaken {
+                replica_set: self.member.replica_set.clone(),
+                worker: self.member.worker.to_string(),
+            }),
+        }
+    }
+
+    /// One round: leader duties if we hold (or can take) the lease, then claim and release.
+    /// Returns how soon the next round is due.
+    async fn round(&mut self) -> Result<Duration, CoordinationError> {
+        let started = Instant::now();
+        let rs = self.try_lead().await?;
+        let mut next = self.config.heartbeat_interval;
+        if rs.leader {
+            next = next.min(self.lead().await?);
+        } else if let Some(ms) = rs.leader_until_ms {
+            // Wake up when the leader's lease runs out, to take over promptly.
+            next = next.min(Duration::from_millis(ms.max(0) as u64 + 20));
+        }
+        let rs = self.replica_set_row().await?;
+        next = next.min(self.reconcile(&rs).await?);
+        self.metrics.coordination_duration_seconds.observe(started.elapsed().as_secs_f64());
+        Ok(next)
+    }
+
+    async fn try_lead(&self) -> Result<ReplicaSetRow, CoordinationError> {
+        let row: (i64, String, bool, Option<i64>) = sqlx::query_as(
+            "WITH lead AS (
+                 UPDATE projection_host.replica_sets
+                    SET leader = $2, leader_until = now() + $3 * interval '1 millisecond'
+                  WHERE name = $1 AND (leader IS NULL OR leader = $2 OR leader_until < now())
+                 RETURNING generation, phase)
+             SELECT r.generation, r.phase, EXISTS (SELECT 1 FROM lead),
+                    (extract(epoch FROM r.leader_until - now()) * 1000)::int8
+               FROM projection_host.replica_sets r WHERE r.name = $1",
+        )
+        .bind(&self.config.replica_set)
+        .bind(self.member.worker.as_str())
+        .bind(self.config.stale_timeout.as_millis() as f64)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(ReplicaSetRow {
+            generation: row.0,
+            phase: row.1,
+            leader: row.2,
+            leader_until_ms: row.3,
+        })
+    }
+
+    async fn replica_set_row(&self) -> Result<ReplicaSetRow, CoordinationError> {
+        let row: (i64, String, bool) = sqlx::query_as(
+            "SELECT generation, phase, leader IS NOT DISTINCT FROM $2 FROM projection_host.replica_sets WHERE name = $1",
+        )
+        .bind(&self.config.replica_set)
+        .bind(self.member.worker.as_str())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(ReplicaSetRow {
+            generation: row.0,
+            phase: row.1,
+            leader: row.2,
+            leader_until_ms: None,
+        })
+    }
+
+    async fn live_workers(&self) -> Result<Vec<WorkerId>, CoordinationError> {
+        let ids: Vec<String> = sqlx::query_scalar("SELECT worker_id FROM projection_host.workers WHERE replica_set = $1 ORDER BY worker_id")
+            .bind(&self.config.replica_set)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(ids.into_iter().map(WorkerId).collect())
+    }
+
+    async fn partition_rows(&self) -> Result<Vec<PartitionRow>, CoordinationError> {
+        Ok(sqlx::query_as(
+            "SELECT partition, assigned_to, owner, epoch FROM projection_host.partitions
+              WHERE replica_set = $1 ORDER BY partition",
+        )
+        .bind(&self.config.replica_set)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Leader duties: remove stale workers, re-plan, and lift the recreate barrier. Returns when
+    /// the next stale check is due.
+    async fn lead(&mut self) -> Result<Duration, CoordinationError> {
+        let removed = membership::remove_stale(&self.pool, &self.config.replica_set, self.config.stale_timeout).await?;
+        self.metrics.stale_workers_cleaned_total.inc_by(removed.len() as u64);
+        let workers = self.live_workers().await?;
+        let rows = self.partition_rows().await?;
+        let current: Vec<Option<WorkerId>> = rows.iter().map(|r| r.assigned_to.clone().map(WorkerId)).collect();
+        let planned = assignment::plan(&workers, &current);
+        let moved = assignment::moved(&current, &planned);
+        if moved > 0 {
+            self.write_generation(&rows, &planned, &workers, moved, &removed).await?;
+        }
+        self.lift_recreate_barrier(&workers).await?;
+        // Next stale check: when the oldest heartbeat would expire.
+        let oldest_ms: Option<f64> = sqlx::query_scalar(
+            "SELECT (extract(epoch FROM min(heartbeat_at) + $2 * interval '1 millisecond' - now()) * 1000)::float8
+               FROM projection_host.workers WHERE replica_set = $1",
+        )
+        .bind(&self.config.replica_set)
+        .bind(self.config.stale_timeout.as_millis() as f64)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(Duration::from_millis(oldest_ms.unwrap_or(0.0).max(0.0) as u64 + 20))
+    }
+
+    async fn write_generation(
+        &mut self,
+        rows: &[PartitionRow],
+        planned: &[Option<WorkerId>],
+        workers: &[WorkerId],
+        moved: usize,
+        removed: &[String],
+    ) -> Result<(), CoordinationError> {
+        let mut tx = self.pool.begin().await?;
+        // Guarded by the lease: a leader that lost it (paused past its lease) writes nothing.
+        let generation: Option<i64> = sqlx::query_scalar(
+            "UPDATE projection_host.replica_sets
+                SET generation = generation + 1,
+                    phase = CASE WHEN strategy = 'recreate' THEN 'stopping' ELSE phase END
+              WHERE name = $1 AND leader = $2 AND leader_until > now()
+             RETURNING generation",
+        )
+        .bind(&self.config.replica_set)
+        .bind(self.member.worker.as_str())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(generation) = generation else {
+            return Ok(());
+        };
+        let (parts, owners): (Vec<i32>, Vec<Option<String>>) = rows
+            .iter()
+            .zip(planned)
+            .map(|(r, w)| (r.partition, w.as_ref().map(|w| w.0.clone())))
+            .unzip();
+        sqlx::query(
+            "UPDATE projection_host.partitions p SET assigned_to = n.worker, assigned_generation = $2
+               FROM unnest($3::int[], $4::text[]) AS n(partition, worker)
+              WHERE p.replica_set = $1 AND p.partition = n.partition
+                AND p.assigned_to IS DISTINCT FROM n.worker",
+        )
+        .bind(&self.config.replica_set)
+        .bind(generation)
+        .bind(&parts)
+        .bind(&owners)
+        .execute(&mut *tx)
+        .await?;
+        let reason = if !removed.is_empty() {
+            format!("stale workers removed: {}", removed.join(", "))
+        } else {
+            "membership changed".to_string()
+        };
+        sqlx::query(
+            "INSERT INTO projection_host.generations (replica_set, generation, leader, reason, workers, moved)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&self.config.replica_set)
+        .bind(generation)
+        .bind(self.member.worker.as_str())
+        .bind(&reason)
+        .bind(workers.iter().map(|w| w.0.clone()).collect::<Vec<_>>())
+        .bind(moved as i32)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(COORDINATION_CHANNEL)
+            .bind(&self.config.replica_set)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        self.metrics.generations_total.inc();
+        self.metrics.partition_assignments_total.inc_by(moved as u64);
+        tracing::info!(
+            replica_set = %self.config.replica_set,
+            generation = %Generation(generation),
+            workers = workers.len(),
+            moved,
+            %reason,
+            "new generation: partitions reassigned"
+        );
+        Ok(())
+    }
+
+    /// Recreate strategy: the new generation starts only once every owner of the previous one
+    /// has released (or is gone and will be fenced).
+    async fn lift_recreate_barrier(&self, workers: &[WorkerId]) -> Result<(), CoordinationError> {
+        let live: Vec<String> = workers.iter().map(|w| w.0.clone()).collect();
+        let lifted = sqlx::query(
+            "UPDATE projection_host.replica_sets r SET phase = 'running'
+              WHERE r.name = $1 AND r.phase = 'stopping' AND r.leader = $2
+                AND NOT EXISTS (SELECT 1 FROM projection_host.partitions p
+                                 WHERE p.replica_set = $1 AND p.owner = ANY($3))",
+        )
+        .bind(&self.config.replica_set)
+        .bind(self.member.worker.as_str())
+        .bind(&live)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        if lifted > 0 {
+            tracing::info!(replica_set = %self.config.replica_set, "recreate: every owner of the previous generation stopped; starting the new one");
+            membership::notify(&self.pool, &self.config.replica_set).await?;
+        }
+        Ok(())
+    }
+
+    /// Worker duties: forget what we lost, release what is no longer ours, claim what is.
+    async fn reconcile(&mut self, rs: &ReplicaSetRow) -> Result<Duration, CoordinationError> {
+        let me = self.member.worker.as_str();
+        let running = rs.phase == "running";
+        let rows = self.partition_rows().await?;
+        let workers: HashSet<String> = self.live_workers().await?.into_iter().map(|w| w.0).collect();
+        let held: HashMap<PartitionId, Epoch> = self.ownership.held().into_iter().collect();
+        let releasing: HashSet<PartitionId> = self.releasing.lock().map(|r| r.clone()).unwrap_or_default();
+
+        let mut lost = Vec::new();
+        let mut release = Vec::new();
+        let mut claim = Vec::new();
+        let mut assigned = Vec::new();
+        for row in &rows {
+            let p = PartitionId(row.partition as u32);
+            let owner_is_me = row.owner.as_deref() == Some(me);
+            let assigned_to_me = row.assigned_to.as_deref() == Some(me);
+            if assigned_to_me {
+                assigned.push(p);
+            }
+            if releasing.contains(&p) {
+                continue;
+            }
+            match held.get(&p) {
+                Some(epoch) if !owner_is_me || row.epoch != epoch.0 => lost.push(p),
+                Some(_) if !assigned_to_me || !running => release.push(p),
+                Some(_) => {}
+                // Held in the database by this worker id but not by this process (a release
+                // that failed half-way, or a previous process): hand it back.
+                None if owner_is_me && (!assigned_to_me || !running) => release.push(p),
+                None if assigned_to_me && running => {
+                    let owner_gone = row.owner.as_ref().is_none_or(|o| o == me || !workers.contains(o));
+                    if owner_gone {
+                        claim.push(p);
+                    }
+                }
+                None => {}
+            }
+        }
+        if !lost.is_empty() {
+            tracing::warn!(partitions = ?lost, "partitions were taken over by another worker; dropping them");
+            self.ownership.forfeit(&lost);
+        }
+        for p in release {
+            self.spawn_release(p);
+        }
+        let mut next = self.config.heartbeat_interval;
+        if !claim.is_empty() {
+            self.claim(&claim, rs.generation).await?;
+        }
+        let held_now: HashSet<PartitionId> = self.ownership.held().into_iter().map(|(p, _)| p).collect();
+        let holds_assignment = running && assigned.iter().all(|p| held_now.contains(p));
+        if !holds_assignment {
+            // Waiting for a release or the recreate barrier: look again soon (NOTIFY usually
+            // wakes us first).
+            next = next.min(Duration::from_millis(250));
+            let since = *self.waiting_since.get_or_insert_with(Instant::now);
+            if since.elapsed() > self.config.coordination_timeout {
+                tracing::warn!(
+                    waited = ?since.elapsed(),
+                    missing = assigned.iter().filter(|p| !held_now.contains(p)).count(),
+                    phase = %rs.phase,
+                    "still waiting for assigned partitions to be released (COORDINATION_TIMEOUT exceeded)"
+                );
+                self.waiting_since = Some(Instant::now());
+            }
+        } else {
+            self.waiting_since = None;
+        }
+
+        let generation = Generation(rs.generation);
+        if self.last_generation != Some(generation) {
+            if self.last_generation.is_some() && assigned != self.last_assigned {
+                self.metrics.reconfiguration_total.inc();
+            }
+            tracing::info!(%generation, assigned = assigned.len(), held = held_now.len(), "running generation");
+            self.last_generation = Some(generation);
+            self.last_assigned = assigned.clone();
+        }
+        self.metrics.generation.set(rs.generation);
+        self.metrics.active_workers.set(workers.len() as i64);
+        self.metrics.current_generation_partitions.set(assigned.len() as i64);
+        self.metrics.owned_partitions.set(held_now.len() as i64);
+        self.metrics.set_worker_state(self.member.worker.as_str(), if holds_assignment { "running" } else { "ready" });
+        self.status.send_replace(CoordinationStatus {
+            registered: true,
+            leader: rs.leader,
+            generation: rs.generation,
+            phase: rs.phase.clone(),
+            partitions: self.partitions,
+            live_workers: workers.len(),
+            assigned: assigned.len(),
+            owned: held_now.len(),
+            holds_assignment,
+        });
+        Ok(next)
+    }
+
+    async fn claim(&self, partitions: &[PartitionId], generation: i64) -> Result<(), CoordinationError> {
+        let ids: Vec<i32> = partitions.iter().map(|p| p.as_i32()).collect();
+        let mut tx = self.pool.begin().await?;
+        // A zombie's commit may hold the row; do not wait long, the next round retries.
+        sqlx::query("SET LOCAL lock_timeout = '2s'").execute(&mut *tx).await?;
+        let claimed: Vec<(i32, i64)> = match sqlx::query_as(
+            "UPDATE projection_host.partitions p
+                SET owner = $2, epoch = p.epoch + 1, claimed_at = now()
+              WHERE p.replica_set = $1 AND p.partition = ANY($3) AND p.assigned_to = $2
+                AND (p.owner IS NULL OR p.owner = $2
+                     OR NOT EXISTS (SELECT 1 FROM projection_host.workers w
+                                     WHERE w.replica_set = $1 AND w.worker_id = p.owner))
+                AND (SELECT phase FROM projection_host.replica_sets WHERE name = $1) = 'running'
+             RETURNING p.partition, p.epoch",
+        )
+        .bind(&self.config.replica_set)
+        .bind(self.member.worker.as_str())
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await
+        {
+            Ok(rows) => rows,
+            Err(e) if crate::db::sqlstate(&e).as_deref() == Some("55P03") => {
+                tracing::info!("a partition row is locked by a previous owner's commit; retrying the claim shortly");
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        tx.commit().await?;
+        for (p, epoch) in &claimed {
+            self.ownership.grant(PartitionId(*p as u32), Epoch(*epoch));
+        }
+        if !claimed.is_empty() {
+            let list: Vec<String> = claimed.iter().map(|(p, e)| format!("{}@{}", PartitionId(*p as u32), Epoch(*e))).collect();
+            tracing::info!(generation = %Generation(generation), partitions = %list.join(" "), "claimed partitions");
+        }
+        Ok(())
+    }
+
+    fn spawn_release(&self, partition: PartitionId) {
+        if let Ok(mut r) = self.releasing.lock() {
+            if !r.insert(partition) {
+                return;
+            }
+        }
+        let ownership = self.ownership.clone();
+        let pool = self.pool.clone();
+        let releasing = self.releasing.clone();
+        let replica_set = self.config.replica_set.clone();
+        let worker = self.member.worker.clone();
+        let timeout = self.config.revoke_timeout;
+        let wakeup = self.wakeup.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            // Not held locally: release whatever epoch the database has for this worker id.
+            let epoch = ownership.revoke(partition, timeout).await;
+            let result = sqlx::query(
+                "UPDATE projection_host.partitions SET owner = NULL, released_at = now()
+                  WHERE replica_set = $1 AND partition = $2 AND owner = $3 AND ($4::int8 IS NULL OR epoch = $4)",
+            )
+            .bind(&replica_set)
+            .bind(partition.as_i32())
+            .bind(worker.as_str())
+            .bind(epoch.map(|e| e.0))
+            .execute(&pool)
+            .await;
+            match result {
+                Ok(_) => {
+                    let _ = membership::notify(&pool, &replica_set).await;
+                    tracing::info!(%partition, waited_ms = started.elapsed().as_millis() as u64, "released partition");
+                }
+                Err(e) => tracing::warn!(%partition, error = %e, "releasing a partition failed; the next round retries"),
+            }
+            if let Ok(mut r) = releasing.lock() {
+                r.remove(&partition);
+            }
+            wakeup.wake();
+        });
+    }
+}

@@ -1,0 +1,23 @@
+//! projection-host: runs event-sourced projections compiled to WebAssembly components against a
+//! PostgreSQL event store in the pupsourcing layout.
+//!
+//! The modules follow the data flow: `source` (events -> batches, gap-safe) -> `runtime` (the
+//! plugin, sandboxed) -> `sink` (effects + fenced checkpoints in one transaction), driven by
+//! `pipeline` over the partitions `coordination` assigns, observed through `http` and
+//! `metrics`.
+
+pub mod app;
+pub mod bench;
+pub mod cli;
+pub mod config;
+pub mod coordination;
+pub mod db;
+pub mod devdb;
+pub mod http;
+pub mod ids;
+pub mod metrics;
+pub mod pipeline;
+pub mod runtime;
+pub mod sink;
+pub mod source;
+pub mod status;

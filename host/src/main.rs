@@ -1,0 +1,54 @@
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use projection_host::cli::{BenchCommand, Cli, Command, LogFormat};
+use projection_host::config::RunConfig;
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_tracing(&cli.log.log_level, cli.log.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Migrate(args) => projection_host::status::migrate(args).await,
+        Command::Run(args) => projection_host::app::run(RunConfig::from_args(*args)?).await,
+        Command::Status(args) => projection_host::status::print(args).await,
+        Command::Demo(args) => projection_host::bench::demo(args).await,
+        Command::Bench(BenchCommand::W1(args)) => projection_host::bench::w1(args).await,
+    }
+}
+
+fn init_tracing(level: &str, format: LogFormat) {
+    // A bare level applies to our crates; sqlx and wasmtime stay at warn unless asked for.
+    let directive = if level.contains('=') || level.contains(',') {
+        level.to_string()
+    } else {
+        format!("warn,projection_host={level},plugin={level}")
+    };
+    let filter = EnvFilter::try_new(&directive).unwrap_or_else(|e| {
+        eprintln!("warning: LOG_LEVEL '{level}' is not a valid filter ({e}); using info");
+        EnvFilter::new("warn,projection_host=info,plugin=info")
+    });
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+        LogFormat::Text => builder.init(),
+    }
+}

@@ -1,0 +1,10 @@
+//! The pipeline of one projection on this worker: read -> handle -> commit, batch after batch,
+//! over the partitions the coordinator gave it.
+
+mod progress;
+pub mod retry;
+pub mod status;
+mod worker;
+
+pub use status::{ProjectionState, ProjectionStatus, StatusBoard};
+pub use worker::{PipelineConfig, ProjectionWorker};

@@ -1,0 +1,64 @@
+//! What each projection is doing, for probes, the admin API and `--once`.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProjectionState {
+    Starting,
+    Running,
+    /// Batches fail and are being retried.
+    Failing,
+    /// Paused by an operator.
+    Paused,
+    Stopped,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ProjectionStatus {
+    pub name: String,
+    pub plugin_version: String,
+    pub plugin_sha256: String,
+    pub state: ProjectionState,
+    pub events_processed: u64,
+    pub lowest_checkpoint: i64,
+    pub lag_events: f64,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub last_commit_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// `--once`: every partition of the replica set reached the head seen at start.
+    pub caught_up: bool,
+}
+
+/// Statuses of all projections of this host.
+#[derive(Clone, Default)]
+pub struct StatusBoard {
+    inner: Arc<Mutex<BTreeMap<String, ProjectionStatus>>>,
+}
+
+impl StatusBoard {
+    pub fn update(&self, name: &str, f: impl FnOnce(&mut ProjectionStatus)) {
+        if let Ok(mut map) = self.inner.lock() {
+            if let Some(status) = map.get_mut(name) {
+                f(status);
+            }
+        }
+    }
+
+    pub fn insert(&self, status: ProjectionStatus) {
+        if let Ok(mut map) = self.inner.lock() {
+            map.insert(status.name.clone(), status);
+        }
+    }
+
+    pub fn all(&self) -> Vec<ProjectionStatus> {
+        self.inner.lock().map(|m| m.values().cloned().collect()).unwrap_or_default()
+    }
+
+    pub fn get(&self, name: &str) -> Option<ProjectionStatus> {
+        self.inner.lock().ok().and_then(|m| m.get(name).cloned())
+    }
+}

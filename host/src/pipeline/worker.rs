@@ -1,0 +1,448 @@
+//! `ProjectionWorker`: one projection's loop over this worker's partitions.
+//!
+//! Each batch: lease the usable partitions -> read subscribed events after the lowest of their
+//! checkpoints, up to the safe head -> keep the events of leased partitions not yet applied ->
+//! `handle-batch` inside a transaction -> flush the writes, record checkpoints (fenced) ->
+//! commit. Whatever fails, the transaction rolls back and the same range is read again, so an
+//! event is applied exactly once.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sqlx::{PgPool, Postgres, Transaction};
+use tokio_util::sync::CancellationToken;
+
+use super::progress::Progress;
+use super::retry::backoff;
+use super::status::{ProjectionState, ProjectionStatus, StatusBoard};
+use crate::coordination::{Lease, Ownership};
+use crate::db::quote_ident;
+use crate::ids::{Epoch, PartitionId, WorkerId};
+use crate::metrics::HostMetrics;
+use crate::runtime::limits::Breach;
+use crate::runtime::{Plugin, PluginFailure, PluginInstance, Runtime};
+use crate::sink::commit::{record_batch, BatchCommit, CommitOutcome};
+use crate::source::{EventReader, SafeHead, StoredEvent};
+use crate::source::wakeup::Wakeup;
+
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    pub replica_set: String,
+    pub worker: WorkerId,
+    pub partitions: u32,
+    /// Events per batch while live.
+    pub batch_size: u32,
+    /// Largest batch while catching up.
+    pub max_batch_size: u32,
+    pub poll_interval: Duration,
+    pub call_timeout: Duration,
+    pub events_table: crate::db::QualifiedName,
+    /// `--once`: report caught-up once every partition reached this position.
+    pub once_target: Option<i64>,
+}
+
+/// Why a batch did not commit.
+#[derive(Debug, thiserror::Error)]
+enum BatchError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("{failure}")]
+    Plugin { failure: PluginFailure, first: i64, last: i64, events: usize },
+    #[error("this worker no longer owns every partition of the batch (fenced); the batch was rolled back")]
+    Fenced,
+    #[error("cannot create a plugin instance: {0}")]
+    Instantiate(String),
+}
+
+pub struct ProjectionWorker {
+    plugin: Arc<Plugin>,
+    runtime: Arc<Runtime>,
+    instance: Option<PluginInstance>,
+    reader: EventReader,
+    pool: PgPool,
+    ownership: Arc<Ownership>,
+    head: SafeHead,
+    config: PipelineConfig,
+    /// `SET LOCAL` statements every batch transaction starts with.
+    prelude: String,
+    schema: String,
+    checkpoints: HashMap<PartitionId, (Epoch, i64)>,
+    metrics: HostMetrics,
+    board: StatusBoard,
+    coordinator: Wakeup,
+    limit: u32,
+    failures: u32,
+}
+
+impl ProjectionWorker {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        plugin: Arc<Plugin>,
+        instance: PluginInstance,
+        runtime: Arc<Runtime>,
+        pool: PgPool,
+        ownership: Arc<Ownership>,
+        head: SafeHead,
+        config: PipelineConfig,
+        metrics: HostMetrics,
+        board: StatusBoard,
+        coordinator: Wakeup,
+    ) -> Self {
+        let schema = quote_ident(&plugin.name);
+        let prelude = format!(
+            "SET LOCAL synchronous_commit = off; SET LOCAL search_path = {schema}; SET LOCAL statement_timeout = {}",
+            config.call_timeout.as_millis().max(1)
+        );
+        metrics.register_projection(&plugin.name, &plugin.version, &plugin.sha256);
+        board.insert(ProjectionStatus {
+            name: plugin.name.to_string(),
+            plugin_version: plugin.version.clone(),
+            plugin_sha256: plugin.sha256.clone(),
+            state: ProjectionState::Starting,
+            events_processed: 0,
+            lowest_checkpoint: 0,
+            lag_events: 0.0,
+            last_error: None,
+            last_error_at: None,
+            last_commit_at: None,
+            caught_up: false,
+        });
+        ProjectionWorker {
+            reader: EventReader::new(&config.events_table, &plugin.subscription),
+            limit: config.batch_size,
+            plugin,
+            runtime,
+            instance: Some(instance),
+            pool,
+            ownership,
+            head,
+            config,
+            prelude,
+            schema,
+            checkpoints: HashMap::new(),
+            metrics,
+            board,
+            coordinator,
+            failures: 0,
+        }
+    }
+
+    fn name(&self) -> &str {
+        &self.plugin.name
+    }
+
+    /// Runs until `stop`: batches already started finish; no new one starts.
+    pub async fn run(mut self, stop: CancellationToken) {
+        while !stop.is_cancelled() {
+            match self.setup().await {
+                Ok(()) => break,
+                Err(e) => {
+                    self.failures += 1;
+                    let delay = backoff(self.failures, Duration::from_millis(200), Duration::from_secs(30));
+                    tracing::error!(projection = self.name(), error = %e, retry_in = ?delay, "projection setup failed");
+                    self.report_error(&e.to_string());
+                    tokio::select! {
+                        _ = stop.cancelled() => return self.stopped(),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+        self.failures = 0;
+        self.board.update(self.name(), |s| s.state = ProjectionState::Running);
+        let mut ownership_changed = self.ownership.subscribe();
+        let mut progress = Progress::new();
+        while !stop.is_cancelled() {
+            let lease = self.ownership.lease();
+            if lease.is_empty() {
+                drop(lease);
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = ownership_changed.changed() => {}
+                }
+                continue;
+            }
+            if let Err(e) = self.refresh_checkpoints(&lease).await {
+                drop(lease);
+                self.retry_after(&stop, BatchError::Database(e)).await;
+                continue;
+            }
+            let head = self.head.current();
+            let from = self.lowest_checkpoint(&lease);
+            self.report_position(&lease, from, head.raw);
+            if from >= head.safe {
+                drop(lease);
+                let mut head_rx = self.head.clone();
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = ownership_changed.changed() => {}
+                    _ = head_rx.wait_past(from, self.config.poll_interval) => {}
+                }
+                continue;
+            }
+            let started = Instant::now();
+            match self.process(&lease, from, head.safe).await {
+                Ok((events, to)) => {
+                    drop(lease);
+                    self.failures = 0;
+                    progress.record(&self.plugin.name, events, to, head.raw);
+                    self.board.update(&self.plugin.name, |s| {
+                        s.state = ProjectionState::Running;
+                        s.events_processed += events as u64;
+                        s.last_commit_at = Some(chrono::Utc::now());
+                    });
+                    tracing::trace!(projection = self.name(), events, from, to, elapsed = ?started.elapsed(), "batch committed");
+                }
+                Err(e) => {
+                    drop(lease);
+                    self.retry_after(&stop, e).await;
+                }
+            }
+        }
+        let (events, elapsed) = progress.total();
+        tracing::info!(projection = self.name(), events, elapsed = ?elapsed, "projection stopped");
+        self.stopped();
+    }
+
+    fn stopped(&self) {
+        self.board.update(self.name(), |s| s.state = ProjectionState::Stopped);
+    }
+
+    /// Creates the projection's schema and runs the plugin's `setup` in one transaction,
+    /// serialised across hosts so that concurrent `CREATE ... IF NOT EXISTS` cannot collide.
+    async fn setup(&mut self) -> Result<(), BatchError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('projection_host.setup'), hashtext($1))")
+            .bind(&*self.plugin.name)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {}", self.schema)).execute(&mut *tx).await?;
+        sqlx::Executor::execute(&mut *tx, self.prelude.as_str()).await?;
+        let instance = self.instance().await?;
+        let outcome = instance.setup(tx).await;
+        if let Err(failure) = outcome.result {
+            if failure.poisons_instance() {
+                self.instance = None;
+            }
+            return Err(BatchError::Plugin {
+                failure,
+                first: 0,
+                last: 0,
+                events: 0,
+            });
+        }
+        let tx = outcome.tx.ok_or_else(|| BatchError::Instantiate("setup lost its transaction".into()))?;
+        tx.commit().await?;
+        tracing::info!(projection = self.name(), version = %self.plugin.version, sha256 = %&self.plugin.sha256[..12], "read model set up");
+        Ok(())
+    }
+
+    async fn instance(&mut self) -> Result<&mut PluginInstance, BatchError> {
+        if self.instance.is_none() {
+            let instance = PluginInstance::instantiate(&self.runtime, &self.plugin)
+                .await
+                .map_err(|e| BatchError::Instantiate(format!("{e:#}")))?;
+            self.instance = Some(instance);
+        }
+        Ok(self.instance.as_mut().expect("set above"))
+    }
+
+    /// Loads the checkpoints of partitions claimed since the last batch (a new epoch means a
+    /// new claim; another worker may have advanced the checkpoint meanwhile).
+    async fn refresh_checkpoints(&mut self, lease: &Lease) -> Result<(), sqlx::Error> {
+        let stale: Vec<i32> = lease
+            .partitions
+            .iter()
+            .filter(|(p, e)| self.checkpoints.get(p).is_none_or(|(epoch, _)| epoch != e))
+            .map(|(p, _)| p.as_i32())
+            .collect();
+        if stale.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<(i32, i64)> = sqlx::query_as(
+            "SELECT partition, position FROM projection_host.checkpoints
+              WHERE replica_set = $1 AND projection = $2 AND partition = ANY($3)",
+        )
+        .bind(&self.config.replica_set)
+        .bind(&*self.plugin.name)
+        .bind(&stale)
+        .fetch_all(&self.pool)
+        .await?;
+        let found: HashMap<i32, i64> = rows.into_iter().collect();
+        for (p, e) in &lease.partitions {
+            if stale.contains(&p.as_i32()) {
+                self.checkpoints.insert(*p, (*e, found.get(&p.as_i32()).copied().unwrap_or(0)));
+            }
+        }
+        Ok(())
+    }
+
+    fn checkpoint(&self, partition: PartitionId) -> i64 {
+        self.checkpoints.get(&partition).map_or(0, |(_, c)| *c)
+    }
+
+    fn lowest_checkpoint(&self, lease: &Lease) -> i64 {
+        lease.partitions.iter().map(|(p, _)| self.checkpoint(*p)).min().unwrap_or(0)
+    }
+
+    fn report_position(&self, lease: &Lease, lowest: i64, raw_head: i64) {
+        let gap: i64 = lease.partitions.iter().map(|(p, _)| (raw_head - self.checkpoint(*p)).max(0)).sum();
+        let lag = gap as f64 / f64::from(self.config.partitions.max(1));
+        self.metrics.set_lag(self.name(), lag, lowest);
+        let caught_up = self.config.once_target.is_some_and(|target| {
+            lease.partitions.len() as u32 == self.config.partitions && lowest >= target
+        });
+        self.board.update(self.name(), |s| {
+            s.lowest_checkpoint = lowest;
+            s.lag_events = lag;
+            s.caught_up |= caught_up;
+        });
+    }
+
+    /// One batch. Returns the events applied and the position covered.
+    async fn process(&mut self, lease: &Lease, from: i64, safe_head: i64) -> Result<(usize, i64), BatchError> {
+        let started = Instant::now();
+        let events = {
+            let mut conn = self.pool.acquire().await?;
+            self.reader.read(&mut conn, from, safe_head, self.limit).await?
+        };
+        let full = events.len() as u32 >= self.limit;
+        // A full page covers only up to its last event; otherwise everything up to the head.
+        let covered_to = if full { events.last().map_or(safe_head, |e| e.global_position) } else { safe_head };
+        let partitions = self.config.partitions;
+        let mine: Vec<StoredEvent> = events
+            .into_iter()
+            .filter(|e| {
+                let p = PartitionId::of(&e.aggregate_id, partitions);
+                lease.contains(p) && e.global_position > self.checkpoint(p)
+            })
+            .collect();
+
+        let mut tx = self.pool.begin().await?;
+        sqlx::Executor::execute(&mut *tx, self.prelude.as_str()).await?;
+        let plugin_started = Instant::now();
+        if !mine.is_empty() {
+            tx = self.handle(tx, &mine).await?;
+        }
+        let plugin_seconds = plugin_started.elapsed().as_secs_f64();
+        let outcome = record_batch(
+            &mut tx,
+            &BatchCommit {
+                replica_set: &self.config.replica_set,
+                projection: &self.plugin.name,
+                worker: &self.config.worker,
+                partitions: &lease.partitions,
+                from_position: from,
+                to_position: covered_to,
+                events: mine.len(),
+                plugin_version: &self.plugin.version,
+                plugin_sha256: &self.plugin.sha256,
+            },
+        )
+        .await?;
+        match outcome {
+            CommitOutcome::Recorded => tx.commit().await?,
+            CommitOutcome::Fenced => {
+                tx.rollback().await?;
+                let lost: Vec<PartitionId> = lease.partitions.iter().map(|(p, _)| *p).collect();
+                self.ownership.forfeit(&lost);
+                self.coordinator.wake();
+                return Err(BatchError::Fenced);
+            }
+        }
+        for (p, e) in &lease.partitions {
+            let entry = self.checkpoints.entry(*p).or_insert((*e, 0));
+            entry.1 = entry.1.max(covered_to);
+        }
+        // Large batches while catching up, small ones when live.
+        self.limit = if full {
+            (self.limit.saturating_mul(2)).min(self.config.max_batch_size)
+        } else {
+            self.config.batch_size
+        };
+        self.metrics.batch_committed(self.name(), mine.len(), started.elapsed().as_secs_f64(), plugin_seconds);
+        Ok((mine.len(), covered_to))
+    }
+
+    async fn handle(&mut self, tx: Transaction<'static, Postgres>, events: &[StoredEvent]) -> Result<Transaction<'static, Postgres>, BatchError> {
+        let first = events.first().map_or(0, |e| e.global_position);
+        let last = events.last().map_or(0, |e| e.global_position);
+        let instance = self.instance().await?;
+        let outcome = instance.handle_batch(tx, events).await;
+        match outcome.result {
+            Ok(()) => outcome
+                .tx
+                .ok_or_else(|| BatchError::Instantiate("the plugin call lost its transaction".into())),
+            Err(failure) => {
+                if failure.poisons_instance() {
+                    // A trapped instance cannot be entered again; the next batch gets a new one.
+                    self.instance = None;
+                }
+                Err(BatchError::Plugin {
+                    failure,
+                    first,
+                    last,
+                    events: events.len(),
+                })
+            }
+        }
+    }
+
+    /// Reports a failed batch and waits before the same range is tried again.
+    async fn retry_after(&mut self, stop: &CancellationToken, error: BatchError) {
+        if let BatchError::Fenced = error {
+            self.metrics.batch_fenced(self.name());
+            tracing::warn!(projection = self.name(), "{error}");
+            return;
+        }
+        self.failures += 1;
+        let delay = backoff(self.failures, Duration::from_millis(100), Duration::from_secs(30));
+        let reason = match &error {
+            BatchError::Plugin { failure, .. } if failure.is_transient() => "database",
+            BatchError::Plugin { .. } | BatchError::Instantiate(_) => "plugin",
+            _ => "database",
+        };
+        self.metrics.batch_failed(self.name(), reason);
+        // A smaller batch next time narrows a poison event down.
+        self.limit = self.config.batch_size;
+        let message = match &error {
+            BatchError::Plugin { failure, first, last, events } => {
+                if let PluginFailure::Limit { breach, .. } = failure {
+                    self.metrics.limit_tripped(self.name(), match breach {
+                        Breach::Deadline(_) => "deadline",
+                        Breach::Memory(_) => "memory",
+                    });
+                }
+                let at = match failure.position() {
+                    Some(p) => format!("event at position {p}"),
+                    None if events > &1 => format!("events at positions {first}..={last} ({events} events)"),
+                    None if events == &1 => format!("event at position {first}"),
+                    None => "setup".to_string(),
+                };
+                format!("{error} [while handling {at}]")
+            }
+            other => other.to_string(),
+        };
+        if reason == "database" {
+            tracing::warn!(projection = self.name(), attempt = self.failures, retry_in = ?delay, "batch rolled back: {message}");
+        } else {
+            tracing::error!(projection = self.name(), attempt = self.failures, retry_in = ?delay, "batch rolled back: {message}");
+        }
+        self.report_error(&message);
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+
+    fn report_error(&self, message: &str) {
+        let message = message.to_string();
+        self.board.update(self.name(), |s| {
+            s.state = ProjectionState::Failing;
+            s.last_error = Some(message);
+            s.last_error_at = Some(chrono::Utc::now());
+        });
+    }
+}
+

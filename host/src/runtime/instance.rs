@@ -1,0 +1,259 @@
+//! One live plugin instance: a store with its sandbox and a bound `projection` world. Calls
+//! take the batch's transaction in and hand it back, with the outcome sorted into what the
+//! pipeline needs to decide: commit, retry, or apply the failure policy.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::{Postgres, Transaction};
+use wasmtime::Store;
+
+use super::bindings::types::{self, Batch, Event};
+use super::bindings::{Projection, ProjectionPre};
+use super::limits::{Breach, Limits};
+use super::state::StoreState;
+use super::{Runtime, TransientDatabaseError};
+use crate::sink::EffectError;
+use crate::source::StoredEvent;
+
+/// Extra wall-clock time on top of the CPU deadline before a call is abandoned; covers host
+/// imports (database round trips), which epochs cannot interrupt.
+const WALL_CLOCK_GRACE: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PluginFailure {
+    /// The plugin returned an error for the batch.
+    #[error("the plugin rejected the batch: {message}")]
+    Rejected { message: String, position: Option<i64> },
+    /// The guest trapped (a panic, `unreachable`, a bad memory access ...).
+    #[error("the plugin trapped: {message}")]
+    Trap { message: String },
+    /// A sandbox limit stopped the call.
+    #[error("{message}")]
+    Limit { breach: Breach, message: String },
+    /// PostgreSQL rejected the plugin's writes or SQL.
+    #[error("the read-model write failed: {0}")]
+    Sql(EffectError),
+    /// The database connection failed; the batch can simply be retried.
+    #[error("{0}")]
+    Transient(String),
+}
+
+impl PluginFailure {
+    /// After a trap the instance cannot be entered again; it must be re-created.
+    pub fn poisons_instance(&self) -> bool {
+        matches!(self, PluginFailure::Trap { .. } | PluginFailure::Limit { .. } | PluginFailure::Transient(_))
+    }
+
+    pub fn is_transient(&self) -> bool {
+        matches!(self, PluginFailure::Transient(_))
+            || matches!(self, PluginFailure::Sql(e) if e.database.is_some_and(|d| d.transient))
+    }
+
+    /// The failing event's position, when the plugin said which one it was.
+    pub fn position(&self) -> Option<i64> {
+        match self {
+            PluginFailure::Rejected { position, .. } => *position,
+            _ => None,
+        }
+    }
+}
+
+/// The transaction handed back after a call, and what happened.
+pub struct CallOutcome {
+    pub tx: Option<Transaction<'static, Postgres>>,
+    pub result: Result<(), PluginFailure>,
+}
+
+pub struct PluginInstance {
+    store: Store<StoreState>,
+    bindings: Projection,
+}
+
+impl PluginInstance {
+    pub(super) async fn new(runtime: &Runtime, pre: &ProjectionPre<StoreState>, projection: Arc<str>) -> anyhow::Result<Self> {
+        let limits = Limits::new(runtime.config.memory_limit, runtime.config.call_timeout);
+        let mut store = Store::new(&runtime.engine, StoreState::new(projection, limits));
+        store.limiter(|state| &mut state.limits);
+        store.epoch_deadline_callback(|mut ctx| ctx.data_mut().limits.on_tick());
+        store.set_epoch_deadline(1);
+        let bindings = pre.instantiate_async(&mut store).await?;
+        Ok(PluginInstance { store, bindings })
+    }
+
+    /// A fresh instance of an already loaded plugin (after a trap poisoned the previous one).
+    pub async fn instantiate(runtime: &Runtime, plugin: &super::Plugin) -> anyhow::Result<Self> {
+        Self::new(runtime, &plugin.pre, plugin.name.clone()).await
+    }
+
+    pub(super) fn set_projection(&mut self, name: Arc<str>) {
+        self.store.data_mut().projection = name;
+    }
+
+    pub async fn describe(&mut self) -> Result<types::Descriptor, PluginFailure> {
+        self.store.data_mut().limits.arm();
+        let budget = self.store_call_budget();
+        let call = self.bindings.pupsourcing_projection_handler().call_describe(&mut self.store);
+        let result = timed(call, budget).await;
+        self.classify(result.map(|r| r.map(Ok::<_, types::HandlerError>)))
+    }
+
+    /// Runs `setup` inside `tx`, then flushes its keyed writes.
+    pub async fn setup(&mut self, tx: Transaction<'static, Postgres>) -> CallOutcome {
+        self.begin(tx);
+        let budget = self.store_call_budget();
+        let call = self.bindings.pupsourcing_projection_handler().call_setup(&mut self.store);
+        let result = timed(call, budget).await;
+        let result = self.classify(result.map(|r| {
+            r.map(|inner| {
+                inner.map_err(|e| types::HandlerError {
+                    message: format!("setup failed ({:?}): {}", e.kind, e.message),
+                    position: None,
+                })
+            })
+        }));
+        self.finish(result).await
+    }
+
+    /// Runs `handle-batch` inside `tx`, then flushes its keyed writes.
+    pub async fn handle_batch(&mut self, tx: Transaction<'static, Postgres>, events: &[StoredEvent]) -> CallOutcome {
+        let batch = to_wit_batch(events);
+        self.begin(tx);
+        let budget = self.store_call_budget();
+        let call = self
+            .bindings
+            .pupsourcing_projection_handler()
+            .call_handle_batch(&mut self.store, &batch);
+        let result = timed(call, budget).await;
+        let result = self.classify(result);
+        self.finish(result).await
+    }
+
+    fn store_call_budget(&self) -> Duration {
+        self.store.data().limits.call_timeout + WALL_CLOCK_GRACE
+    }
+
+    fn begin(&mut self, tx: Transaction<'static, Postgres>) {
+        let state = self.store.data_mut();
+        state.batch.tx = Some(tx);
+        state.batch.buffer.clear();
+        state.batch.failed = None;
+        state.batch.logged = 0;
+        state.limits.arm();
+    }
+
+    async fn finish(&mut self, mut result: Result<(), PluginFailure>) -> CallOutcome {
+        let batch = &mut self.store.data_mut().batch;
+        if result.is_ok() {
+            if let Some(failed) = batch.failed.take() {
+                result = Err(PluginFailure::Sql(failed));
+            } else if let Err(e) = batch.flush().await {
+                result = Err(PluginFailure::Sql(e));
+            }
+        }
+        batch.buffer.clear();
+        CallOutcome {
+            tx: batch.tx.take(),
+            result,
+        }
+    }
+
+    /// Turns a call's outcome into a `PluginFailure` that names the cause.
+    fn classify<T>(&self, result: Result<wasmtime::Result<Result<T, types::HandlerError>>, tokio::time::error::Elapsed>) -> Result<T, PluginFailure> {
+        let state = self.store.data();
+        match result {
+            Err(_elapsed) => Err(PluginFailure::Limit {
+                breach: Breach::Deadline(state.limits.call_timeout),
+                message: format!(
+                    "plugin call did not return within {:?} of wall-clock time (limit plugin_call_timeout plus {:?} for database work)",
+                    state.limits.call_timeout, WALL_CLOCK_GRACE
+                ),
+            }),
+            Ok(Ok(Ok(value))) => Ok(value),
+            Ok(Ok(Err(e))) => Err(PluginFailure::Rejected {
+                message: e.message,
+                position: e.position,
+            }),
+            Ok(Err(trap)) => {
+                if let Some(breach) = state.limits.breach {
+                    let message = match breach {
+                        Breach::Deadline(limit) => format!("plugin call exceeded its CPU deadline of {limit:?} (limit plugin_call_timeout)"),
+                        Breach::Memory(limit) => format!("plugin exceeded its memory limit of {} MiB (limit plugin_memory_limit)", limit >> 20),
+                    };
+                    return Err(PluginFailure::Limit { breach, message });
+                }
+                if let Some(db) = trap.downcast_ref::<TransientDatabaseError>() {
+                    return Err(PluginFailure::Transient(db.to_string()));
+                }
+                let output = state.captured_output();
+                let mut message = format!("{trap:#}");
+                if !output.trim().is_empty() {
+                    message.push_str("; plugin output: ");
+                    message.push_str(output.trim());
+                }
+                Err(PluginFailure::Trap { message })
+            }
+        }
+    }
+}
+
+async fn timed<F: std::future::Future>(call: F, budget: Duration) -> Result<F::Output, tokio::time::error::Elapsed> {
+    tokio::time::timeout(budget, call).await
+}
+
+/// Builds the WIT batch, sending each repeated text once.
+fn to_wit_batch(events: &[StoredEvent]) -> Batch {
+    struct Interner<'a> {
+        index: HashMap<&'a str, u32>,
+        list: Vec<String>,
+    }
+    impl<'a> Interner<'a> {
+        fn new() -> Self {
+            Interner {
+                index: HashMap::new(),
+                list: Vec::new(),
+            }
+        }
+        fn id(&mut self, s: &'a str) -> u32 {
+            if let Some(i) = self.index.get(s) {
+                return *i;
+            }
+            let i = self.list.len() as u32;
+            self.index.insert(s, i);
+            self.list.push(s.to_string());
+            i
+        }
+    }
+    let mut contexts = Interner::new();
+    let mut aggregate_types = Interner::new();
+    let mut event_types = Interner::new();
+    let events = events
+        .iter()
+        .map(|e| {
+            let id = e.event_id.as_u64_pair();
+            Event {
+                global_position: e.global_position,
+                bounded_context: contexts.id(&e.bounded_context),
+                aggregate_type: aggregate_types.id(&e.aggregate_type),
+                aggregate_id: e.aggregate_id.clone(),
+                aggregate_version: e.aggregate_version,
+                event_id: id,
+                event_type: event_types.id(&e.event_type),
+                event_version: e.event_version,
+                payload: e.payload.clone(),
+                metadata: e.metadata.clone(),
+                trace_id: e.trace_id.clone(),
+                correlation_id: e.correlation_id.clone(),
+                causation_id: e.causation_id.clone(),
+                created_at_micros: e.created_at.timestamp_micros(),
+            }
+        })
+        .collect();
+    Batch {
+        bounded_contexts: contexts.list,
+        aggregate_types: aggregate_types.list,
+        event_types: event_types.list,
+        events,
+    }
+}

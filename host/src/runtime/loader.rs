@@ -1,0 +1,214 @@
+//! Bytes -> a checked, compiled projection component.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::Component;
+
+use super::bindings::{ProjectionPre, INTERFACE, INTERFACE_VERSION};
+use super::instance::PluginInstance;
+use super::Runtime;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read plugin {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("plugin {path} is not a WebAssembly file (it does not start with \\0asm)")]
+    NotWasm { path: PathBuf },
+    #[error(
+        "plugin {path} is a core WebAssembly module, not a component; build it with \
+         `cargo build --release --target wasm32-wasip2` (or wrap it with `wasm-tools component new`)"
+    )]
+    CoreModule { path: PathBuf },
+    #[error("plugin {path} is not a valid component: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+    #[error(
+        "plugin {path} does not implement {INTERFACE}/handler (it exports: {exports}); \
+         build it with projection-guest-sdk or against wit/projection.wit"
+    )]
+    NotAProjection { path: PathBuf, exports: String },
+    #[error(
+        "plugin {path} was built for {INTERFACE}@{found}, but this host implements \
+         {INTERFACE}@{INTERFACE_VERSION}; rebuild it against a matching SDK"
+    )]
+    IncompatibleInterface { path: PathBuf, found: String },
+    #[error("plugin {path} needs imports this host does not provide: {reason}")]
+    UnsupportedImports { path: PathBuf, reason: String },
+    #[error("plugin {path} failed while describing itself: {reason}")]
+    Describe { path: PathBuf, reason: String },
+    #[error("plugin {path} describes itself with the invalid name '{name}': {reason}")]
+    InvalidName { path: PathBuf, name: String, reason: String },
+}
+
+/// A projection component that passed every check: compiled, linked, and described.
+pub struct Plugin {
+    pub name: Arc<str>,
+    pub version: String,
+    pub subscription: Subscription,
+    pub sha256: String,
+    pub source: PathBuf,
+    pub(super) pre: ProjectionPre<super::state::StoreState>,
+}
+
+/// What a projection subscribed to; empty lists mean "all".
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Subscription {
+    pub bounded_contexts: Vec<String>,
+    pub aggregate_types: Vec<String>,
+    pub event_types: Vec<String>,
+}
+
+impl std::fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plugin")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .field("sha256", &self.sha256)
+            .field("source", &self.source)
+            .finish()
+    }
+}
+
+impl Runtime {
+    /// Reads, checks and compiles a component, then asks it to describe itself. The returned
+    /// instance is the one that described itself, ready for work.
+    pub async fn load_file(&self, path: &Path) -> Result<(Arc<Plugin>, PluginInstance), LoadError> {
+        let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        self.load_bytes(path, &bytes).await
+    }
+
+    pub async fn load_bytes(&self, path: &Path, bytes: &[u8]) -> Result<(Arc<Plugin>, PluginInstance), LoadError> {
+        let path = path.to_path_buf();
+        match bytes.get(..8) {
+            Some([0, b'a', b's', b'm', 0x0d, 0, 1, 0]) => {}
+            Some([0, b'a', b's', b'm', 1, 0, 0, 0]) => return Err(LoadError::CoreModule { path }),
+            _ => return Err(LoadError::NotWasm { path }),
+        }
+        let sha256 = hex::encode(Sha256::digest(bytes));
+        let component = Component::new(&self.engine, bytes).map_err(|e| LoadError::Invalid {
+            path: path.clone(),
+            reason: format!("{e:#}"),
+        })?;
+        self.check_interface(&path, &component)?;
+        let instance_pre = self.linker.instantiate_pre(&component).map_err(|e| LoadError::UnsupportedImports {
+            path: path.clone(),
+            reason: format!("{e:#}"),
+        })?;
+        let pre = ProjectionPre::new(instance_pre).map_err(|e| LoadError::NotAProjection {
+            path: path.clone(),
+            exports: format!("{e:#}"),
+        })?;
+        let mut instance = PluginInstance::new(self, &pre, Arc::from("<loading>"))
+            .await
+            .map_err(|e| LoadError::Describe {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        let descriptor = instance.describe().await.map_err(|e| LoadError::Describe {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        validate_name(&descriptor.name).map_err(|reason| LoadError::InvalidName {
+            path: path.clone(),
+            name: descriptor.name.clone(),
+            reason,
+        })?;
+        let name: Arc<str> = Arc::from(descriptor.name.as_str());
+        instance.set_projection(name.clone());
+        let plugin = Plugin {
+            name,
+            version: descriptor.version,
+            subscription: Subscription {
+                bounded_contexts: descriptor.subscription.bounded_contexts,
+                aggregate_types: descriptor.subscription.aggregate_types,
+                event_types: descriptor.subscription.event_types,
+            },
+            sha256,
+            source: path,
+            pre,
+        };
+        Ok((Arc::new(plugin), instance))
+    }
+
+    fn check_interface(&self, path: &Path, component: &Component) -> Result<(), LoadError> {
+        let exports: Vec<String> = component
+            .component_type()
+            .exports(&self.engine)
+            .map(|(name, _)| name.to_string())
+            .collect();
+        let prefix = format!("{INTERFACE}/handler@");
+        let Some(found) = exports.iter().find_map(|e| e.strip_prefix(&prefix)) else {
+            return Err(LoadError::NotAProjection {
+                path: path.to_path_buf(),
+                exports: if exports.is_empty() { "nothing".into() } else { exports.join(", ") },
+            });
+        };
+        if !compatible(found, INTERFACE_VERSION) {
+            return Err(LoadError::IncompatibleInterface {
+                path: path.to_path_buf(),
+                found: found.to_string(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Semver compatibility as cargo reads it: same major, and same minor while major is 0, and
+/// not newer than what the host implements.
+fn compatible(found: &str, ours: &str) -> bool {
+    let parse = |v: &str| -> Option<(u64, u64, u64)> {
+        let mut it = v.split(['.', '-', '+']).map(|p| p.parse::<u64>().ok());
+        Some((it.next()??, it.next()??, it.next()??))
+    };
+    match (parse(found), parse(ours)) {
+        (Some(f), Some(o)) if o.0 == 0 => f.0 == 0 && f.1 == o.1 && f.2 <= o.2,
+        (Some(f), Some(o)) => f.0 == o.0 && (f.1, f.2) <= (o.1, o.2),
+        _ => false,
+    }
+}
+
+/// Projection names become checkpoint keys, schema names and metric labels.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 48
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err("use lowercase letters, digits and '_', starting with a letter, at most 48 characters".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interface_versions_follow_semver_compatibility() {
+        assert!(compatible("0.1.0", "0.1.0"));
+        assert!(!compatible("0.2.0", "0.1.0"));
+        assert!(!compatible("0.1.1", "0.1.0"), "a newer guest may use functions we lack");
+        assert!(compatible("0.1.0", "0.1.3"));
+        assert!(compatible("1.2.0", "1.4.0"));
+        assert!(!compatible("2.0.0", "1.4.0"));
+        assert!(!compatible("garbage", "0.1.0"));
+    }
+
+    #[test]
+    fn projection_names_must_be_safe_identifiers() {
+        assert!(validate_name("bank_balances").is_ok());
+        assert!(validate_name("Bank").is_err());
+        assert!(validate_name("1abc").is_err());
+        assert!(validate_name("a-b").is_err());
+        assert!(validate_name(&"a".repeat(49)).is_err());
+    }
+}

@@ -1,0 +1,60 @@
+//! The sole home of wasmtime: the engine, loading and checking components, instances with
+//! their sandbox, and the host imports.
+
+pub mod bindings;
+mod imports;
+pub mod instance;
+pub mod limits;
+pub mod loader;
+pub mod state;
+
+use std::time::Duration;
+
+use wasmtime::component::{HasSelf, Linker};
+use wasmtime::{Config, Engine};
+
+pub use imports::TransientDatabaseError;
+pub use instance::{CallOutcome, PluginFailure, PluginInstance};
+pub use loader::{LoadError, Plugin};
+use state::StoreState;
+
+/// Sandbox settings for every plugin instance.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    pub memory_limit: u64,
+    pub call_timeout: Duration,
+}
+
+/// The engine (one per process), the linker with the host imports, and the epoch ticker.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<StoreState>,
+    config: RuntimeConfig,
+}
+
+impl Runtime {
+    pub fn new(config: RuntimeConfig) -> anyhow::Result<Runtime> {
+        let mut wasm = Config::new();
+        wasm.wasm_component_model(true)
+            // CPU deadlines: the guest checks the epoch at function entries and loop heads.
+            .epoch_interruption(true)
+            // We do not use the component-model async ABI; leaving it on costs ~1 µs per call.
+            .concurrency_support(false)
+            .max_wasm_stack(1 << 20);
+        let engine = Engine::new(&wasm)?;
+        limits::start_epoch_ticker(&engine);
+
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        bindings::Projection::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
+        Ok(Runtime {
+            engine,
+            linker,
+            config,
+        })
+    }
+
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.config
+    }
+}

@@ -1,0 +1,70 @@
+//! The read query of one projection: its subscription pushed into SQL.
+
+use sqlx::PgConnection;
+
+use super::StoredEvent;
+use crate::db::QualifiedName;
+use crate::runtime::loader::Subscription;
+
+pub struct EventReader {
+    sql: String,
+    bounded_contexts: Vec<String>,
+    aggregate_types: Vec<String>,
+    event_types: Vec<String>,
+}
+
+impl EventReader {
+    pub fn new(events_table: &QualifiedName, subscription: &Subscription) -> Self {
+        let mut sql = format!(
+            "SELECT global_position, bounded_context, aggregate_type, aggregate_id, aggregate_version,
+                    event_id, event_type, event_version, payload, metadata::text AS metadata,
+                    trace_id, correlation_id, causation_id, created_at
+               FROM {events_table}
+              WHERE global_position > $1 AND global_position <= $2"
+        );
+        // Only filters that restrict anything, so the planner can use the primary key alone
+        // for "all events" projections.
+        if !subscription.bounded_contexts.is_empty() {
+            sql.push_str(" AND bounded_context = ANY($4)");
+        }
+        if !subscription.aggregate_types.is_empty() {
+            sql.push_str(" AND aggregate_type = ANY($5)");
+        }
+        if !subscription.event_types.is_empty() {
+            sql.push_str(" AND event_type = ANY($6)");
+        }
+        sql.push_str(" ORDER BY global_position LIMIT $3");
+        EventReader {
+            sql,
+            bounded_contexts: subscription.bounded_contexts.clone(),
+            aggregate_types: subscription.aggregate_types.clone(),
+            event_types: subscription.event_types.clone(),
+        }
+    }
+
+    /// Subscribed events with `after < global_position <= up_to`, at most `limit`, in order.
+    pub async fn read(&self, conn: &mut PgConnection, after: i64, up_to: i64, limit: u32) -> Result<Vec<StoredEvent>, sqlx::Error> {
+        // Unused parameters are still bound: PostgreSQL ignores extra ones only if they are
+        // typed, which these are.
+        let mut query = sqlx::query_as::<_, StoredEvent>(&self.sql)
+            .bind(after)
+            .bind(up_to)
+            .bind(i64::from(limit));
+        if !self.bounded_contexts.is_empty() {
+            query = query.bind(&self.bounded_contexts);
+        } else {
+            query = query.bind(None::<Vec<String>>);
+        }
+        if !self.aggregate_types.is_empty() {
+            query = query.bind(&self.aggregate_types);
+        } else {
+            query = query.bind(None::<Vec<String>>);
+        }
+        if !self.event_types.is_empty() {
+            query = query.bind(&self.event_types);
+        } else {
+            query = query.bind(None::<Vec<String>>);
+        }
+        query.fetch_all(&mut *conn).await
+    }
+}

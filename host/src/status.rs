@@ -1,0 +1,208 @@
+//! `migrate` and `status`: the commands that work on the database directly.
+
+use std::fmt::Write as _;
+
+use anyhow::Context;
+use serde::Serialize;
+use sqlx::PgPool;
+
+use crate::cli::{DatabaseArgs, MigrateArgs, StatusArgs};
+use crate::db::{DbConfig, QualifiedName};
+
+async fn pool(args: &DatabaseArgs) -> anyhow::Result<PgPool> {
+    let url = args
+        .database_url
+        .clone()
+        .context("DATABASE_URL (--database-url) is required: a PostgreSQL URL such as postgres://user:password@host:5432/db")?;
+    let config = DbConfig {
+        url,
+        max_connections: 2,
+        idle_in_transaction_timeout: std::time::Duration::from_secs(60),
+        application_name: "projection-host cli".into(),
+    };
+    Ok(config.connect_pool().await?)
+}
+
+/// Creates or upgrades the host's tables; optionally installs the NOTIFY trigger.
+pub async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
+    let pool = pool(&args.database).await?;
+    crate::db::migrate(&pool).await?;
+    println!("host tables are up to date (schema {})", crate::db::HOST_SCHEMA);
+    if args.install_notify_trigger {
+        let table: QualifiedName = args.events_table.parse().map_err(|e: String| anyhow::anyhow!("invalid EVENTS_TABLE: {e}"))?;
+        install_notify_trigger(&pool, &table).await?;
+        println!("installed trigger projection_host_notify on {table}: hosts wake up on NOTIFY projection_host_events");
+    }
+    Ok(())
+}
+
+/// One NOTIFY per inserting statement (not per row), fired at commit.
+pub async fn install_notify_trigger(pool: &PgPool, table: &QualifiedName) -> anyhow::Result<()> {
+    let mut tx = pool.begin().await?;
+    sqlx::raw_sql(
+        "CREATE OR REPLACE FUNCTION projection_host.notify_new_events() RETURNS trigger
+         LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_notify('projection_host_events', ''); RETURN NULL; END $$",
+    )
+    .execute(&mut *tx)
+    .await?;
+    sqlx::raw_sql(&format!(
+        "DROP TRIGGER IF EXISTS projection_host_notify ON {table};
+         CREATE TRIGGER projection_host_notify AFTER INSERT ON {table}
+         FOR EACH STATEMENT EXECUTE FUNCTION projection_host.notify_new_events()"
+    ))
+    .execute(&mut *tx)
+    .await
+    .with_context(|| format!("installing the trigger on {table}"))?;
+    tx.commit().await?;
+    Ok(())
+}
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub replica_set: String,
+    pub partitions: i32,
+    pub generation: i64,
+    pub strategy: String,
+    pub phase: String,
+    pub leader: Option<String>,
+    pub head: i64,
+    pub workers: Vec<WorkerRow>,
+    pub partition_owners: Vec<PartitionRow>,
+    pub projections: Vec<ProjectionRow>,
+}
+
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub struct WorkerRow {
+    pub worker_id: String,
+    pub hostname: String,
+    pub host_version: String,
+    pub heartbeat_age_ms: i64,
+    pub started_at: chrono::DateTime<chrono::Utc>,
+    pub partitions: i64,
+}
+
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub struct PartitionRow {
+    pub partition: i32,
+    pub owner: Option<String>,
+    pub assigned_to: Option<String>,
+    pub epoch: i64,
+}
+
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub struct ProjectionRow {
+    pub projection: String,
+    pub lowest_checkpoint: i64,
+    pub highest_checkpoint: i64,
+    pub lag_positions: i64,
+    pub last_commit: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// Reads the replica set's state from the database.
+pub async fn load(pool: &PgPool, replica_set: &str, events: &QualifiedName) -> anyhow::Result<Status> {
+    let row: Option<(i32, i64, String, String, Option<String>)> =
+        sqlx::query_as("SELECT partitions, generation, strategy, phase, leader FROM projection_host.replica_sets WHERE name = $1")
+            .bind(replica_set)
+            .fetch_optional(pool)
+            .await?;
+    let (partitions, generation, strategy, phase, leader) =
+        row.with_context(|| format!("replica set '{replica_set}' does not exist (no host has joined it yet)"))?;
+    let head: i64 = sqlx::query_scalar(&format!("SELECT coalesce(max(global_position), 0) FROM {events}"))
+        .fetch_one(pool)
+        .await
+        .with_context(|| format!("reading the head of {events}"))?;
+    let workers = sqlx::query_as(
+        "SELECT w.worker_id, w.hostname, w.host_version,
+                (extract(epoch FROM now() - w.heartbeat_at) * 1000)::int8 AS heartbeat_age_ms, w.started_at,
+                (SELECT count(*) FROM projection_host.partitions p WHERE p.replica_set = w.replica_set AND p.owner = w.worker_id) AS partitions
+           FROM projection_host.workers w WHERE w.replica_set = $1 ORDER BY w.worker_id",
+    )
+    .bind(replica_set)
+    .fetch_all(pool)
+    .await?;
+    let partition_owners = sqlx::query_as(
+        "SELECT partition, owner, assigned_to, epoch FROM projection_host.partitions WHERE replica_set = $1 ORDER BY partition",
+    )
+    .bind(replica_set)
+    .fetch_all(pool)
+    .await?;
+    let projections = sqlx::query_as(
+        "SELECT projection, min(position) AS lowest_checkpoint, max(position) AS highest_checkpoint,
+                $2 - min(position) AS lag_positions, max(updated_at) AS last_commit
+           FROM projection_host.checkpoints WHERE replica_set = $1 GROUP BY projection ORDER BY projection",
+    )
+    .bind(replica_set)
+    .bind(head)
+    .fetch_all(pool)
+    .await?;
+    Ok(Status {
+        replica_set: replica_set.to_string(),
+        partitions,
+        generation,
+        strategy,
+        phase,
+        leader,
+        head,
+        workers,
+        partition_owners,
+        projections,
+    })
+}
+
+pub async fn print(args: StatusArgs) -> anyhow::Result<()> {
+    let pool = pool(&args.database).await?;
+    let events: QualifiedName = args.events_table.parse().map_err(|e: String| anyhow::anyhow!("invalid EVENTS_TABLE: {e}"))?;
+    let status = load(&pool, &args.replica_set, &events).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+        return Ok(());
+    }
+    print!("{}", render(&status));
+    Ok(())
+}
+
+fn render(s: &Status) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "replica set {}: generation {}, {} partitions, strategy {}, phase {}, leader {}, stream head {}",
+        s.replica_set,
+        s.generation,
+        s.partitions,
+        s.strategy,
+        s.phase,
+        s.leader.as_deref().unwrap_or("-"),
+        s.head
+    );
+    let _ = writeln!(out, "\nworkers ({}):", s.workers.len());
+    for w in &s.workers {
+        let _ = writeln!(
+            out,
+            "  {:<32} partitions {:>4}  heartbeat {:>6}ms ago  host {}  v{}",
+            w.worker_id, w.partitions, w.heartbeat_age_ms, w.hostname, w.host_version
+        );
+    }
+    let _ = writeln!(out, "\npartitions (owner@epoch, -> planned owner when it differs):");
+    for p in &s.partition_owners {
+        let owner = p.owner.as_deref().unwrap_or("(unowned)");
+        let planned = match (&p.assigned_to, &p.owner) {
+            (Some(a), Some(o)) if a == o => String::new(),
+            (Some(a), _) => format!("  -> {a}"),
+            (None, _) => "  -> (unassigned)".into(),
+        };
+        let _ = writeln!(out, "  p{:<4} {owner}@e{}{planned}", p.partition, p.epoch);
+    }
+    let _ = writeln!(out, "\nprojections:");
+    for p in &s.projections {
+        let _ = writeln!(
+            out,
+            "  {:<24} checkpoints {}..{}  lag {} positions  last commit {}",
+            p.projection,
+            p.lowest_checkpoint,
+            p.highest_checkpoint,
+            p.lag_positions,
+            p.last_commit.map_or("-".into(), |t| t.to_rfc3339())
+        );
+    }
+    out
+}

@@ -134,6 +134,7 @@ pub trait Projection {
     /// tags an error with the failing event's position.
     fn handle_batch(events: &[Event<'_>]) -> Result<(), HandlerError> {
         for event in events {
+            read_model::set_current_position(Some(event.position()));
             Self::handle(event).map_err(|mut e| {
                 e.position.get_or_insert(event.position());
                 e
@@ -153,7 +154,22 @@ pub fn __handle_batch<P: Projection>(
         .iter()
         .map(|raw| Event::new(raw, &batch))
         .collect();
-    P::handle_batch(&events)
+    let result = P::handle_batch(&events).and_then(|()| read_model::send().map_err(HandlerError::from));
+    read_model::set_current_position(None);
+    if result.is_err() {
+        read_model::discard();
+    }
+    result
+}
+
+/// Glue for `setup`: gathered writes are sent before it returns.
+#[doc(hidden)]
+pub fn __setup<P: Projection>() -> Result<(), Error> {
+    let result = P::setup().and_then(|()| read_model::send().map_err(|e| e.error));
+    if result.is_err() {
+        read_model::discard();
+    }
+    result
 }
 
 /// Exports a [`Projection`] implementation as the component's `projection` world.
@@ -169,7 +185,7 @@ macro_rules! export_projection {
                 }
 
                 fn setup() -> Result<(), $crate::Error> {
-                    <$projection as $crate::Projection>::setup()
+                    $crate::__setup::<$projection>()
                 }
 
                 fn handle_batch(

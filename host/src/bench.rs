@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use sqlx::{Connection, PgConnection};
+use sqlx::{ConnectOptions, Connection, PgConnection};
 
 use crate::cli::{BenchW1Args, DemoArgs};
 use crate::devdb::DevDatabase;
@@ -39,6 +39,12 @@ impl Check {
     }
 }
 
+/// A connection without statement logging (seeding takes seconds by design).
+async fn connect(url: &str) -> anyhow::Result<PgConnection> {
+    let options: sqlx::postgres::PgConnectOptions = url.parse().context("parsing the database URL")?;
+    Ok(PgConnection::connect_with(&options.disable_statement_logging()).await?)
+}
+
 /// A database created for one run on a given server, dropped on `drop_now`.
 pub struct ScratchDatabase {
     server_url: String,
@@ -48,7 +54,7 @@ pub struct ScratchDatabase {
 
 impl ScratchDatabase {
     pub async fn create(server_url: &str, name: &str) -> anyhow::Result<ScratchDatabase> {
-        let mut admin = PgConnection::connect(server_url)
+        let mut admin = connect(server_url)
             .await
             .with_context(|| format!("connecting to {}", crate::db::redact_url(server_url)))?;
         let quoted = crate::db::quote_ident(name);
@@ -67,7 +73,7 @@ impl ScratchDatabase {
     }
 
     pub async fn drop_now(self) -> anyhow::Result<()> {
-        let mut admin = PgConnection::connect(&self.server_url).await?;
+        let mut admin = connect(&self.server_url).await?;
         sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", crate::db::quote_ident(&self.name)))
             .execute(&mut admin)
             .await?;
@@ -77,7 +83,7 @@ impl ScratchDatabase {
 
 /// Creates the pupsourcing tables and appends W1 events `0..n` over `k` accounts.
 pub async fn seed_w1(url: &str, n: u64, k: u64) -> anyhow::Result<()> {
-    let mut conn = PgConnection::connect(url).await?;
+    let mut conn = connect(url).await?;
     sqlx::raw_sql(SCHEMA).execute(&mut conn).await.context("creating the events table")?;
     let seed = SEED.replace(":n", &n.to_string()).replace(":k", &k.to_string());
     sqlx::raw_sql(&seed).execute(&mut conn).await.context("seeding W1 events")?;
@@ -87,12 +93,17 @@ pub async fn seed_w1(url: &str, n: u64, k: u64) -> anyhow::Result<()> {
 
 /// Runs `w1-check.sql` against the read model in `schema`.
 pub async fn check_w1(url: &str, schema: &str) -> anyhow::Result<Check> {
-    let mut conn = PgConnection::connect(url).await?;
+    let mut conn = connect(url).await?;
     sqlx::query(&format!("SET search_path TO {}, public", crate::db::quote_ident(schema)))
         .execute(&mut conn)
         .await?;
     let (mismatches, accounts, events_counted, events_in_store): (i64, i64, i64, i64) =
-        sqlx::query_as(CHECK.trim_end().trim_end_matches(';')).fetch_one(&mut conn).await?;
+        sqlx::query_as(&format!(
+            "SELECT mismatches::int8, accounts::int8, events_counted::int8, events_in_store::int8 FROM ({}) AS c",
+            CHECK.trim_end().trim_end_matches(';')
+        ))
+        .fetch_one(&mut conn)
+        .await?;
     Ok(Check {
         mismatches,
         accounts,
@@ -103,7 +114,7 @@ pub async fn check_w1(url: &str, schema: &str) -> anyhow::Result<Check> {
 
 /// Builds the read model with one set-based statement; returns its duration.
 async fn sql_ceiling(url: &str) -> anyhow::Result<Duration> {
-    let mut conn = PgConnection::connect(url).await?;
+    let mut conn = connect(url).await?;
     sqlx::raw_sql("CREATE SCHEMA ceiling; SET search_path TO ceiling, public").execute(&mut conn).await?;
     sqlx::raw_sql(READ_MODEL).execute(&mut conn).await?;
     let started = Instant::now();
@@ -184,7 +195,7 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let (elapsed, rss) = tokio::task::block_in_place(|| run_host(&db.url, &plugin, 100, &level, false))?;
     let check = check_w1(&db.url, "bank_balances").await?;
 
-    let mut conn = PgConnection::connect(&db.url).await?;
+    let mut conn = connect(&db.url).await?;
     let (total, richest, richest_balance): (i64, String, i64) = sqlx::query_as(
         "SELECT (SELECT sum(balance) FROM bank_balances.account_balances)::int8,
                 account_id, balance FROM bank_balances.account_balances ORDER BY balance DESC, account_id LIMIT 1",

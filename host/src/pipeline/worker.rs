@@ -59,7 +59,7 @@ pub struct ProjectionWorker {
     plugin: Arc<Plugin>,
     runtime: Arc<Runtime>,
     instance: Option<PluginInstance>,
-    reader: EventReader,
+    reader: Arc<EventReader>,
     pool: PgPool,
     ownership: Arc<Ownership>,
     head: SafeHead,
@@ -73,6 +73,25 @@ pub struct ProjectionWorker {
     coordinator: Wakeup,
     limit: u32,
     failures: u32,
+    stages: StageTimes,
+    /// While catching up, the next page is read while the current one is handled.
+    prefetch: Option<Prefetch>,
+}
+
+/// A read started ahead of time: subscribed events in `(after, up_to]`, at most `limit`.
+struct Prefetch {
+    after: i64,
+    up_to: i64,
+    limit: u32,
+    events: tokio::task::JoinHandle<Result<Vec<StoredEvent>, sqlx::Error>>,
+}
+
+/// Where batch time went, summed over the run (logged when the projection stops).
+#[derive(Debug, Default)]
+struct StageTimes {
+    read: Duration,
+    handle: Duration,
+    commit: Duration,
 }
 
 impl ProjectionWorker {
@@ -109,7 +128,7 @@ impl ProjectionWorker {
             caught_up: false,
         });
         ProjectionWorker {
-            reader: EventReader::new(&config.events_table, &plugin.subscription),
+            reader: Arc::new(EventReader::new(&config.events_table, &plugin.subscription)),
             limit: config.batch_size,
             plugin,
             runtime,
@@ -125,6 +144,8 @@ impl ProjectionWorker {
             board,
             coordinator,
             failures: 0,
+            stages: StageTimes::default(),
+            prefetch: None,
         }
     }
 
@@ -201,7 +222,15 @@ impl ProjectionWorker {
             }
         }
         let (events, elapsed) = progress.total();
-        tracing::info!(projection = self.name(), events, elapsed = ?elapsed, "projection stopped");
+        tracing::info!(
+            projection = self.name(),
+            events,
+            elapsed = ?elapsed,
+            read = ?self.stages.read,
+            handle = ?self.stages.handle,
+            commit = ?self.stages.commit,
+            "projection stopped"
+        );
         self.stopped();
     }
 
@@ -303,13 +332,14 @@ impl ProjectionWorker {
     /// One batch. Returns the events applied and the position covered.
     async fn process(&mut self, lease: &Lease, from: i64, safe_head: i64) -> Result<(usize, i64), BatchError> {
         let started = Instant::now();
-        let events = {
-            let mut conn = self.pool.acquire().await?;
-            self.reader.read(&mut conn, from, safe_head, self.limit).await?
-        };
+        let (events, safe_head) = self.read(from, safe_head).await?;
+        self.stages.read += started.elapsed();
         let full = events.len() as u32 >= self.limit;
         // A full page covers only up to its last event; otherwise everything up to the head.
         let covered_to = if full { events.last().map_or(safe_head, |e| e.global_position) } else { safe_head };
+        if full {
+            self.start_prefetch(covered_to, self.head.current().safe, self.next_limit(true));
+        }
         let partitions = self.config.partitions;
         let mine: Vec<StoredEvent> = events
             .into_iter()
@@ -322,10 +352,13 @@ impl ProjectionWorker {
         let mut tx = self.pool.begin().await?;
         sqlx::Executor::execute(&mut *tx, self.prelude.as_str()).await?;
         let plugin_started = Instant::now();
+        let handed = mine.len();
         if !mine.is_empty() {
-            tx = self.handle(tx, &mine).await?;
+            tx = self.handle(tx, mine).await?;
         }
         let plugin_seconds = plugin_started.elapsed().as_secs_f64();
+        self.stages.handle += plugin_started.elapsed();
+        let commit_started = Instant::now();
         let outcome = record_batch(
             &mut tx,
             &BatchCommit {
@@ -335,7 +368,7 @@ impl ProjectionWorker {
                 partitions: &lease.partitions,
                 from_position: from,
                 to_position: covered_to,
-                events: mine.len(),
+                events: handed,
                 plugin_version: &self.plugin.version,
                 plugin_sha256: &self.plugin.sha256,
             },
@@ -351,23 +384,62 @@ impl ProjectionWorker {
                 return Err(BatchError::Fenced);
             }
         }
+        self.stages.commit += commit_started.elapsed();
         for (p, e) in &lease.partitions {
             let entry = self.checkpoints.entry(*p).or_insert((*e, 0));
             entry.1 = entry.1.max(covered_to);
         }
-        // Large batches while catching up, small ones when live.
-        self.limit = if full {
-            (self.limit.saturating_mul(2)).min(self.config.max_batch_size)
-        } else {
-            self.config.batch_size
-        };
-        self.metrics.batch_committed(self.name(), mine.len(), started.elapsed().as_secs_f64(), plugin_seconds);
-        Ok((mine.len(), covered_to))
+        self.limit = self.next_limit(full);
+        self.metrics.batch_committed(self.name(), handed, started.elapsed().as_secs_f64(), plugin_seconds);
+        Ok((handed, covered_to))
     }
 
-    async fn handle(&mut self, tx: Transaction<'static, Postgres>, events: &[StoredEvent]) -> Result<Transaction<'static, Postgres>, BatchError> {
+    /// Large batches while catching up, small ones when live.
+    fn next_limit(&self, full: bool) -> u32 {
+        if full {
+            self.limit.saturating_mul(2).min(self.config.max_batch_size)
+        } else {
+            self.config.batch_size
+        }
+    }
+
+    /// Subscribed events after `from`, from the prefetched page when it matches (returning the
+    /// head that page was read up to), else read now.
+    async fn read(&mut self, from: i64, safe_head: i64) -> Result<(Vec<StoredEvent>, i64), sqlx::Error> {
+        if let Some(prefetch) = self.prefetch.take() {
+            if prefetch.after == from && prefetch.limit == self.limit && prefetch.up_to <= safe_head {
+                match prefetch.events.await {
+                    Ok(Ok(events)) => return Ok((events, prefetch.up_to)),
+                    Ok(Err(e)) => return Err(e),
+                    Err(_) => {} // the task failed; read again below
+                }
+            } else {
+                prefetch.events.abort();
+            }
+        }
+        let mut conn = self.pool.acquire().await?;
+        Ok((self.reader.read(&mut conn, from, safe_head, self.limit).await?, safe_head))
+    }
+
+    fn start_prefetch(&mut self, after: i64, up_to: i64, limit: u32) {
+        if up_to <= after {
+            return;
+        }
+        let pool = self.pool.clone();
+        let reader = self.reader.clone();
+        let events = tokio::spawn(async move {
+            let mut conn = pool.acquire().await?;
+            reader.read(&mut conn, after, up_to, limit).await
+        });
+        if let Some(old) = self.prefetch.replace(Prefetch { after, up_to, limit, events }) {
+            old.events.abort();
+        }
+    }
+
+    async fn handle(&mut self, tx: Transaction<'static, Postgres>, events: Vec<StoredEvent>) -> Result<Transaction<'static, Postgres>, BatchError> {
         let first = events.first().map_or(0, |e| e.global_position);
         let last = events.last().map_or(0, |e| e.global_position);
+        let count = events.len();
         let instance = self.instance().await?;
         let outcome = instance.handle_batch(tx, events).await;
         match outcome.result {
@@ -383,7 +455,7 @@ impl ProjectionWorker {
                     failure,
                     first,
                     last,
-                    events: events.len(),
+                    events: count,
                 })
             }
         }

@@ -117,7 +117,7 @@ impl PluginInstance {
     }
 
     /// Runs `handle-batch` inside `tx`, then flushes its keyed writes.
-    pub async fn handle_batch(&mut self, tx: Transaction<'static, Postgres>, events: &[StoredEvent]) -> CallOutcome {
+    pub async fn handle_batch(&mut self, tx: Transaction<'static, Postgres>, events: Vec<StoredEvent>) -> CallOutcome {
         let batch = to_wit_batch(events);
         self.begin(tx);
         let budget = self.store_call_budget();
@@ -202,52 +202,45 @@ async fn timed<F: std::future::Future>(call: F, budget: Duration) -> Result<F::O
     tokio::time::timeout(budget, call).await
 }
 
-/// Builds the WIT batch, sending each repeated text once.
-fn to_wit_batch(events: &[StoredEvent]) -> Batch {
-    struct Interner<'a> {
-        index: HashMap<&'a str, u32>,
+/// Builds the WIT batch, sending each repeated text once. Takes the events by value so that
+/// their strings move instead of being copied.
+fn to_wit_batch(events: Vec<StoredEvent>) -> Batch {
+    #[derive(Default)]
+    struct Interner {
+        index: HashMap<String, u32>,
         list: Vec<String>,
     }
-    impl<'a> Interner<'a> {
-        fn new() -> Self {
-            Interner {
-                index: HashMap::new(),
-                list: Vec::new(),
-            }
-        }
-        fn id(&mut self, s: &'a str) -> u32 {
-            if let Some(i) = self.index.get(s) {
+    impl Interner {
+        fn id(&mut self, s: String) -> u32 {
+            if let Some(i) = self.index.get(&s) {
                 return *i;
             }
             let i = self.list.len() as u32;
+            self.list.push(s.clone());
             self.index.insert(s, i);
-            self.list.push(s.to_string());
             i
         }
     }
-    let mut contexts = Interner::new();
-    let mut aggregate_types = Interner::new();
-    let mut event_types = Interner::new();
+    let mut contexts = Interner::default();
+    let mut aggregate_types = Interner::default();
+    let mut event_types = Interner::default();
     let events = events
-        .iter()
-        .map(|e| {
-            let id = e.event_id.as_u64_pair();
-            Event {
-                global_position: e.global_position,
-                bounded_context: contexts.id(&e.bounded_context),
-                aggregate_type: aggregate_types.id(&e.aggregate_type),
-                aggregate_id: e.aggregate_id.clone(),
-                aggregate_version: e.aggregate_version,
-                event_id: id,
-                event_type: event_types.id(&e.event_type),
-                event_version: e.event_version,
-                payload: e.payload.clone(),
-                metadata: e.metadata.clone(),
-                trace_id: e.trace_id.clone(),
-                correlation_id: e.correlation_id.clone(),
-                causation_id: e.causation_id.clone(),
-                created_at_micros: e.created_at.timestamp_micros(),
-            }
+        .into_iter()
+        .map(|e| Event {
+            global_position: e.global_position,
+            bounded_context: contexts.id(e.bounded_context),
+            aggregate_type: aggregate_types.id(e.aggregate_type),
+            aggregate_id: e.aggregate_id,
+            aggregate_version: e.aggregate_version,
+            event_id: e.event_id.as_u64_pair(),
+            event_type: event_types.id(e.event_type),
+            event_version: e.event_version,
+            payload: e.payload,
+            metadata: e.metadata,
+            trace_id: e.trace_id,
+            correlation_id: e.correlation_id,
+            causation_id: e.causation_id,
+            created_at_micros: e.created_at.timestamp_micros(),
         })
         .collect();
     Batch {

@@ -8,6 +8,8 @@
 //! applying the writes one by one, which is what the tests check.
 
 use std::collections::HashMap;
+
+use foldhash::fast::RandomState;
 use std::sync::Arc;
 
 use super::schema::{ColumnKind, TableSchema};
@@ -85,13 +87,13 @@ pub type Key = Vec<KeyPart>;
 
 pub struct TableBuffer {
     pub schema: Arc<TableSchema>,
-    pub rows: HashMap<Key, RowState>,
+    pub rows: HashMap<Key, RowState, RandomState>,
 }
 
 /// All keyed writes of one batch.
 pub struct EffectBuffer {
     tables: Vec<TableBuffer>,
-    by_table: HashMap<String, usize>,
+    by_table: HashMap<String, usize, RandomState>,
     rows: usize,
     max_rows: usize,
 }
@@ -100,7 +102,7 @@ impl EffectBuffer {
     pub fn new(max_rows: usize) -> Self {
         EffectBuffer {
             tables: Vec::new(),
-            by_table: HashMap::new(),
+            by_table: HashMap::default(),
             rows: 0,
             max_rows,
         }
@@ -140,7 +142,7 @@ impl EffectBuffer {
             None => {
                 self.tables.push(TableBuffer {
                     schema: schema.clone(),
-                    rows: HashMap::new(),
+                    rows: HashMap::default(),
                 });
                 self.by_table.insert(schema.qualified.clone(), self.tables.len() - 1);
                 self.tables.len() - 1
@@ -155,9 +157,9 @@ impl EffectBuffer {
                 )));
             }
             self.rows += 1;
-            table.rows.insert(key.clone(), RowState::new(schema.columns.len()));
+            return Ok(table.rows.entry(key.clone()).or_insert_with(|| RowState::new(schema.columns.len())));
         }
-        Ok(table.rows.get_mut(key).expect("inserted above"))
+        Ok(table.rows.get_mut(key).expect("checked above"))
     }
 
     fn row(&self, schema: &TableSchema, key: &Key) -> Option<&RowState> {

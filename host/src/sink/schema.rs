@@ -90,7 +90,7 @@ pub struct TableSchema {
     pub columns: Vec<Column>,
     /// Indexes into `columns`, in primary-key order.
     pub key: Vec<usize>,
-    by_name: HashMap<String, usize>,
+    by_name: HashMap<String, usize, foldhash::fast::RandomState>,
 }
 
 impl TableSchema {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use sqlx::PgConnection;
 
-use crate::runtime::bindings::read_model::{Assignment, ColumnValue, Host, Merge as WitMerge};
+use crate::runtime::bindings::read_model::{Assignment, ColumnMerge, ColumnValue, Host, Merge as WitMerge, RowError, RowWrite};
 use crate::runtime::bindings::types::{self, Error as WitError, ErrorKind, Value};
 use crate::runtime::state::{BatchContext, StoreState, MAX_QUERY_ROWS};
 use crate::sink::buffer::{Key, Merge, Need};
@@ -34,6 +34,16 @@ impl Host for StoreState {
         }
         let result = self.batch.upsert(table, key, assignments).await;
         self.batch.settle(result)
+    }
+
+    async fn upsert_many(&mut self, table: String, columns: Vec<ColumnMerge>, rows: Vec<RowWrite>) -> wasmtime::Result<Result<(), RowError>> {
+        if let Some(earlier) = self.batch.earlier_failure() {
+            return Ok(Err(RowError { row: 0, error: earlier }));
+        }
+        match self.batch.upsert_many(table, columns, rows).await {
+            Ok(()) => Ok(Ok(())),
+            Err((row, error)) => Ok(self.batch.settle::<()>(Err(error))?.map_err(|error| RowError { row, error })),
+        }
     }
 
     async fn delete(&mut self, table: String, key: Vec<Value>) -> ImportResult<()> {
@@ -136,15 +146,52 @@ impl BatchContext {
         let writes = assignments
             .into_iter()
             .map(|a| {
-                let column = schema.column_index(&a.column)?;
-                let col = &schema.columns[column];
-                let value = SqlValue::for_column(from_wit(a.value), col.kind, &col.name)?;
+                let (column, kind) = Self::column(&schema, &a.column)?;
+                let value = SqlValue::for_column(from_wit(a.value), kind, &a.column)?;
                 Ok((column, merge(a.merge), value))
             })
             .collect::<Result<Vec<_>, EffectError>>()?;
-        if self.buffer.upsert(&schema, &key, &writes)? == Need::Materialize {
-            self.materialize(&schema, &key).await?;
-            self.buffer.upsert(&schema, &key, &writes)?;
+        self.upsert_row(&schema, &key, &writes).await
+    }
+
+    /// Rows of one shape; the error names the row that failed (earlier rows stay applied).
+    async fn upsert_many(&mut self, table: String, columns: Vec<ColumnMerge>, rows: Vec<RowWrite>) -> Result<(), (u32, EffectError)> {
+        let schema = self.schema(&table).await.map_err(|e| (0, e))?;
+        let shape = columns
+            .iter()
+            .map(|c| Self::column(&schema, &c.column).map(|(index, kind)| (index, kind, merge(c.merge))))
+            .collect::<Result<Vec<_>, EffectError>>()
+            .map_err(|e| (0, e))?;
+        let mut writes: Vec<(usize, Merge, SqlValue)> = Vec::with_capacity(shape.len());
+        for (i, row) in rows.into_iter().enumerate() {
+            let at = |e| (i as u32, e);
+            if row.values.len() != shape.len() {
+                return Err(at(EffectError::invalid(format!(
+                    "row has {} values for {} columns",
+                    row.values.len(),
+                    shape.len()
+                ))));
+            }
+            let key = Self::key(&schema, row.key).map_err(at)?;
+            writes.clear();
+            for ((column, kind, merge), value) in shape.iter().zip(row.values) {
+                let name = &schema.columns[*column].name;
+                writes.push((*column, *merge, SqlValue::for_column(from_wit(value), *kind, name).map_err(at)?));
+            }
+            self.upsert_row(&schema, &key, &writes).await.map_err(at)?;
+        }
+        Ok(())
+    }
+
+    fn column(schema: &TableSchema, name: &str) -> Result<(usize, crate::sink::schema::ColumnKind), EffectError> {
+        let index = schema.column_index(name)?;
+        Ok((index, schema.columns[index].kind))
+    }
+
+    async fn upsert_row(&mut self, schema: &Arc<TableSchema>, key: &Key, writes: &[(usize, Merge, SqlValue)]) -> Result<(), EffectError> {
+        if self.buffer.upsert(schema, key, writes)? == Need::Materialize {
+            self.materialize(schema, key).await?;
+            self.buffer.upsert(schema, key, writes)?;
         }
         Ok(())
     }

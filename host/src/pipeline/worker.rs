@@ -48,7 +48,14 @@ enum BatchError {
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
     #[error("{failure}")]
-    Plugin { failure: PluginFailure, first: i64, last: i64, events: usize },
+    Plugin {
+        failure: PluginFailure,
+        first: i64,
+        /// Position of the last event of the first half, for narrowing the failure down.
+        middle: i64,
+        last: i64,
+        events: usize,
+    },
     #[error("this worker no longer owns every partition of the batch (fenced); the batch was rolled back")]
     Fenced,
     #[error("cannot create a plugin instance: {0}")]
@@ -76,6 +83,9 @@ pub struct ProjectionWorker {
     stages: StageTimes,
     /// While catching up, the next page is read while the current one is handled.
     prefetch: Option<Prefetch>,
+    /// After a plugin failure: read no further than this, to commit the events before the
+    /// failing one and narrow the failure down to a single event.
+    read_cap: Option<i64>,
 }
 
 /// A read started ahead of time: subscribed events in `(after, up_to]`, at most `limit`.
@@ -146,6 +156,7 @@ impl ProjectionWorker {
             failures: 0,
             stages: StageTimes::default(),
             prefetch: None,
+            read_cap: None,
         }
     }
 
@@ -192,7 +203,14 @@ impl ProjectionWorker {
             let head = self.head.current();
             let from = self.lowest_checkpoint(&lease);
             self.report_position(&lease, from, head.raw);
-            if from >= head.safe {
+            let up_to = match self.read_cap {
+                Some(cap) if cap > from => head.safe.min(cap),
+                _ => {
+                    self.read_cap = None;
+                    head.safe
+                }
+            };
+            if from >= up_to {
                 drop(lease);
                 let mut head_rx = self.head.clone();
                 tokio::select! {
@@ -203,7 +221,7 @@ impl ProjectionWorker {
                 continue;
             }
             let started = Instant::now();
-            match self.process(&lease, from, head.safe).await {
+            match self.process(&lease, from, up_to).await {
                 Ok((events, to)) => {
                     drop(lease);
                     self.failures = 0;
@@ -257,6 +275,7 @@ impl ProjectionWorker {
             return Err(BatchError::Plugin {
                 failure,
                 first: 0,
+                middle: 0,
                 last: 0,
                 events: 0,
             });
@@ -337,7 +356,7 @@ impl ProjectionWorker {
         let full = events.len() as u32 >= self.limit;
         // A full page covers only up to its last event; otherwise everything up to the head.
         let covered_to = if full { events.last().map_or(safe_head, |e| e.global_position) } else { safe_head };
-        if full {
+        if full && self.read_cap.is_none() {
             self.start_prefetch(covered_to, self.head.current().safe, self.next_limit(true));
         }
         let partitions = self.config.partitions;
@@ -390,6 +409,9 @@ impl ProjectionWorker {
             entry.1 = entry.1.max(covered_to);
         }
         self.limit = self.next_limit(full);
+        if self.read_cap.is_some_and(|cap| covered_to >= cap) {
+            self.read_cap = None;
+        }
         self.metrics.batch_committed(self.name(), handed, started.elapsed().as_secs_f64(), plugin_seconds);
         Ok((handed, covered_to))
     }
@@ -440,6 +462,7 @@ impl ProjectionWorker {
         let first = events.first().map_or(0, |e| e.global_position);
         let last = events.last().map_or(0, |e| e.global_position);
         let count = events.len();
+        let middle = events[(count / 2).saturating_sub(1).min(count.saturating_sub(1))].global_position;
         let instance = self.instance().await?;
         let outcome = instance.handle_batch(tx, events).await;
         match outcome.result {
@@ -454,6 +477,7 @@ impl ProjectionWorker {
                 Err(BatchError::Plugin {
                     failure,
                     first,
+                    middle,
                     last,
                     events: count,
                 })
@@ -476,10 +500,18 @@ impl ProjectionWorker {
             _ => "database",
         };
         self.metrics.batch_failed(self.name(), reason);
-        // A smaller batch next time narrows a poison event down.
         self.limit = self.config.batch_size;
         let message = match &error {
-            BatchError::Plugin { failure, first, last, events } => {
+            BatchError::Plugin { failure, first, middle, last, events } => {
+                if !failure.is_transient() && *events > 0 {
+                    // Commit what is before the failing event, then retry that event alone.
+                    self.read_cap = Some(match failure.position() {
+                        Some(p) if p > *first && p <= *last => p - 1,
+                        Some(p) if p == *first => p,
+                        _ if *events > 1 => *middle,
+                        _ => *first,
+                    });
+                }
                 if let PluginFailure::Limit { breach, .. } = failure {
                     self.metrics.limit_tripped(self.name(), match breach {
                         Breach::Deadline(_) => "deadline",

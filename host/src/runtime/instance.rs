@@ -92,7 +92,7 @@ impl PluginInstance {
     }
 
     pub async fn describe(&mut self) -> Result<types::Descriptor, PluginFailure> {
-        self.store.data_mut().limits.arm();
+        self.store.data_mut().start_call();
         let budget = self.store_call_budget();
         let call = self.bindings.pupsourcing_projection_handler().call_describe(&mut self.store);
         let result = timed(call, budget).await;
@@ -140,7 +140,7 @@ impl PluginInstance {
         state.batch.buffer.clear();
         state.batch.failed = None;
         state.batch.logged = 0;
-        state.limits.arm();
+        state.start_call();
     }
 
     async fn finish(&mut self, mut result: Result<(), PluginFailure>) -> CallOutcome {
@@ -186,12 +186,18 @@ impl PluginInstance {
                 if let Some(db) = trap.downcast_ref::<TransientDatabaseError>() {
                     return Err(PluginFailure::Transient(db.to_string()));
                 }
-                let output = state.captured_output();
-                let mut message = format!("{trap:#}");
-                if !output.trim().is_empty() {
+                // The trap kind (not its multi-line wasm backtrace), plus what the guest printed,
+                // which for a Rust panic is the panic message.
+                let mut message = match trap.downcast_ref::<wasmtime::Trap>() {
+                    Some(kind) => kind.to_string(),
+                    None => trap.root_cause().to_string(),
+                };
+                let output = state.call_output();
+                if !output.is_empty() {
                     message.push_str("; plugin output: ");
-                    message.push_str(output.trim());
+                    message.push_str(&output);
                 }
+                tracing::debug!(projection = %state.projection, "plugin trap details: {trap:?}");
                 Err(PluginFailure::Trap { message })
             }
         }

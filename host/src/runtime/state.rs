@@ -40,6 +40,8 @@ pub struct StoreState {
     pub batch: BatchContext,
     stdout: MemoryOutputPipe,
     stderr: MemoryOutputPipe,
+    /// Output lengths when the current call started.
+    output_mark: (usize, usize),
 }
 
 impl StoreState {
@@ -61,14 +63,24 @@ impl StoreState {
             },
             stdout,
             stderr,
+            output_mark: (0, 0),
         }
     }
 
-    /// Guest output since the store was created (bounded), for error reports.
-    pub fn captured_output(&self) -> String {
-        let mut out = String::from_utf8_lossy(&self.stdout.contents()).into_owned();
-        out.push_str(&String::from_utf8_lossy(&self.stderr.contents()));
-        out
+    /// Arms the limits and remembers where the guest's output stands.
+    pub fn start_call(&mut self) {
+        self.limits.arm();
+        self.output_mark = (self.stdout.contents().len(), self.stderr.contents().len());
+    }
+
+    /// What the guest printed during the current call (a panic message, typically), on one
+    /// line.
+    pub fn call_output(&self) -> String {
+        let out = self.stdout.contents();
+        let err = self.stderr.contents();
+        let mut text = String::from_utf8_lossy(out.get(self.output_mark.0..).unwrap_or_default()).into_owned();
+        text.push_str(&String::from_utf8_lossy(err.get(self.output_mark.1..).unwrap_or_default()));
+        text.split_whitespace().collect::<Vec<_>>().join(" ")
     }
 }
 

@@ -1,0 +1,9 @@
+//! The single-worker host: W1 exactness, crash recovery, sandbox failures, load errors, several
+//! projections, and the keyed read-model API against a sequential model.
+
+mod crash_recovery;
+mod keyed_api;
+mod load_errors;
+mod sandbox;
+mod two_projections;
+mod w1_exact;

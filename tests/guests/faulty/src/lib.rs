@@ -1,0 +1,44 @@
+//! A projection that misbehaves on command, for sandbox and failure tests. It counts events
+//! per aggregate in `seen`; the event types `Trap`, `Loop`, `Hog` and `Reject` make it panic,
+//! spin forever, allocate without bound, or return an error.
+
+use projection_sdk::prelude::*;
+
+struct Faulty;
+
+impl Projection for Faulty {
+    fn describe() -> Descriptor {
+        Descriptor::new("faulty", "1.0.0").bounded_contexts(["Faults"])
+    }
+
+    fn setup() -> Result<(), Error> {
+        sql::execute("CREATE TABLE IF NOT EXISTS seen (aggregate_id TEXT PRIMARY KEY, n BIGINT NOT NULL)", &[])?;
+        Ok(())
+    }
+
+    fn handle(event: &Event<'_>) -> Result<(), HandlerError> {
+        match event.event_type() {
+            "Trap" => panic!("poison event {}", event.position()),
+            "Loop" => {
+                let mut x: u64 = 1;
+                loop {
+                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                    std::hint::black_box(x);
+                }
+            }
+            "Hog" => {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    hoard.push(vec![1u8; 1 << 20]);
+                    std::hint::black_box(&hoard);
+                }
+            }
+            "Reject" => return Err(HandlerError::new("this event is rejected on purpose")),
+            _ => {}
+        }
+        read_model::upsert("seen", &[event.aggregate_id().into()], &[add("n", 1)])?;
+        Ok(())
+    }
+}
+
+export_projection!(Faulty);

@@ -154,7 +154,8 @@ pub fn __handle_batch<P: Projection>(
         .iter()
         .map(|raw| Event::new(raw, &batch))
         .collect();
-    let result = P::handle_batch(&events).and_then(|()| read_model::send().map_err(HandlerError::from));
+    let result =
+        P::handle_batch(&events).and_then(|()| read_model::send().map_err(HandlerError::from));
     read_model::set_current_position(None);
     if result.is_err() {
         read_model::discard();
@@ -179,7 +180,9 @@ macro_rules! export_projection {
         const _: () = {
             struct __ProjectionExport;
 
-            impl $crate::bindings::exports::pupsourcing::projection::handler::Guest for __ProjectionExport {
+            impl $crate::bindings::exports::pupsourcing::projection::handler::Guest
+                for __ProjectionExport
+            {
                 fn describe() -> $crate::bindings::pupsourcing::projection::types::Descriptor {
                     <$projection as $crate::Projection>::describe().into()
                 }

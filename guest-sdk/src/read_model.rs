@@ -7,7 +7,9 @@
 
 use std::cell::{Cell, RefCell};
 
-use crate::bindings::pupsourcing::projection::read_model::{self as wit, ColumnMerge, Merge, RowWrite};
+use crate::bindings::pupsourcing::projection::read_model::{
+    self as wit, ColumnMerge, Merge, RowWrite,
+};
 use crate::{Error, HandlerError, Value};
 
 pub use wit::ColumnValue;
@@ -72,7 +74,10 @@ pub fn set_if_absent(column: &str, value: impl Into<Value>) -> Assignment {
 fn same_shape(g: &Gathered, table: &str, assignments: &[Assignment]) -> bool {
     g.table == table
         && g.columns.len() == assignments.len()
-        && g.columns.iter().zip(assignments).all(|(c, a)| c.column == a.column && c.merge == a.merge)
+        && g.columns
+            .iter()
+            .zip(assignments)
+            .all(|(c, a)| c.column == a.column && c.merge == a.merge)
 }
 
 /// Inserts the row `key` of `table` or merges `assignments` into it.
@@ -134,9 +139,11 @@ pub(crate) fn send() -> Result<(), DeferredError> {
     if gathered.rows.is_empty() {
         return Ok(());
     }
-    wit::upsert_many(&gathered.table, &gathered.columns, &gathered.rows).map_err(|e| DeferredError {
-        position: gathered.positions.get(e.row as usize).copied().flatten(),
-        error: e.error,
+    wit::upsert_many(&gathered.table, &gathered.columns, &gathered.rows).map_err(|e| {
+        DeferredError {
+            position: gathered.positions.get(e.row as usize).copied().flatten(),
+            error: e.error,
+        }
     })
 }
 

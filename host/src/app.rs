@@ -31,20 +31,25 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let worker = WorkerId::from_environment(config.pod_name.as_deref());
     let mut db = config.database.clone();
     db.application_name = Member::application_name(&incarnation);
-    let pool = db
-        .connect_pool()
+    let pool = db.connect_pool().await.context(
+        "connecting to PostgreSQL (check DATABASE_URL and that the server is reachable)",
+    )?;
+    crate::db::migrate(&pool)
         .await
-        .context("connecting to PostgreSQL (check DATABASE_URL and that the server is reachable)")?;
-    crate::db::migrate(&pool).await.context("creating the host's tables")?;
+        .context("creating the host's tables")?;
 
     let replica_set = config.coordination.replica_set.clone();
     let metrics = HostMetrics::new(&replica_set, worker.as_str());
-    let runtime = Arc::new(Runtime::new(config.runtime.clone()).context("starting the WebAssembly runtime")?);
+    let runtime =
+        Arc::new(Runtime::new(config.runtime.clone()).context("starting the WebAssembly runtime")?);
 
     let mut loaded = Vec::new();
     for file in &config.plugin_files {
         let (plugin, instance) = runtime.load_file(file).await?;
-        if let Some((other, _)) = loaded.iter().find(|(p, _): &&(Arc<crate::runtime::Plugin>, _)| p.name == plugin.name) {
+        if let Some((other, _)) = loaded
+            .iter()
+            .find(|(p, _): &&(Arc<crate::runtime::Plugin>, _)| p.name == plugin.name)
+        {
             anyhow::bail!(
                 "two plugins are both named '{}': {} and {}; projection names must be unique",
                 plugin.name,
@@ -66,20 +71,39 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let background = CancellationToken::new();
     let events_wakeup = Wakeup::default();
     let coordination_wakeup = Wakeup::default();
-    let mut routes: Vec<(String, Wakeup)> = config.notify_channels.iter().map(|c| (c.clone(), events_wakeup.clone())).collect();
-    routes.push((COORDINATION_CHANNEL.to_string(), coordination_wakeup.clone()));
+    let mut routes: Vec<(String, Wakeup)> = config
+        .notify_channels
+        .iter()
+        .map(|c| (c.clone(), events_wakeup.clone()))
+        .collect();
+    routes.push((
+        COORDINATION_CHANNEL.to_string(),
+        coordination_wakeup.clone(),
+    ));
     tokio::spawn(wakeup::listen(db.clone(), routes, background.child_token()));
 
-    let (tracker, head) = SafeHeadTracker::new(db.clone(), config.events_table.clone(), events_wakeup, config.poll_interval, metrics.clone())
-        .await
-        .context("preparing to read the events table")?;
+    let (tracker, head) = SafeHeadTracker::new(
+        db.clone(),
+        config.events_table.clone(),
+        events_wakeup,
+        config.poll_interval,
+        metrics.clone(),
+    )
+    .await
+    .context("preparing to read the events table")?;
     tokio::spawn(tracker.run(background.child_token()));
 
     let once_target = if config.once {
-        let head: i64 = sqlx::query_scalar(&format!("SELECT coalesce(max(global_position), 0) FROM {}", config.events_table))
-            .fetch_one(&pool)
-            .await?;
-        tracing::info!(head, "--once: running until every projection has caught up with this position");
+        let head: i64 = sqlx::query_scalar(&format!(
+            "SELECT coalesce(max(global_position), 0) FROM {}",
+            config.events_table
+        ))
+        .fetch_one(&pool)
+        .await?;
+        tracing::info!(
+            head,
+            "--once: running until every projection has caught up with this position"
+        );
         Some(head)
     } else {
         None
@@ -105,7 +129,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let partitions = coordinator.partitions();
     let stop_rebalancing = CancellationToken::new();
     let leave = CancellationToken::new();
-    let mut coordinator_task = tokio::spawn(coordinator.run(stop_rebalancing.clone(), leave.clone()));
+    let mut coordinator_task =
+        tokio::spawn(coordinator.run(stop_rebalancing.clone(), leave.clone()));
 
     let board = StatusBoard::default();
     let stop_pipelines = CancellationToken::new();
@@ -172,7 +197,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     ownership.close();
     stop_pipelines.cancel();
     let drain = futures::future::join_all(pipelines.iter_mut());
-    if tokio::time::timeout(config.shutdown_timeout, drain).await.is_err() {
+    if tokio::time::timeout(config.shutdown_timeout, drain)
+        .await
+        .is_err()
+    {
         tracing::warn!(timeout = ?config.shutdown_timeout, "in-flight batches did not finish within the shutdown timeout; abandoning them (they roll back)");
         pipelines.iter().for_each(JoinHandle::abort);
     }

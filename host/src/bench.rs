@@ -16,7 +16,8 @@ const CHECK: &str = include_str!("../../bench/w1/w1-check.sql");
 const READ_MODEL: &str = include_str!("../../bench/w1/w1-readmodel.sql");
 
 /// The set-based build of the W1 read model: what a single SQL statement achieves.
-const CEILING: &str = "INSERT INTO account_balances (account_id, balance, event_count, last_position)
+const CEILING: &str =
+    "INSERT INTO account_balances (account_id, balance, event_count, last_position)
 SELECT aggregate_id,
        sum(CASE WHEN event_type = 'Deposited' THEN 1 ELSE -1 END
            * (convert_from(payload, 'UTF8')::jsonb ->> 'amount')::bigint),
@@ -41,7 +42,8 @@ impl Check {
 
 /// A connection without statement logging (seeding takes seconds by design).
 async fn connect(url: &str) -> anyhow::Result<PgConnection> {
-    let options: sqlx::postgres::PgConnectOptions = url.parse().context("parsing the database URL")?;
+    let options: sqlx::postgres::PgConnectOptions =
+        url.parse().context("parsing the database URL")?;
     Ok(PgConnection::connect_with(&options.disable_statement_logging()).await?)
 }
 
@@ -58,7 +60,9 @@ impl ScratchDatabase {
             .await
             .with_context(|| format!("connecting to {}", crate::db::redact_url(server_url)))?;
         let quoted = crate::db::quote_ident(name);
-        sqlx::query(&format!("DROP DATABASE IF EXISTS {quoted} WITH (FORCE)")).execute(&mut admin).await?;
+        sqlx::query(&format!("DROP DATABASE IF EXISTS {quoted} WITH (FORCE)"))
+            .execute(&mut admin)
+            .await?;
         sqlx::query(&format!("CREATE DATABASE {quoted}"))
             .execute(&mut admin)
             .await
@@ -74,9 +78,12 @@ impl ScratchDatabase {
 
     pub async fn drop_now(self) -> anyhow::Result<()> {
         let mut admin = connect(&self.server_url).await?;
-        sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", crate::db::quote_ident(&self.name)))
-            .execute(&mut admin)
-            .await?;
+        sqlx::query(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            crate::db::quote_ident(&self.name)
+        ))
+        .execute(&mut admin)
+        .await?;
         Ok(())
     }
 }
@@ -84,19 +91,32 @@ impl ScratchDatabase {
 /// Creates the pupsourcing tables and appends W1 events `0..n` over `k` accounts.
 pub async fn seed_w1(url: &str, n: u64, k: u64) -> anyhow::Result<()> {
     let mut conn = connect(url).await?;
-    sqlx::raw_sql(SCHEMA).execute(&mut conn).await.context("creating the events table")?;
-    let seed = SEED.replace(":n", &n.to_string()).replace(":k", &k.to_string());
-    sqlx::raw_sql(&seed).execute(&mut conn).await.context("seeding W1 events")?;
-    sqlx::raw_sql("VACUUM ANALYZE events").execute(&mut conn).await?;
+    sqlx::raw_sql(SCHEMA)
+        .execute(&mut conn)
+        .await
+        .context("creating the events table")?;
+    let seed = SEED
+        .replace(":n", &n.to_string())
+        .replace(":k", &k.to_string());
+    sqlx::raw_sql(&seed)
+        .execute(&mut conn)
+        .await
+        .context("seeding W1 events")?;
+    sqlx::raw_sql("VACUUM ANALYZE events")
+        .execute(&mut conn)
+        .await?;
     Ok(())
 }
 
 /// Runs `w1-check.sql` against the read model in `schema`.
 pub async fn check_w1(url: &str, schema: &str) -> anyhow::Result<Check> {
     let mut conn = connect(url).await?;
-    sqlx::query(&format!("SET search_path TO {}, public", crate::db::quote_ident(schema)))
-        .execute(&mut conn)
-        .await?;
+    sqlx::query(&format!(
+        "SET search_path TO {}, public",
+        crate::db::quote_ident(schema)
+    ))
+    .execute(&mut conn)
+    .await?;
     let (mismatches, accounts, events_counted, events_in_store): (i64, i64, i64, i64) =
         sqlx::query_as(&format!(
             "SELECT mismatches::int8, accounts::int8, events_counted::int8, events_in_store::int8 FROM ({}) AS c",
@@ -115,7 +135,9 @@ pub async fn check_w1(url: &str, schema: &str) -> anyhow::Result<Check> {
 /// Builds the read model with one set-based statement; returns its duration.
 async fn sql_ceiling(url: &str) -> anyhow::Result<Duration> {
     let mut conn = connect(url).await?;
-    sqlx::raw_sql("CREATE SCHEMA ceiling; SET search_path TO ceiling, public").execute(&mut conn).await?;
+    sqlx::raw_sql("CREATE SCHEMA ceiling; SET search_path TO ceiling, public")
+        .execute(&mut conn)
+        .await?;
     sqlx::raw_sql(READ_MODEL).execute(&mut conn).await?;
     let started = Instant::now();
     sqlx::query(CEILING).execute(&mut conn).await?;
@@ -123,7 +145,13 @@ async fn sql_ceiling(url: &str) -> anyhow::Result<Duration> {
 }
 
 /// One host process, run to catch-up. Returns wall time and peak RSS in bytes.
-fn run_host(url: &str, plugin: &Path, batch_size: u32, log_level: &str, quiet: bool) -> anyhow::Result<(Duration, u64)> {
+fn run_host(
+    url: &str,
+    plugin: &Path,
+    batch_size: u32,
+    log_level: &str,
+    quiet: bool,
+) -> anyhow::Result<(Duration, u64)> {
     let exe = std::env::current_exe().context("locating the projection-host binary")?;
     let mut cmd = std::process::Command::new(exe);
     cmd.args(["run", "--once", "--replica-set", "w1", "--no-http"])
@@ -187,12 +215,19 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let plugin = ensure_plugin(&args.plugin)?;
     let (server_url, dev) = server(args.database_url)?;
     let db = ScratchDatabase::create(&server_url, "projection_demo").await?;
-    eprintln!("Seeding {} W1 events over {} accounts into database '{}' ...", args.events, args.accounts, db.name);
+    eprintln!(
+        "Seeding {} W1 events over {} accounts into database '{}' ...",
+        args.events, args.accounts, db.name
+    );
     let started = Instant::now();
     seed_w1(&db.url, args.events, args.accounts).await?;
-    eprintln!("Seeded in {:.1}s. Running the host with bank-balances until it has caught up:", started.elapsed().as_secs_f64());
+    eprintln!(
+        "Seeded in {:.1}s. Running the host with bank-balances until it has caught up:",
+        started.elapsed().as_secs_f64()
+    );
     let level = std::env::var("LOG_LEVEL").unwrap_or_else(|_| "info".into());
-    let (elapsed, rss) = tokio::task::block_in_place(|| run_host(&db.url, &plugin, 100, &level, false))?;
+    let (elapsed, rss) =
+        tokio::task::block_in_place(|| run_host(&db.url, &plugin, 100, &level, false))?;
     let check = check_w1(&db.url, "bank_balances").await?;
 
     let mut conn = connect(&db.url).await?;
@@ -205,14 +240,27 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     println!();
     println!("Read model bank_balances.account_balances:");
     println!("  accounts            {}", check.accounts);
-    println!("  events counted      {} of {} in the store", check.events_counted, check.events_in_store);
+    println!(
+        "  events counted      {} of {} in the store",
+        check.events_counted, check.events_in_store
+    );
     println!("  sum of balances     {total}");
     println!("  richest account     {richest} ({richest_balance})");
-    println!("  host run            {:.2}s, {:.0} events/s, peak RSS {} MB", elapsed.as_secs_f64(), args.events as f64 / elapsed.as_secs_f64(), rss >> 20);
+    println!(
+        "  host run            {:.2}s, {:.0} events/s, peak RSS {} MB",
+        elapsed.as_secs_f64(),
+        args.events as f64 / elapsed.as_secs_f64(),
+        rss >> 20
+    );
     if check.exact() {
-        println!("  exactness check     OK: 0 mismatching accounts, every event applied exactly once");
+        println!(
+            "  exactness check     OK: 0 mismatching accounts, every event applied exactly once"
+        );
     } else {
-        println!("  exactness check     FAILED: {} mismatching accounts", check.mismatches);
+        println!(
+            "  exactness check     FAILED: {} mismatching accounts",
+            check.mismatches
+        );
     }
     drop(conn);
     match dev {
@@ -236,12 +284,21 @@ pub async fn w1(args: BenchW1Args) -> anyhow::Result<()> {
     let (server_url, dev) = server(args.database_url)?;
     let mut runs = Vec::new();
     for run in 1..=args.runs.max(1) {
-        let db = ScratchDatabase::create(&server_url, &format!("projection_bench_w1_{run}")).await?;
-        eprintln!("run {run}: seeding {} events over {} accounts ...", args.events, args.accounts);
+        let db =
+            ScratchDatabase::create(&server_url, &format!("projection_bench_w1_{run}")).await?;
+        eprintln!(
+            "run {run}: seeding {} events over {} accounts ...",
+            args.events, args.accounts
+        );
         seed_w1(&db.url, args.events, args.accounts).await?;
         let ceiling = sql_ceiling(&db.url).await?;
-        eprintln!("run {run}: SQL ceiling {:.2}s; running the host ...", ceiling.as_secs_f64());
-        let (elapsed, rss) = tokio::task::block_in_place(|| run_host(&db.url, &plugin, args.batch_size, "warn", true))?;
+        eprintln!(
+            "run {run}: SQL ceiling {:.2}s; running the host ...",
+            ceiling.as_secs_f64()
+        );
+        let (elapsed, rss) = tokio::task::block_in_place(|| {
+            run_host(&db.url, &plugin, args.batch_size, "warn", true)
+        })?;
         let check = check_w1(&db.url, "bank_balances").await?;
         db.drop_now().await?;
         let line = Line {

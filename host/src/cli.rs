@@ -8,7 +8,11 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
-#[command(name = "projection-host", version, about = "Runs event-sourced projections compiled to WebAssembly components against a PostgreSQL event store")]
+#[command(
+    name = "projection-host",
+    version,
+    about = "Runs event-sourced projections compiled to WebAssembly components against a PostgreSQL event store"
+)]
 pub struct Cli {
     #[command(flatten)]
     pub log: LogArgs,
@@ -82,7 +86,7 @@ pub struct SourceArgs {
     #[arg(long, env = "BATCH_SIZE", default_value_t = 100)]
     pub batch_size: u32,
     /// Largest batch while catching up.
-    #[arg(long, env = "MAX_BATCH_SIZE", default_value_t = 5000)]
+    #[arg(long, env = "MAX_BATCH_SIZE", default_value_t = 10000)]
     pub max_batch_size: u32,
     /// Longest wait between two looks at the events table when no notification arrives.
     #[arg(long, env = "POLL_INTERVAL", default_value = "1s", value_parser = parse_duration)]
@@ -202,12 +206,15 @@ pub struct DemoArgs {
     /// PostgreSQL to use; without it a throwaway local server is started and removed on exit.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
-    #[arg(long, default_value_t = 200_000)]
+    #[arg(long, default_value_t = 500_000)]
     pub events: u64,
     #[arg(long, default_value_t = 1_000)]
     pub accounts: u64,
     /// The bank-balances component.
-    #[arg(long, default_value = "target/wasm32-wasip2/release/bank_balances.wasm")]
+    #[arg(
+        long,
+        default_value = "target/wasm32-wasip2/release/bank_balances.wasm"
+    )]
     pub plugin: PathBuf,
 }
 
@@ -227,12 +234,15 @@ pub struct BenchW1Args {
     pub events: u64,
     #[arg(long, default_value_t = 10_000)]
     pub accounts: u64,
-    #[arg(long, default_value_t = 5000)]
+    #[arg(long, default_value_t = 50_000)]
     pub batch_size: u32,
     /// Repeat the whole measurement and report the median run.
     #[arg(long, default_value_t = 1)]
     pub runs: u32,
-    #[arg(long, default_value = "target/wasm32-wasip2/release/bank_balances.wasm")]
+    #[arg(
+        long,
+        default_value = "target/wasm32-wasip2/release/bank_balances.wasm"
+    )]
     pub plugin: PathBuf,
 }
 
@@ -257,7 +267,11 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
         "mib" | "mi" => 1 << 20,
         "g" | "gb" => 1_000_000_000,
         "gib" | "gi" => 1 << 30,
-        other => return Err(format!("'{s}': unknown size unit '{other}'; use KiB, MiB or GiB")),
+        other => {
+            return Err(format!(
+                "'{s}': unknown size unit '{other}'; use KiB, MiB or GiB"
+            ))
+        }
     };
     n.checked_mul(factor)
         .ok_or_else(|| format!("'{s}' is too large"))

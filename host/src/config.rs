@@ -13,9 +13,17 @@ use crate::runtime::RuntimeConfig;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{env} (--{flag}) is required: {hint}")]
-    Missing { env: &'static str, flag: &'static str, hint: &'static str },
+    Missing {
+        env: &'static str,
+        flag: &'static str,
+        hint: &'static str,
+    },
     #[error("invalid {env} (--{flag}): {reason}")]
-    Invalid { env: &'static str, flag: &'static str, reason: String },
+    Invalid {
+        env: &'static str,
+        flag: &'static str,
+        reason: String,
+    },
 }
 
 fn invalid(env: &'static str, flag: &'static str, reason: impl Into<String>) -> ConfigError {
@@ -52,16 +60,29 @@ pub struct HttpConfig {
 
 impl RunConfig {
     pub fn from_args(args: RunArgs) -> Result<RunConfig, ConfigError> {
-        let url = args.database.database_url.clone().filter(|u| !u.trim().is_empty()).ok_or(ConfigError::Missing {
-            env: "DATABASE_URL",
-            flag: "database-url",
-            hint: "a PostgreSQL URL such as postgres://user:password@host:5432/db",
-        })?;
+        let url = args
+            .database
+            .database_url
+            .clone()
+            .filter(|u| !u.trim().is_empty())
+            .ok_or(ConfigError::Missing {
+                env: "DATABASE_URL",
+                flag: "database-url",
+                hint: "a PostgreSQL URL such as postgres://user:password@host:5432/db",
+            })?;
         if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-            return Err(invalid("DATABASE_URL", "database-url", "must start with postgres:// or postgresql://"));
+            return Err(invalid(
+                "DATABASE_URL",
+                "database-url",
+                "must start with postgres:// or postgresql://",
+            ));
         }
         if args.database.max_connections < 2 {
-            return Err(invalid("DB_MAX_CONNECTIONS", "max-connections", "must be at least 2 (batches and coordination run side by side)"));
+            return Err(invalid(
+                "DB_MAX_CONNECTIONS",
+                "max-connections",
+                "must be at least 2 (batches and coordination run side by side)",
+            ));
         }
 
         let events_table: QualifiedName = args
@@ -77,44 +98,79 @@ impl RunConfig {
             return Err(invalid(
                 "MAX_BATCH_SIZE",
                 "max-batch-size",
-                format!("must be at least BATCH_SIZE ({}), got {}", s.batch_size, s.max_batch_size),
+                format!(
+                    "must be at least BATCH_SIZE ({}), got {}",
+                    s.batch_size, s.max_batch_size
+                ),
             ));
         }
         if s.poll_interval < Duration::from_millis(10) {
-            return Err(invalid("POLL_INTERVAL", "poll-interval", "must be at least 10ms"));
+            return Err(invalid(
+                "POLL_INTERVAL",
+                "poll-interval",
+                "must be at least 10ms",
+            ));
         }
         for channel in &s.notify_channels {
             let ok = !channel.is_empty()
                 && channel.len() <= 63
-                && channel.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+                && channel
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_');
             if !ok {
-                return Err(invalid("NOTIFY_CHANNELS", "notify-channels", format!("'{channel}' is not a channel name (letters, digits, '_')")));
+                return Err(invalid(
+                    "NOTIFY_CHANNELS",
+                    "notify-channels",
+                    format!("'{channel}' is not a channel name (letters, digits, '_')"),
+                ));
             }
         }
 
         let p = &args.plugins;
         if p.plugin_memory_limit < (1 << 20) {
-            return Err(invalid("PLUGIN_MEMORY_LIMIT", "plugin-memory-limit", "must be at least 1MiB"));
+            return Err(invalid(
+                "PLUGIN_MEMORY_LIMIT",
+                "plugin-memory-limit",
+                "must be at least 1MiB",
+            ));
         }
         if p.plugin_call_timeout < Duration::from_millis(10) {
-            return Err(invalid("PLUGIN_CALL_TIMEOUT", "plugin-call-timeout", "must be at least 10ms"));
+            return Err(invalid(
+                "PLUGIN_CALL_TIMEOUT",
+                "plugin-call-timeout",
+                "must be at least 10ms",
+            ));
         }
         let plugin_files = collect_plugins(&p.plugins, p.plugins_dir.as_ref())?;
 
         let c = &args.coordination;
         let name_ok = !c.replica_set.is_empty()
             && c.replica_set.len() <= 63
-            && c.replica_set.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch));
+            && c.replica_set
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch));
         if !name_ok {
-            return Err(invalid("REPLICA_SET", "replica-set", "use 1 to 63 letters, digits, '-', '_' or '.'"));
+            return Err(invalid(
+                "REPLICA_SET",
+                "replica-set",
+                "use 1 to 63 letters, digits, '-', '_' or '.'",
+            ));
         }
         if let Some(n) = c.partitions {
             if !(1..=4096).contains(&n) {
-                return Err(invalid("PARTITIONS", "partitions", format!("must be between 1 and 4096, got {n}")));
+                return Err(invalid(
+                    "PARTITIONS",
+                    "partitions",
+                    format!("must be between 1 and 4096, got {n}"),
+                ));
             }
         }
         if c.heartbeat_interval < Duration::from_millis(50) {
-            return Err(invalid("HEARTBEAT_INTERVAL", "heartbeat-interval", "must be at least 50ms"));
+            return Err(invalid(
+                "HEARTBEAT_INTERVAL",
+                "heartbeat-interval",
+                "must be at least 50ms",
+            ));
         }
         if c.stale_worker_timeout <= c.heartbeat_interval {
             return Err(invalid(
@@ -128,10 +184,18 @@ impl RunConfig {
             ));
         }
         if c.coordination_timeout.is_zero() {
-            return Err(invalid("COORDINATION_TIMEOUT", "coordination-timeout", "must be larger than 0"));
+            return Err(invalid(
+                "COORDINATION_TIMEOUT",
+                "coordination-timeout",
+                "must be larger than 0",
+            ));
         }
         if args.shutdown_timeout.is_zero() {
-            return Err(invalid("SHUTDOWN_TIMEOUT", "shutdown-timeout", "must be larger than 0"));
+            return Err(invalid(
+                "SHUTDOWN_TIMEOUT",
+                "shutdown-timeout",
+                "must be larger than 0",
+            ));
         }
 
         let database = DbConfig {
@@ -139,7 +203,9 @@ impl RunConfig {
             max_connections: args.database.max_connections,
             // A paused host must not hold locks for long; a live one never idles inside a
             // transaction for longer than a plugin call.
-            idle_in_transaction_timeout: c.stale_worker_timeout.max(p.plugin_call_timeout + Duration::from_secs(5)),
+            idle_in_transaction_timeout: c
+                .stale_worker_timeout
+                .max(p.plugin_call_timeout + Duration::from_secs(5)),
             application_name: "projection-host".into(),
         };
         Ok(RunConfig {
@@ -182,7 +248,13 @@ impl RunConfig {
 fn collect_plugins(files: &[PathBuf], dir: Option<&PathBuf>) -> Result<Vec<PathBuf>, ConfigError> {
     let mut all: Vec<PathBuf> = files.to_vec();
     if let Some(dir) = dir {
-        let entries = std::fs::read_dir(dir).map_err(|e| invalid("PLUGINS_DIR", "plugins", format!("cannot read directory {}: {e}", dir.display())))?;
+        let entries = std::fs::read_dir(dir).map_err(|e| {
+            invalid(
+                "PLUGINS_DIR",
+                "plugins",
+                format!("cannot read directory {}: {e}", dir.display()),
+            )
+        })?;
         let mut found: Vec<PathBuf> = entries
             .filter_map(Result::ok)
             .map(|e| e.path())
@@ -203,7 +275,11 @@ fn collect_plugins(files: &[PathBuf], dir: Option<&PathBuf>) -> Result<Vec<PathB
     }
     for file in &all {
         if !file.is_file() {
-            return Err(invalid("PLUGINS", "plugin", format!("{} is not a file", file.display())));
+            return Err(invalid(
+                "PLUGINS",
+                "plugin",
+                format!("{} is not a file", file.display()),
+            ));
         }
     }
     all.dedup();
@@ -245,7 +321,14 @@ mod tests {
 
     #[test]
     fn a_stale_timeout_not_above_the_heartbeat_is_refused_by_name() {
-        let err = parse(&["--heartbeat-interval", "10s", "--stale-worker-timeout", "10s"]).unwrap_err().to_string();
+        let err = parse(&[
+            "--heartbeat-interval",
+            "10s",
+            "--stale-worker-timeout",
+            "10s",
+        ])
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("STALE_WORKER_TIMEOUT"), "{err}");
         assert!(err.contains("HEARTBEAT_INTERVAL"), "{err}");
     }
@@ -254,7 +337,10 @@ mod tests {
     fn bad_values_name_their_variable() {
         for (args, name) in [
             (vec!["--batch-size", "0"], "BATCH_SIZE"),
-            (vec!["--batch-size", "500", "--max-batch-size", "100"], "MAX_BATCH_SIZE"),
+            (
+                vec!["--batch-size", "500", "--max-batch-size", "100"],
+                "MAX_BATCH_SIZE",
+            ),
             (vec!["--partitions", "0"], "PARTITIONS"),
             (vec!["--replica-set", "a b"], "REPLICA_SET"),
             (vec!["--events-table", "x;y"], "EVENTS_TABLE"),

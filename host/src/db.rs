@@ -135,8 +135,11 @@ impl FromStr for QualifiedName {
         let check = |p: &str| -> Result<String, String> {
             let valid = !p.is_empty()
                 && p.len() <= 63
-                && p.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-                && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$');
+                && p.chars()
+                    .next()
+                    .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$');
             if valid {
                 Ok(p.to_string())
             } else {
@@ -154,7 +157,9 @@ impl FromStr for QualifiedName {
                 schema: Some(check(schema)?),
                 name: check(name)?,
             }),
-            _ => Err(format!("'{s}' is not a table name: expected 'table' or 'schema.table'")),
+            _ => Err(format!(
+                "'{s}' is not a table name: expected 'table' or 'schema.table'"
+            )),
         }
     }
 }
@@ -236,7 +241,10 @@ mod tests {
 
     #[test]
     fn table_names_are_validated_and_quoted() {
-        assert_eq!("events".parse::<QualifiedName>().unwrap().to_string(), "\"events\"");
+        assert_eq!(
+            "events".parse::<QualifiedName>().unwrap().to_string(),
+            "\"events\""
+        );
         assert_eq!(
             "es.events".parse::<QualifiedName>().unwrap().to_string(),
             "\"es\".\"events\""
@@ -257,7 +265,13 @@ mod tests {
     fn connection_loss_and_conflicts_are_transient() {
         assert!(is_transient_sqlstate("08006"));
         assert!(is_transient_sqlstate("40001"));
-        assert!(!is_transient_sqlstate("42P01"), "undefined table needs an operator");
-        assert!(!is_transient_sqlstate("42501"), "permission denied needs an operator");
+        assert!(
+            !is_transient_sqlstate("42P01"),
+            "undefined table needs an operator"
+        );
+        assert!(
+            !is_transient_sqlstate("42501"),
+            "permission denied needs an operator"
+        );
     }
 }

@@ -24,12 +24,18 @@ impl DevDatabase {
              throwaway one. Either set DATABASE_URL=postgres://user:password@host:5432/db, or install the server: \
              Debian/Ubuntu `apt-get install postgresql`, Fedora `dnf install postgresql-server`, macOS `brew install postgresql`",
         )?;
-        let dir = std::env::temp_dir().join(format!("projection-host-pg-{:08x}", rand::random::<u32>()));
+        let dir =
+            std::env::temp_dir().join(format!("projection-host-pg-{:08x}", rand::random::<u32>()));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         // PostgreSQL refuses to run as root; run it as the `postgres` (or `nobody`) user then.
-        let run_as = if unsafe { libc::geteuid() } == 0 { Some(unprivileged_user()?) } else { None };
+        let run_as = if unsafe { libc::geteuid() } == 0 {
+            Some(unprivileged_user()?)
+        } else {
+            None
+        };
         if let Some((uid, gid)) = run_as {
-            std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).context("handing the temporary directory to the server user")?;
+            std::os::unix::fs::chown(&dir, Some(uid), Some(gid))
+                .context("handing the temporary directory to the server user")?;
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
         }
         let port = free_port()?;
@@ -43,7 +49,16 @@ impl DevDatabase {
         db.command("initdb")
             .args(["-D"])
             .arg(&data)
-            .args(["-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync", "--no-instructions"])
+            .args([
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "--no-instructions",
+            ])
             .run_quietly()
             .context("initdb failed")?;
         let options = format!(
@@ -58,7 +73,12 @@ impl DevDatabase {
             .arg(db.dir.join("server.log"))
             .args(["-w", "-t", "60", "start"])
             .run_quietly()
-            .with_context(|| format!("starting the throwaway PostgreSQL failed (log: {})", db.dir.join("server.log").display()))?;
+            .with_context(|| {
+                format!(
+                    "starting the throwaway PostgreSQL failed (log: {})",
+                    db.dir.join("server.log").display()
+                )
+            })?;
         eprintln!(
             "No DATABASE_URL given: started a throwaway PostgreSQL at {} (data in {}, removed on exit).",
             db.url,
@@ -97,7 +117,10 @@ trait RunQuietly {
 
 impl RunQuietly for Command {
     fn run_quietly(&mut self) -> anyhow::Result<()> {
-        let out = self.stdin(Stdio::null()).output().with_context(|| format!("running {:?}", self.get_program()))?;
+        let out = self
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running {:?}", self.get_program()))?;
         if !out.status.success() {
             bail!(
                 "{:?} exited with {}: {}{}",
@@ -131,7 +154,10 @@ fn find_binaries() -> anyhow::Result<PathBuf> {
         })
         .collect();
     versions.sort();
-    versions.pop().map(|(_, bin)| bin).context("initdb/pg_ctl not found")
+    versions
+        .pop()
+        .map(|(_, bin)| bin)
+        .context("initdb/pg_ctl not found")
 }
 
 fn unprivileged_user() -> anyhow::Result<(u32, u32)> {
@@ -148,6 +174,7 @@ fn unprivileged_user() -> anyhow::Result<(u32, u32)> {
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free local port")?;
+    let listener =
+        std::net::TcpListener::bind("127.0.0.1:0").context("finding a free local port")?;
     Ok(listener.local_addr()?.port())
 }

@@ -101,9 +101,15 @@ mod tests {
 
     #[test]
     fn pod_name_is_the_worker_identity() {
-        assert_eq!(WorkerId::from_environment(Some("projections-7d9f")).0, "projections-7d9f");
+        assert_eq!(
+            WorkerId::from_environment(Some("projections-7d9f")).0,
+            "projections-7d9f"
+        );
         let a = WorkerId::from_environment(None);
         let b = WorkerId::from_environment(Some("  "));
-        assert_ne!(a, b, "without a pod name every process gets its own identity");
+        assert_ne!(
+            a, b,
+            "without a pod name every process gets its own identity"
+        );
     }
 }

@@ -5,8 +5,8 @@
 //! updated. `projection_lag_events` feeds the seed's HPA.
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 const SEED: &str = "pupsourcing_orchestrator";
@@ -54,7 +54,9 @@ pub struct HostMetrics {
 
 /// Seconds buckets from 1 ms to 60 s.
 fn latency_buckets() -> Vec<f64> {
-    vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
+    vec![
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    ]
 }
 
 impl HostMetrics {
@@ -64,61 +66,159 @@ impl HostMetrics {
         let registry = Registry::new();
         let rs = [("replica_set", replica_set)];
         let counter = |name: &str, help: &str| {
-            let c = IntCounter::with_opts(Opts::new(format!("{SEED}_{name}"), help).const_labels(labels(&rs))).expect("valid metric");
-            registry.register(Box::new(c.clone())).expect("unique metric");
+            let c = IntCounter::with_opts(
+                Opts::new(format!("{SEED}_{name}"), help).const_labels(labels(&rs)),
+            )
+            .expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
             c
         };
-        let generations_total = counter("generations_total", "Generations (assignment changes) created by this worker as leader.");
-        let workers_registered_total = counter("workers_registered_total", "Times this worker registered in its replica set.");
-        let partition_assignments_total = counter("partition_assignments_total", "Partitions (re)assigned by this worker as leader.");
-        let reconfiguration_total = counter("reconfiguration_total", "Generations that changed this worker's partitions.");
-        let stale_workers_cleaned_total = counter("stale_workers_cleaned_total", "Workers removed by this worker as leader after their heartbeat went stale.");
+        let generations_total = counter(
+            "generations_total",
+            "Generations (assignment changes) created by this worker as leader.",
+        );
+        let workers_registered_total = counter(
+            "workers_registered_total",
+            "Times this worker registered in its replica set.",
+        );
+        let partition_assignments_total = counter(
+            "partition_assignments_total",
+            "Partitions (re)assigned by this worker as leader.",
+        );
+        let reconfiguration_total = counter(
+            "reconfiguration_total",
+            "Generations that changed this worker's partitions.",
+        );
+        let stale_workers_cleaned_total = counter(
+            "stale_workers_cleaned_total",
+            "Workers removed by this worker as leader after their heartbeat went stale.",
+        );
 
         let counter_vec = |prefix: &str, name: &str, help: &str, names: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(format!("{prefix}_{name}"), help).const_labels(labels(&rs)), names).expect("valid metric");
-            registry.register(Box::new(c.clone())).expect("unique metric");
+            let c = IntCounterVec::new(
+                Opts::new(format!("{prefix}_{name}"), help).const_labels(labels(&rs)),
+                names,
+            )
+            .expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
             c
         };
-        let events_processed_total = counter_vec(SEED, "events_processed_total", "Events applied to read models (committed).", &["projection"]);
-        let projection_errors_total = counter_vec(SEED, "projection_errors_total", "Failed batch attempts (plugin failures and database errors).", &["projection"]);
+        let events_processed_total = counter_vec(
+            SEED,
+            "events_processed_total",
+            "Events applied to read models (committed).",
+            &["projection"],
+        );
+        let projection_errors_total = counter_vec(
+            SEED,
+            "projection_errors_total",
+            "Failed batch attempts (plugin failures and database errors).",
+            &["projection"],
+        );
 
         let gauge = |prefix: &str, name: &str, help: &str| {
-            let g = IntGauge::with_opts(Opts::new(format!("{prefix}_{name}"), help).const_labels(labels(&rs))).expect("valid metric");
-            registry.register(Box::new(g.clone())).expect("unique metric");
+            let g = IntGauge::with_opts(
+                Opts::new(format!("{prefix}_{name}"), help).const_labels(labels(&rs)),
+            )
+            .expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
             g
         };
-        let active_workers = gauge(SEED, "active_workers", "Live workers in the replica set, as last seen by this worker.");
-        let current_generation_partitions = gauge(SEED, "current_generation_partitions", "Partitions this worker owns in the current generation.");
-        let generation = gauge(HOST, "generation", "The replica set's current generation, as last seen by this worker.");
-        let owned_partitions = gauge(HOST, "owned_partitions", "Partitions this worker holds right now.");
+        let active_workers = gauge(
+            SEED,
+            "active_workers",
+            "Live workers in the replica set, as last seen by this worker.",
+        );
+        let current_generation_partitions = gauge(
+            SEED,
+            "current_generation_partitions",
+            "Partitions this worker owns in the current generation.",
+        );
+        let generation = gauge(
+            HOST,
+            "generation",
+            "The replica set's current generation, as last seen by this worker.",
+        );
+        let owned_partitions = gauge(
+            HOST,
+            "owned_partitions",
+            "Partitions this worker holds right now.",
+        );
 
         let worker_state = IntGaugeVec::new(
-            Opts::new(format!("{SEED}_worker_state"), "1 for this worker's current state, 0 for the others.").const_labels(labels(&rs)),
+            Opts::new(
+                format!("{SEED}_worker_state"),
+                "1 for this worker's current state, 0 for the others.",
+            )
+            .const_labels(labels(&rs)),
             &["worker_id", "state"],
         )
         .expect("valid metric");
-        registry.register(Box::new(worker_state.clone())).expect("unique metric");
+        registry
+            .register(Box::new(worker_state.clone()))
+            .expect("unique metric");
 
         let histogram = |prefix: &str, name: &str, help: &str| {
-            let h = Histogram::with_opts(HistogramOpts::new(format!("{prefix}_{name}"), help).const_labels(labels(&rs)).buckets(latency_buckets())).expect("valid metric");
-            registry.register(Box::new(h.clone())).expect("unique metric");
+            let h = Histogram::with_opts(
+                HistogramOpts::new(format!("{prefix}_{name}"), help)
+                    .const_labels(labels(&rs))
+                    .buckets(latency_buckets()),
+            )
+            .expect("valid metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
             h
         };
-        let coordination_duration_seconds = histogram(SEED, "coordination_duration_seconds", "Duration of one coordination round (leader duties, claims, releases).");
-        let heartbeat_latency_seconds = histogram(SEED, "heartbeat_latency_seconds", "Round trip of one heartbeat write.");
+        let coordination_duration_seconds = histogram(
+            SEED,
+            "coordination_duration_seconds",
+            "Duration of one coordination round (leader duties, claims, releases).",
+        );
+        let heartbeat_latency_seconds = histogram(
+            SEED,
+            "heartbeat_latency_seconds",
+            "Round trip of one heartbeat write.",
+        );
 
         let histogram_vec = |prefix: &str, name: &str, help: &str, buckets: Vec<f64>| {
-            let h = HistogramVec::new(HistogramOpts::new(format!("{prefix}_{name}"), help).const_labels(labels(&rs)).buckets(buckets), &["projection"]).expect("valid metric");
-            registry.register(Box::new(h.clone())).expect("unique metric");
+            let h = HistogramVec::new(
+                HistogramOpts::new(format!("{prefix}_{name}"), help)
+                    .const_labels(labels(&rs))
+                    .buckets(buckets),
+                &["projection"],
+            )
+            .expect("valid metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
             h
         };
-        let event_processing_duration_seconds = histogram_vec(SEED, "event_processing_duration_seconds", "Duration of one batch: read, plugin, write, commit.", latency_buckets());
-        let plugin_call_duration_seconds = histogram_vec(HOST, "plugin_call_duration_seconds", "Duration of one handle-batch call including its writes.", latency_buckets());
+        let event_processing_duration_seconds = histogram_vec(
+            SEED,
+            "event_processing_duration_seconds",
+            "Duration of one batch: read, plugin, write, commit.",
+            latency_buckets(),
+        );
+        let plugin_call_duration_seconds = histogram_vec(
+            HOST,
+            "plugin_call_duration_seconds",
+            "Duration of one handle-batch call including its writes.",
+            latency_buckets(),
+        );
         let batch_events = histogram_vec(
             HOST,
             "batch_events",
             "Events handed to the plugin per batch.",
-            vec![1.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 50000.0],
+            vec![
+                1.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 50000.0,
+            ],
         );
 
         let projection_lag_events = GaugeVec::new(
@@ -130,33 +230,87 @@ impl HostMetrics {
             &["projection"],
         )
         .expect("valid metric");
-        registry.register(Box::new(projection_lag_events.clone())).expect("unique metric");
+        registry
+            .register(Box::new(projection_lag_events.clone()))
+            .expect("unique metric");
 
-        let plugin_limit_trips_total = counter_vec(HOST, "plugin_limit_trips_total", "Plugin calls stopped by a sandbox limit.", &["projection", "limit"]);
-        let batch_retries_total = counter_vec(HOST, "batch_retries_total", "Batches rolled back and retried.", &["projection", "reason"]);
-        let fenced_batches_total = counter_vec(HOST, "fenced_batches_total", "Batches rolled back because this worker no longer owned a partition.", &["projection"]);
+        let plugin_limit_trips_total = counter_vec(
+            HOST,
+            "plugin_limit_trips_total",
+            "Plugin calls stopped by a sandbox limit.",
+            &["projection", "limit"],
+        );
+        let batch_retries_total = counter_vec(
+            HOST,
+            "batch_retries_total",
+            "Batches rolled back and retried.",
+            &["projection", "reason"],
+        );
+        let fenced_batches_total = counter_vec(
+            HOST,
+            "fenced_batches_total",
+            "Batches rolled back because this worker no longer owned a partition.",
+            &["projection"],
+        );
         let int_gauge_vec = |name: &str, help: &str, names: &[&str]| {
-            let g = IntGaugeVec::new(Opts::new(format!("{HOST}_{name}"), help).const_labels(labels(&rs)), names).expect("valid metric");
-            registry.register(Box::new(g.clone())).expect("unique metric");
+            let g = IntGaugeVec::new(
+                Opts::new(format!("{HOST}_{name}"), help).const_labels(labels(&rs)),
+                names,
+            )
+            .expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
             g
         };
-        let dead_letters = int_gauge_vec("dead_letters", "Events parked in the dead-letter list.", &["projection"]);
-        let plugin_info = int_gauge_vec("plugin_info", "1 for the plugin build each projection runs.", &["projection", "version", "sha256"]);
-        let checkpoint_position = int_gauge_vec("checkpoint_position", "Lowest checkpoint of the projection over this host's partitions.", &["projection"]);
+        let dead_letters = int_gauge_vec(
+            "dead_letters",
+            "Events parked in the dead-letter list.",
+            &["projection"],
+        );
+        let plugin_info = int_gauge_vec(
+            "plugin_info",
+            "1 for the plugin build each projection runs.",
+            &["projection", "version", "sha256"],
+        );
+        let checkpoint_position = int_gauge_vec(
+            "checkpoint_position",
+            "Lowest checkpoint of the projection over this host's partitions.",
+            &["projection"],
+        );
 
         let plain_counter = |name: &str, help: &str| {
-            let c = IntCounter::with_opts(Opts::new(format!("{HOST}_{name}"), help).const_labels(labels(&rs))).expect("valid metric");
-            registry.register(Box::new(c.clone())).expect("unique metric");
+            let c = IntCounter::with_opts(
+                Opts::new(format!("{HOST}_{name}"), help).const_labels(labels(&rs)),
+            )
+            .expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
             c
         };
-        let holes_passed = plain_counter("holes_passed_total", "Positions passed as proven-final holes in global_position.");
+        let holes_passed = plain_counter(
+            "holes_passed_total",
+            "Positions passed as proven-final holes in global_position.",
+        );
         let plain_gauge = |name: &str, help: &str| {
-            let g = Gauge::with_opts(Opts::new(format!("{HOST}_{name}"), help).const_labels(labels(&rs))).expect("valid metric");
-            registry.register(Box::new(g.clone())).expect("unique metric");
+            let g = Gauge::with_opts(
+                Opts::new(format!("{HOST}_{name}"), help).const_labels(labels(&rs)),
+            )
+            .expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
             g
         };
-        let oldest_writer_seconds = plain_gauge("oldest_open_writer_seconds", "Age of the oldest open transaction writing to the events table.");
-        let safe_head_held_back_seconds = plain_gauge("safe_head_held_back_seconds", "How long the oldest unproven hole has held reading back.");
+        let oldest_writer_seconds = plain_gauge(
+            "oldest_open_writer_seconds",
+            "Age of the oldest open transaction writing to the events table.",
+        );
+        let safe_head_held_back_seconds = plain_gauge(
+            "safe_head_held_back_seconds",
+            "How long the oldest unproven hole has held reading back.",
+        );
         let stream_head = plain_gauge("stream_head_position", "Highest visible global_position.");
 
         let metrics = HostMetrics {
@@ -202,58 +356,99 @@ impl HostMetrics {
     /// Creates every per-projection series at zero.
     pub fn register_projection(&self, projection: &str, version: &str, sha256: &str) {
         self.events_processed_total.with_label_values(&[projection]);
-        self.projection_errors_total.with_label_values(&[projection]);
-        self.event_processing_duration_seconds.with_label_values(&[projection]);
-        self.plugin_call_duration_seconds.with_label_values(&[projection]);
+        self.projection_errors_total
+            .with_label_values(&[projection]);
+        self.event_processing_duration_seconds
+            .with_label_values(&[projection]);
+        self.plugin_call_duration_seconds
+            .with_label_values(&[projection]);
         self.batch_events.with_label_values(&[projection]);
-        self.projection_lag_events.with_label_values(&[projection]).set(0.0);
+        self.projection_lag_events
+            .with_label_values(&[projection])
+            .set(0.0);
         self.fenced_batches_total.with_label_values(&[projection]);
         self.dead_letters.with_label_values(&[projection]).set(0);
-        self.checkpoint_position.with_label_values(&[projection]).set(0);
+        self.checkpoint_position
+            .with_label_values(&[projection])
+            .set(0);
         for limit in ["deadline", "memory"] {
-            self.plugin_limit_trips_total.with_label_values(&[projection, limit]);
+            self.plugin_limit_trips_total
+                .with_label_values(&[projection, limit]);
         }
         for reason in ["plugin", "database"] {
-            self.batch_retries_total.with_label_values(&[projection, reason]);
+            self.batch_retries_total
+                .with_label_values(&[projection, reason]);
         }
-        self.plugin_info.with_label_values(&[projection, version, sha256]).set(1);
+        self.plugin_info
+            .with_label_values(&[projection, version, sha256])
+            .set(1);
     }
 
     pub fn set_worker_state(&self, worker_id: &str, state: &str) {
         for s in WORKER_STATES {
-            self.worker_state.with_label_values(&[worker_id, s]).set(i64::from(s == state));
+            self.worker_state
+                .with_label_values(&[worker_id, s])
+                .set(i64::from(s == state));
         }
     }
 
-    pub fn batch_committed(&self, projection: &str, events: usize, seconds: f64, plugin_seconds: f64) {
-        self.events_processed_total.with_label_values(&[projection]).inc_by(events as u64);
-        self.event_processing_duration_seconds.with_label_values(&[projection]).observe(seconds);
+    pub fn batch_committed(
+        &self,
+        projection: &str,
+        events: usize,
+        seconds: f64,
+        plugin_seconds: f64,
+    ) {
+        self.events_processed_total
+            .with_label_values(&[projection])
+            .inc_by(events as u64);
+        self.event_processing_duration_seconds
+            .with_label_values(&[projection])
+            .observe(seconds);
         if events > 0 {
-            self.plugin_call_duration_seconds.with_label_values(&[projection]).observe(plugin_seconds);
-            self.batch_events.with_label_values(&[projection]).observe(events as f64);
+            self.plugin_call_duration_seconds
+                .with_label_values(&[projection])
+                .observe(plugin_seconds);
+            self.batch_events
+                .with_label_values(&[projection])
+                .observe(events as f64);
         }
     }
 
     pub fn batch_failed(&self, projection: &str, reason: &str) {
-        self.projection_errors_total.with_label_values(&[projection]).inc();
-        self.batch_retries_total.with_label_values(&[projection, reason]).inc();
+        self.projection_errors_total
+            .with_label_values(&[projection])
+            .inc();
+        self.batch_retries_total
+            .with_label_values(&[projection, reason])
+            .inc();
     }
 
     pub fn limit_tripped(&self, projection: &str, limit: &str) {
-        self.plugin_limit_trips_total.with_label_values(&[projection, limit]).inc();
+        self.plugin_limit_trips_total
+            .with_label_values(&[projection, limit])
+            .inc();
     }
 
     pub fn batch_fenced(&self, projection: &str) {
-        self.fenced_batches_total.with_label_values(&[projection]).inc();
+        self.fenced_batches_total
+            .with_label_values(&[projection])
+            .inc();
     }
 
     pub fn set_lag(&self, projection: &str, lag: f64, lowest_checkpoint: i64) {
-        self.projection_lag_events.with_label_values(&[projection]).set(lag);
-        self.checkpoint_position.with_label_values(&[projection]).set(lowest_checkpoint);
+        self.projection_lag_events
+            .with_label_values(&[projection])
+            .set(lag);
+        self.checkpoint_position
+            .with_label_values(&[projection])
+            .set(lowest_checkpoint);
     }
 
     pub fn set_dead_letters(&self, projection: &str, count: i64) {
-        self.dead_letters.with_label_values(&[projection]).set(count);
+        self.dead_letters
+            .with_label_values(&[projection])
+            .set(count);
     }
 
     /// The Prometheus text exposition of every family.
@@ -268,7 +463,10 @@ impl HostMetrics {
 }
 
 fn labels(pairs: &[(&str, &str)]) -> std::collections::HashMap<String, String> {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 #[cfg(test)]
@@ -295,9 +493,14 @@ mod tests {
             "event_processing_duration_seconds",
             "heartbeat_latency_seconds",
         ] {
-            assert!(text.contains(&format!("{SEED}_{family}")), "missing {family}");
+            assert!(
+                text.contains(&format!("{SEED}_{family}")),
+                "missing {family}"
+            );
         }
-        assert!(text.contains("projection_lag_events{projection=\"bank_balances\",replica_set=\"main\"}"));
-        assert!(text.contains("worker_state{replica_set=\"main\",state=\"pending\",worker_id=\"w1\"} 1"));
+        assert!(text
+            .contains("projection_lag_events{projection=\"bank_balances\",replica_set=\"main\"}"));
+        assert!(text
+            .contains("worker_state{replica_set=\"main\",state=\"pending\",worker_id=\"w1\"} 1"));
     }
 }

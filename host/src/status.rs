@@ -27,9 +27,15 @@ async fn pool(args: &DatabaseArgs) -> anyhow::Result<PgPool> {
 pub async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
     let pool = pool(&args.database).await?;
     crate::db::migrate(&pool).await?;
-    println!("host tables are up to date (schema {})", crate::db::HOST_SCHEMA);
+    println!(
+        "host tables are up to date (schema {})",
+        crate::db::HOST_SCHEMA
+    );
     if args.install_notify_trigger {
-        let table: QualifiedName = args.events_table.parse().map_err(|e: String| anyhow::anyhow!("invalid EVENTS_TABLE: {e}"))?;
+        let table: QualifiedName = args
+            .events_table
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("invalid EVENTS_TABLE: {e}"))?;
         install_notify_trigger(&pool, &table).await?;
         println!("installed trigger projection_host_notify on {table}: hosts wake up on NOTIFY projection_host_events");
     }
@@ -99,18 +105,25 @@ pub struct ProjectionRow {
 }
 
 /// Reads the replica set's state from the database.
-pub async fn load(pool: &PgPool, replica_set: &str, events: &QualifiedName) -> anyhow::Result<Status> {
+pub async fn load(
+    pool: &PgPool,
+    replica_set: &str,
+    events: &QualifiedName,
+) -> anyhow::Result<Status> {
     let row: Option<(i32, i64, String, String, Option<String>)> =
         sqlx::query_as("SELECT partitions, generation, strategy, phase, leader FROM projection_host.replica_sets WHERE name = $1")
             .bind(replica_set)
             .fetch_optional(pool)
             .await?;
-    let (partitions, generation, strategy, phase, leader) =
-        row.with_context(|| format!("replica set '{replica_set}' does not exist (no host has joined it yet)"))?;
-    let head: i64 = sqlx::query_scalar(&format!("SELECT coalesce(max(global_position), 0) FROM {events}"))
-        .fetch_one(pool)
-        .await
-        .with_context(|| format!("reading the head of {events}"))?;
+    let (partitions, generation, strategy, phase, leader) = row.with_context(|| {
+        format!("replica set '{replica_set}' does not exist (no host has joined it yet)")
+    })?;
+    let head: i64 = sqlx::query_scalar(&format!(
+        "SELECT coalesce(max(global_position), 0) FROM {events}"
+    ))
+    .fetch_one(pool)
+    .await
+    .with_context(|| format!("reading the head of {events}"))?;
     let workers = sqlx::query_as(
         "SELECT w.worker_id, w.hostname, w.host_version,
                 (extract(epoch FROM now() - w.heartbeat_at) * 1000)::int8 AS heartbeat_age_ms, w.started_at,
@@ -151,7 +164,10 @@ pub async fn load(pool: &PgPool, replica_set: &str, events: &QualifiedName) -> a
 
 pub async fn print(args: StatusArgs) -> anyhow::Result<()> {
     let pool = pool(&args.database).await?;
-    let events: QualifiedName = args.events_table.parse().map_err(|e: String| anyhow::anyhow!("invalid EVENTS_TABLE: {e}"))?;
+    let events: QualifiedName = args
+        .events_table
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("invalid EVENTS_TABLE: {e}"))?;
     let status = load(&pool, &args.replica_set, &events).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&status)?);
@@ -182,7 +198,10 @@ fn render(s: &Status) -> String {
             w.worker_id, w.partitions, w.heartbeat_age_ms, w.hostname, w.host_version
         );
     }
-    let _ = writeln!(out, "\npartitions (owner@epoch, -> planned owner when it differs):");
+    let _ = writeln!(
+        out,
+        "\npartitions (owner@epoch, -> planned owner when it differs):"
+    );
     for p in &s.partition_owners {
         let owner = p.owner.as_deref().unwrap_or("(unowned)");
         let planned = match (&p.assigned_to, &p.owner) {

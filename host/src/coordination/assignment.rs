@@ -56,7 +56,9 @@ pub fn plan(workers: &[WorkerId], current: &[Option<WorkerId>]) -> Vec<Option<Wo
         .collect();
     open.reverse();
     for slot in next.iter_mut().filter(|s| s.is_none()) {
-        let Some((w, room)) = open.last_mut() else { break };
+        let Some((w, room)) = open.last_mut() else {
+            break;
+        };
         *slot = Some((*w).clone());
         *room -= 1;
         if *room == 0 {
@@ -101,9 +103,16 @@ mod tests {
         let before = plan(&w(&["a", "b"]), &vec![None; 32]);
         let after = plan(&w(&["a", "b", "c"]), &before);
         assert_eq!(counts(&after)["c"], 10);
-        assert_eq!(moved(&before, &after), 10, "only the new worker's share moves");
+        assert_eq!(
+            moved(&before, &after),
+            10,
+            "only the new worker's share moves"
+        );
         for (b, a) in before.iter().zip(&after) {
-            assert!(a == b || a.as_ref().unwrap().0 == "c", "partitions move only to the newcomer");
+            assert!(
+                a == b || a.as_ref().unwrap().0 == "c",
+                "partitions move only to the newcomer"
+            );
         }
     }
 
@@ -129,7 +138,9 @@ mod tests {
 
     #[test]
     fn no_workers_means_no_assignment_and_more_workers_than_partitions_is_fine() {
-        assert!(plan(&[], &vec![Some(WorkerId("a".into())); 4]).iter().all(Option::is_none));
+        assert!(plan(&[], &vec![Some(WorkerId("a".into())); 4])
+            .iter()
+            .all(Option::is_none));
         let plan = plan(&w(&["a", "b", "c", "d", "e"]), &vec![None; 3]);
         assert_eq!(plan.iter().flatten().count(), 3);
         assert_eq!(counts(&plan).values().max(), Some(&1));

@@ -29,7 +29,10 @@ impl Member {
     /// The `application_name` of this process's database sessions, so that the leader can end
     /// a stale worker's sessions (and with them any locks it still holds).
     pub fn application_name(incarnation: &uuid::Uuid) -> String {
-        format!("projection-host {}", &incarnation.simple().to_string()[..12])
+        format!(
+            "projection-host {}",
+            &incarnation.simple().to_string()[..12]
+        )
     }
 }
 
@@ -44,7 +47,12 @@ pub enum Heartbeat {
 
 /// Creates the replica set (with its partition rows) or checks it against the configuration.
 /// Returns the partition count.
-pub async fn ensure_replica_set(pool: &PgPool, name: &str, partitions: Option<u32>, strategy: Strategy) -> Result<u32, CoordinationError> {
+pub async fn ensure_replica_set(
+    pool: &PgPool,
+    name: &str,
+    partitions: Option<u32>,
+    strategy: Strategy,
+) -> Result<u32, CoordinationError> {
     let strategy = strategy_name(strategy);
     let mut tx = pool.begin().await?;
     sqlx::query(
@@ -56,11 +64,12 @@ pub async fn ensure_replica_set(pool: &PgPool, name: &str, partitions: Option<u3
     .bind(strategy)
     .execute(&mut *tx)
     .await?;
-    let (stored, stored_strategy): (i32, String) =
-        sqlx::query_as("SELECT partitions, strategy FROM projection_host.replica_sets WHERE name = $1 FOR UPDATE")
-            .bind(name)
-            .fetch_one(&mut *tx)
-            .await?;
+    let (stored, stored_strategy): (i32, String) = sqlx::query_as(
+        "SELECT partitions, strategy FROM projection_host.replica_sets WHERE name = $1 FOR UPDATE",
+    )
+    .bind(name)
+    .fetch_one(&mut *tx)
+    .await?;
     let stored = stored as u32;
     if let Some(wanted) = partitions {
         if wanted != stored {
@@ -202,7 +211,11 @@ impl Member {
 
 /// Removes workers whose heartbeat is older than `stale` (database clock) and ends their
 /// database sessions. Returns the removed worker ids.
-pub async fn remove_stale(pool: &PgPool, replica_set: &str, stale: Duration) -> Result<Vec<String>, CoordinationError> {
+pub async fn remove_stale(
+    pool: &PgPool,
+    replica_set: &str,
+    stale: Duration,
+) -> Result<Vec<String>, CoordinationError> {
     let removed: Vec<(String, uuid::Uuid)> = sqlx::query_as(
         "DELETE FROM projection_host.workers
           WHERE replica_set = $1 AND heartbeat_at < now() - $2 * interval '1 millisecond'
@@ -215,7 +228,10 @@ pub async fn remove_stale(pool: &PgPool, replica_set: &str, stale: Duration) -> 
     if removed.is_empty() {
         return Ok(Vec::new());
     }
-    let names: Vec<String> = removed.iter().map(|(_, i)| Member::application_name(i)).collect();
+    let names: Vec<String> = removed
+        .iter()
+        .map(|(_, i)| Member::application_name(i))
+        .collect();
     // A paused worker may sit in an open transaction holding row locks that would block its
     // successor; ending its sessions releases them. Its late commits are fenced anyway.
     let ended: i64 = sqlx::query_scalar(

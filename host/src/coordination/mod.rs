@@ -33,7 +33,11 @@ pub enum CoordinationError {
          --partitions {configured}. The partition count is fixed for a replica set (checkpoints are per \
          partition); start with --partitions {stored} (or without --partitions), or use a new replica set name"
     )]
-    PartitionCountMismatch { replica_set: String, stored: u32, configured: u32 },
+    PartitionCountMismatch {
+        replica_set: String,
+        stored: u32,
+        configured: u32,
+    },
     #[error("another process registered as worker '{worker}' in replica set '{replica_set}'; this one stops (give each host its own POD_NAME)")]
     IdentityTaken { replica_set: String, worker: String },
     #[error("database error during coordination: {0}")]
@@ -109,7 +113,13 @@ impl Coordinator {
         metrics: HostMetrics,
     ) -> Result<(Coordinator, watch::Receiver<CoordinationStatus>), CoordinationError> {
         let started = Instant::now();
-        let partitions = membership::ensure_replica_set(&pool, &config.replica_set, config.partitions, config.strategy).await?;
+        let partitions = membership::ensure_replica_set(
+            &pool,
+            &config.replica_set,
+            config.partitions,
+            config.strategy,
+        )
+        .await?;
         let took_over = member.register(&pool).await?;
         metrics.workers_registered_total.inc();
         metrics.set_worker_state(member.worker.as_str(), "ready");
@@ -128,7 +138,9 @@ impl Coordinator {
             partitions,
             ..Default::default()
         });
-        metrics.coordination_duration_seconds.observe(started.elapsed().as_secs_f64());
+        metrics
+            .coordination_duration_seconds
+            .observe(started.elapsed().as_secs_f64());
         Ok((
             Coordinator {
                 pool,
@@ -155,17 +167,37 @@ impl Coordinator {
     /// Heartbeats and coordination rounds until `cancel`; then leaves the replica set (after
     /// the caller stopped the pipelines). Returns an error only for conditions that must stop
     /// the process (another process took our identity).
-    pub async fn run(mut self, cancel: CancellationToken, leave: CancellationToken) -> Result<(), CoordinationError> {
+    pub async fn run(
+        mut self,
+        cancel: CancellationToken,
+        leave: CancellationToken,
+    ) -> Result<(), CoordinationError> {
         let mut next_heartbeat = tokio::time::Instant::now();
         let mut failures = 0u32;
         loop {
             let mut wait = self.config.heartbeat_interval;
             if tokio::time::Instant::now() >= next_heartbeat {
                 match self.heartbeat().await {
-                    Ok(()) => next_heartbeat = tokio::time::Instant::now() + self.config.heartbeat_interval,
-                    Err(CoordinationError::IdentityTaken { replica_set, worker }) => {
-                        self.ownership.forfeit(&self.ownership.held().iter().map(|(p, _)| *p).collect::<Vec<_>>());
-                        return Err(CoordinationError::IdentityTaken { replica_set, worker });
+                    Ok(()) => {
+                        next_heartbeat =
+                            tokio::time::Instant::now() + self.config.heartbeat_interval
+                    }
+                    Err(CoordinationError::IdentityTaken {
+                        replica_set,
+                        worker,
+                    }) => {
+                        self.ownership.forfeit(
+                            &self
+                                .ownership
+                                .held()
+                                .iter()
+                                .map(|(p, _)| *p)
+                                .collect::<Vec<_>>(),
+                        );
+                        return Err(CoordinationError::IdentityTaken {
+                            replica_set,
+                            worker,
+                        });
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "heartbeat failed; retrying");
@@ -180,11 +212,16 @@ impl Coordinator {
                 }
                 Err(e) => {
                     failures += 1;
-                    wait = crate::pipeline::retry::backoff(failures, Duration::from_millis(100), Duration::from_secs(5));
+                    wait = crate::pipeline::retry::backoff(
+                        failures,
+                        Duration::from_millis(100),
+                        Duration::from_secs(5),
+                    );
                     tracing::warn!(error = %e, retry_in = ?wait, "coordination round failed");
                 }
             }
-            let until_heartbeat = next_heartbeat.saturating_duration_since(tokio::time::Instant::now());
+            let until_heartbeat =
+                next_heartbeat.saturating_duration_since(tokio::time::Instant::now());
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = self.wakeup.notified() => {}
@@ -193,7 +230,8 @@ impl Coordinator {
         }
         // Shutdown: no more rebalancing, but keep heartbeating while the app drains the
         // pipelines, so that peers do not declare us stale mid-drain. Then leave.
-        self.metrics.set_worker_state(self.member.worker.as_str(), "stopping");
+        self.metrics
+            .set_worker_state(self.member.worker.as_str(), "stopping");
         loop {
             tokio::select! {
                 _ = leave.cancelled() => break,
@@ -206,22 +244,34 @@ impl Coordinator {
         }
         match self.member.leave(&self.pool).await {
             Ok(released) => tracing::info!(released, "left the replica set; peers take over now"),
-            Err(e) => tracing::warn!(error = %e, "could not leave the replica set cleanly; peers take over after the stale timeout"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not leave the replica set cleanly; peers take over after the stale timeout")
+            }
         }
-        self.metrics.set_worker_state(self.member.worker.as_str(), "stopped");
+        self.metrics
+            .set_worker_state(self.member.worker.as_str(), "stopped");
         Ok(())
     }
 
     async fn heartbeat(&mut self) -> Result<(), CoordinationError> {
         let started = Instant::now();
         let beat = self.member.heartbeat(&self.pool).await?;
-        self.metrics.heartbeat_latency_seconds.observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .heartbeat_latency_seconds
+            .observe(started.elapsed().as_secs_f64());
         match beat {
             membership::Heartbeat::Alive => Ok(()),
             membership::Heartbeat::Removed => {
                 tracing::warn!(worker = %self.member.worker, "this worker was removed as stale (paused or cut off?); registering again");
                 // Whatever we held has been reassigned; fencing guards the in-flight batch.
-                self.ownership.forfeit(&self.ownership.held().iter().map(|(p, _)| *p).collect::<Vec<_>>());
+                self.ownership.forfeit(
+                    &self
+                        .ownership
+                        .held()
+                        .iter()
+                        .map(|(p, _)| *p)
+                        .collect::<Vec<_>>(),
+                );
                 self.member.register(&self.pool).await?;
                 self.metrics.workers_registered_total.inc();
                 Ok(())
@@ -247,7 +297,9 @@ impl Coordinator {
         }
         let rs = self.replica_set_row().await?;
         next = next.min(self.reconcile(&rs).await?);
-        self.metrics.coordination_duration_seconds.observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .coordination_duration_seconds
+            .observe(started.elapsed().as_secs_f64());
         Ok(next)
     }
 
@@ -312,15 +364,26 @@ impl Coordinator {
     /// Leader duties: remove stale workers, re-plan, and lift the recreate barrier. Returns when
     /// the next stale check is due.
     async fn lead(&mut self) -> Result<Duration, CoordinationError> {
-        let removed = membership::remove_stale(&self.pool, &self.config.replica_set, self.config.stale_timeout).await?;
-        self.metrics.stale_workers_cleaned_total.inc_by(removed.len() as u64);
+        let removed = membership::remove_stale(
+            &self.pool,
+            &self.config.replica_set,
+            self.config.stale_timeout,
+        )
+        .await?;
+        self.metrics
+            .stale_workers_cleaned_total
+            .inc_by(removed.len() as u64);
         let workers = self.live_workers().await?;
         let rows = self.partition_rows().await?;
-        let current: Vec<Option<WorkerId>> = rows.iter().map(|r| r.assigned_to.clone().map(WorkerId)).collect();
+        let current: Vec<Option<WorkerId>> = rows
+            .iter()
+            .map(|r| r.assigned_to.clone().map(WorkerId))
+            .collect();
         let planned = assignment::plan(&workers, &current);
         let moved = assignment::moved(&current, &planned);
         if moved > 0 {
-            self.write_generation(&rows, &planned, &workers, moved, &removed).await?;
+            self.write_generation(&rows, &planned, &workers, moved, &removed)
+                .await?;
         }
         self.lift_recreate_barrier(&workers).await?;
         // Next stale check: when the oldest heartbeat would expire.
@@ -332,7 +395,9 @@ impl Coordinator {
         .bind(self.config.stale_timeout.as_millis() as f64)
         .fetch_one(&self.pool)
         .await?;
-        Ok(Duration::from_millis(oldest_ms.unwrap_or(0.0).max(0.0) as u64 + 20))
+        Ok(Duration::from_millis(
+            oldest_ms.unwrap_or(0.0).max(0.0) as u64 + 20,
+        ))
     }
 
     async fn write_generation(
@@ -400,7 +465,9 @@ impl Coordinator {
             .await?;
         tx.commit().await?;
         self.metrics.generations_total.inc();
-        self.metrics.partition_assignments_total.inc_by(moved as u64);
+        self.metrics
+            .partition_assignments_total
+            .inc_by(moved as u64);
         tracing::info!(
             replica_set = %self.config.replica_set,
             generation = %Generation(generation),
@@ -440,9 +507,15 @@ impl Coordinator {
         let me = self.member.worker.as_str();
         let running = rs.phase == "running";
         let rows = self.partition_rows().await?;
-        let workers: HashSet<String> = self.live_workers().await?.into_iter().map(|w| w.0).collect();
+        let workers: HashSet<String> = self
+            .live_workers()
+            .await?
+            .into_iter()
+            .map(|w| w.0)
+            .collect();
         let held: HashMap<PartitionId, Epoch> = self.ownership.held().into_iter().collect();
-        let releasing: HashSet<PartitionId> = self.releasing.lock().map(|r| r.clone()).unwrap_or_default();
+        let releasing: HashSet<PartitionId> =
+            self.releasing.lock().map(|r| r.clone()).unwrap_or_default();
 
         let mut lost = Vec::new();
         let mut release = Vec::new();
@@ -466,7 +539,10 @@ impl Coordinator {
                 // that failed half-way, or a previous process): hand it back.
                 None if owner_is_me && (!assigned_to_me || !running) => release.push(p),
                 None if assigned_to_me && running => {
-                    let owner_gone = row.owner.as_ref().is_none_or(|o| o == me || !workers.contains(o));
+                    let owner_gone = row
+                        .owner
+                        .as_ref()
+                        .is_none_or(|o| o == me || !workers.contains(o));
                     if owner_gone {
                         claim.push(p);
                     }
@@ -485,7 +561,8 @@ impl Coordinator {
         if !claim.is_empty() {
             self.claim(&claim, rs.generation).await?;
         }
-        let held_now: HashSet<PartitionId> = self.ownership.held().into_iter().map(|(p, _)| p).collect();
+        let held_now: HashSet<PartitionId> =
+            self.ownership.held().into_iter().map(|(p, _)| p).collect();
         let holds_assignment = running && assigned.iter().all(|p| held_now.contains(p));
         if !holds_assignment {
             // Waiting for a release or the recreate barrier: look again soon (NOTIFY usually
@@ -516,9 +593,14 @@ impl Coordinator {
         }
         self.metrics.generation.set(rs.generation);
         self.metrics.active_workers.set(workers.len() as i64);
-        self.metrics.current_generation_partitions.set(assigned.len() as i64);
+        self.metrics
+            .current_generation_partitions
+            .set(assigned.len() as i64);
         self.metrics.owned_partitions.set(held_now.len() as i64);
-        self.metrics.set_worker_state(self.member.worker.as_str(), if holds_assignment { "running" } else { "ready" });
+        self.metrics.set_worker_state(
+            self.member.worker.as_str(),
+            if holds_assignment { "running" } else { "ready" },
+        );
         self.status.send_replace(CoordinationStatus {
             registered: true,
             leader: rs.leader,
@@ -533,11 +615,17 @@ impl Coordinator {
         Ok(next)
     }
 
-    async fn claim(&self, partitions: &[PartitionId], generation: i64) -> Result<(), CoordinationError> {
+    async fn claim(
+        &self,
+        partitions: &[PartitionId],
+        generation: i64,
+    ) -> Result<(), CoordinationError> {
         let ids: Vec<i32> = partitions.iter().map(|p| p.as_i32()).collect();
         let mut tx = self.pool.begin().await?;
         // A zombie's commit may hold the row; do not wait long, the next round retries.
-        sqlx::query("SET LOCAL lock_timeout = '2s'").execute(&mut *tx).await?;
+        sqlx::query("SET LOCAL lock_timeout = '2s'")
+            .execute(&mut *tx)
+            .await?;
         let claimed: Vec<(i32, i64)> = match sqlx::query_as(
             "UPDATE projection_host.partitions p
                 SET owner = $2, epoch = p.epoch + 1, claimed_at = now()
@@ -566,7 +654,10 @@ impl Coordinator {
             self.ownership.grant(PartitionId(*p as u32), Epoch(*epoch));
         }
         if !claimed.is_empty() {
-            let list: Vec<String> = claimed.iter().map(|(p, e)| format!("{}@{}", PartitionId(*p as u32), Epoch(*e))).collect();
+            let list: Vec<String> = claimed
+                .iter()
+                .map(|(p, e)| format!("{}@{}", PartitionId(*p as u32), Epoch(*e)))
+                .collect();
             tracing::info!(generation = %Generation(generation), partitions = %list.join(" "), "claimed partitions");
         }
         Ok(())
@@ -604,7 +695,9 @@ impl Coordinator {
                     let _ = membership::notify(&pool, &replica_set).await;
                     tracing::info!(%partition, waited_ms = started.elapsed().as_millis() as u64, "released partition");
                 }
-                Err(e) => tracing::warn!(%partition, error = %e, "releasing a partition failed; the next round retries"),
+                Err(e) => {
+                    tracing::warn!(%partition, error = %e, "releasing a partition failed; the next round retries")
+                }
             }
             if let Ok(mut r) = releasing.lock() {
                 r.remove(&partition);

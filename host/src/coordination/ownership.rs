@@ -51,7 +51,9 @@ impl Ownership {
 
     fn state(&self) -> MutexGuard<'_, State> {
         // A panic while holding this lock leaves plain data; keep going with it.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn bump(&self) {
@@ -148,7 +150,11 @@ impl Ownership {
 
     /// Every held partition and its epoch (including those being revoked).
     pub fn held(&self) -> Vec<(PartitionId, Epoch)> {
-        self.state().held.iter().map(|(p, h)| (*p, h.epoch)).collect()
+        self.state()
+            .held
+            .iter()
+            .map(|(p, h)| (*p, h.epoch))
+            .collect()
     }
 
     /// Stops new leases (shutdown). Existing ones run to their end.
@@ -184,7 +190,9 @@ impl Lease {
     }
 
     pub fn contains(&self, partition: PartitionId) -> bool {
-        self.partitions.binary_search_by_key(&partition, |(p, _)| *p).is_ok()
+        self.partitions
+            .binary_search_by_key(&partition, |(p, _)| *p)
+            .is_ok()
     }
 }
 
@@ -219,7 +227,8 @@ mod tests {
         assert_eq!(in_flight.partitions.len(), 2);
 
         let o = ownership.clone();
-        let revoke = tokio::spawn(async move { o.revoke(PartitionId(1), Duration::from_secs(30)).await });
+        let revoke =
+            tokio::spawn(async move { o.revoke(PartitionId(1), Duration::from_secs(30)).await });
         // While the batch runs, new leases no longer include p1 but still include p2.
         let next = loop {
             let lease = ownership.lease();
@@ -230,7 +239,10 @@ mod tests {
             tokio::task::yield_now().await;
         };
         assert_eq!(next.partitions, vec![(PartitionId(2), Epoch(7))]);
-        assert!(!revoke.is_finished(), "revoke must wait for the in-flight batch");
+        assert!(
+            !revoke.is_finished(),
+            "revoke must wait for the in-flight batch"
+        );
         drop(in_flight);
         assert_eq!(revoke.await.unwrap(), Some(Epoch(3)));
         assert_eq!(ownership.held(), vec![(PartitionId(2), Epoch(7))]);
@@ -241,7 +253,9 @@ mod tests {
         let ownership = Ownership::new();
         ownership.grant(PartitionId(1), Epoch(1));
         let _stuck = ownership.lease();
-        let epoch = ownership.revoke(PartitionId(1), Duration::from_millis(50)).await;
+        let epoch = ownership
+            .revoke(PartitionId(1), Duration::from_millis(50))
+            .await;
         assert_eq!(epoch, Some(Epoch(1)));
         assert!(ownership.held().is_empty());
     }

@@ -43,32 +43,53 @@ pub fn router(state: AppState) -> Router {
 
 /// The router of the metrics port.
 pub fn metrics_router(metrics: HostMetrics) -> Router {
-    Router::new().route("/metrics", get(probes::metrics)).with_state(metrics)
+    Router::new()
+        .route("/metrics", get(probes::metrics))
+        .with_state(metrics)
 }
 
 /// Binds both listeners (so a taken port fails the start with a clear message) and serves
 /// until `stop`.
-pub async fn serve(config: &HttpConfig, state: AppState, stop: CancellationToken) -> anyhow::Result<Vec<JoinHandle<()>>> {
+pub async fn serve(
+    config: &HttpConfig,
+    state: AppState,
+    stop: CancellationToken,
+) -> anyhow::Result<Vec<JoinHandle<()>>> {
     let health = tokio::net::TcpListener::bind(config.health_addr)
         .await
-        .with_context(|| format!("binding the health/admin port {} (HEALTH_ADDR)", config.health_addr))?;
+        .with_context(|| {
+            format!(
+                "binding the health/admin port {} (HEALTH_ADDR)",
+                config.health_addr
+            )
+        })?;
     let metrics = tokio::net::TcpListener::bind(config.metrics_addr)
         .await
-        .with_context(|| format!("binding the metrics port {} (METRICS_ADDR)", config.metrics_addr))?;
+        .with_context(|| {
+            format!(
+                "binding the metrics port {} (METRICS_ADDR)",
+                config.metrics_addr
+            )
+        })?;
     tracing::info!(health = %config.health_addr, metrics = %config.metrics_addr, "serving HTTP");
     let metrics_app = metrics_router(state.metrics.clone());
     let app = router(state);
     let s1 = stop.clone();
     let h1 = tokio::spawn(async move {
-        if let Err(e) = axum::serve(health, app).with_graceful_shutdown(s1.cancelled_owned()).await {
+        if let Err(e) = axum::serve(health, app)
+            .with_graceful_shutdown(s1.cancelled_owned())
+            .await
+        {
             tracing::error!(error = %e, "health server failed");
         }
     });
     let h2 = tokio::spawn(async move {
-        if let Err(e) = axum::serve(metrics, metrics_app).with_graceful_shutdown(stop.cancelled_owned()).await {
+        if let Err(e) = axum::serve(metrics, metrics_app)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await
+        {
             tracing::error!(error = %e, "metrics server failed");
         }
     });
     Ok(vec![h1, h2])
 }
-

@@ -33,13 +33,21 @@ pub async fn ready(State(state): State<AppState>) -> impl IntoResponse {
             coordination.owned, coordination.assigned, coordination.generation, coordination.phase
         ));
     }
-    let db = tokio::time::timeout(Duration::from_secs(2), sqlx::query("SELECT 1").execute(&state.pool)).await;
+    let db = tokio::time::timeout(
+        Duration::from_secs(2),
+        sqlx::query("SELECT 1").execute(&state.pool),
+    )
+    .await;
     match db {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => reasons.push(format!("database unreachable: {e}")),
         Err(_) => reasons.push("database did not answer within 2s".into()),
     }
-    let status = if reasons.is_empty() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if reasons.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (
         status,
         Json(json!({
@@ -53,5 +61,8 @@ pub async fn ready(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 pub async fn metrics(State(metrics): State<HostMetrics>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], metrics.render())
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        metrics.render(),
+    )
 }

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-const EVERY: Duration = Duration::from_secs(5);
+const EVERY: Duration = Duration::from_secs(2);
 
 pub struct Progress {
     started: Instant,
@@ -34,13 +34,21 @@ impl Progress {
         let behind = head - position;
         if behind > 0 && self.events > self.events_at_last {
             let rate = (self.events - self.events_at_last) as f64 / elapsed.as_secs_f64();
-            let positions_per_sec = (position - self.position_at_last).max(0) as f64 / elapsed.as_secs_f64();
+            let positions_per_sec =
+                (position - self.position_at_last).max(0) as f64 / elapsed.as_secs_f64();
             let eta = if positions_per_sec > 0.0 {
-                humantime::format_duration(Duration::from_secs((behind as f64 / positions_per_sec).ceil() as u64)).to_string()
+                humantime::format_duration(Duration::from_secs(
+                    (behind as f64 / positions_per_sec).ceil() as u64,
+                ))
+                .to_string()
             } else {
                 "unknown".into()
             };
-            let percent = if head > 0 { position as f64 * 100.0 / head as f64 } else { 100.0 };
+            let percent = if head > 0 {
+                position as f64 * 100.0 / head as f64
+            } else {
+                100.0
+            };
             tracing::info!(
                 projection,
                 events_done = self.events,

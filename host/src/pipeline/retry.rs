@@ -21,8 +21,14 @@ mod tests {
         let max = Duration::from_secs(30);
         for attempt in 1..40 {
             let d = backoff(attempt, base, max);
-            let full = base.saturating_mul(1 << attempt.saturating_sub(1).min(20)).min(max);
-            assert!(d >= full / 2 && d <= full, "attempt {attempt}: {d:?} outside [{:?}, {full:?}]", full / 2);
+            let full = base
+                .saturating_mul(1 << attempt.saturating_sub(1).min(20))
+                .min(max);
+            assert!(
+                d >= full / 2 && d <= full,
+                "attempt {attempt}: {d:?} outside [{:?}, {full:?}]",
+                full / 2
+            );
         }
         assert!(backoff(1, base, max) <= base);
         assert!(backoff(30, base, max) >= max / 2);

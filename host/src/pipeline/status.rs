@@ -55,7 +55,10 @@ impl StatusBoard {
     }
 
     pub fn all(&self) -> Vec<ProjectionStatus> {
-        self.inner.lock().map(|m| m.values().cloned().collect()).unwrap_or_default()
+        self.inner
+            .lock()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
     }
 
     pub fn get(&self, name: &str) -> Option<ProjectionStatus> {

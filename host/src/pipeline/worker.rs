@@ -23,8 +23,8 @@ use crate::metrics::HostMetrics;
 use crate::runtime::limits::Breach;
 use crate::runtime::{Plugin, PluginFailure, PluginInstance, Runtime};
 use crate::sink::commit::{record_batch, BatchCommit, CommitOutcome};
-use crate::source::{EventReader, SafeHead, StoredEvent};
 use crate::source::wakeup::Wakeup;
+use crate::source::{EventReader, SafeHead, StoredEvent};
 
 #[derive(Debug, Clone)]
 pub struct PipelineConfig {
@@ -171,7 +171,11 @@ impl ProjectionWorker {
                 Ok(()) => break,
                 Err(e) => {
                     self.failures += 1;
-                    let delay = backoff(self.failures, Duration::from_millis(200), Duration::from_secs(30));
+                    let delay = backoff(
+                        self.failures,
+                        Duration::from_millis(200),
+                        Duration::from_secs(30),
+                    );
                     tracing::error!(projection = self.name(), error = %e, retry_in = ?delay, "projection setup failed");
                     self.report_error(&e.to_string());
                     tokio::select! {
@@ -182,7 +186,8 @@ impl ProjectionWorker {
             }
         }
         self.failures = 0;
-        self.board.update(self.name(), |s| s.state = ProjectionState::Running);
+        self.board
+            .update(self.name(), |s| s.state = ProjectionState::Running);
         let mut ownership_changed = self.ownership.subscribe();
         let mut progress = Progress::new();
         while !stop.is_cancelled() {
@@ -253,18 +258,23 @@ impl ProjectionWorker {
     }
 
     fn stopped(&self) {
-        self.board.update(self.name(), |s| s.state = ProjectionState::Stopped);
+        self.board
+            .update(self.name(), |s| s.state = ProjectionState::Stopped);
     }
 
     /// Creates the projection's schema and runs the plugin's `setup` in one transaction,
     /// serialised across hosts so that concurrent `CREATE ... IF NOT EXISTS` cannot collide.
     async fn setup(&mut self) -> Result<(), BatchError> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('projection_host.setup'), hashtext($1))")
-            .bind(&*self.plugin.name)
+        sqlx::query(
+            "SELECT pg_advisory_xact_lock(hashtext('projection_host.setup'), hashtext($1))",
+        )
+        .bind(&*self.plugin.name)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {}", self.schema))
             .execute(&mut *tx)
             .await?;
-        sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {}", self.schema)).execute(&mut *tx).await?;
         sqlx::Executor::execute(&mut *tx, self.prelude.as_str()).await?;
         let instance = self.instance().await?;
         let outcome = instance.setup(tx).await;
@@ -280,7 +290,9 @@ impl ProjectionWorker {
                 events: 0,
             });
         }
-        let tx = outcome.tx.ok_or_else(|| BatchError::Instantiate("setup lost its transaction".into()))?;
+        let tx = outcome
+            .tx
+            .ok_or_else(|| BatchError::Instantiate("setup lost its transaction".into()))?;
         tx.commit().await?;
         tracing::info!(projection = self.name(), version = %self.plugin.version, sha256 = %&self.plugin.sha256[..12], "read model set up");
         Ok(())
@@ -320,7 +332,8 @@ impl ProjectionWorker {
         let found: HashMap<i32, i64> = rows.into_iter().collect();
         for (p, e) in &lease.partitions {
             if stale.contains(&p.as_i32()) {
-                self.checkpoints.insert(*p, (*e, found.get(&p.as_i32()).copied().unwrap_or(0)));
+                self.checkpoints
+                    .insert(*p, (*e, found.get(&p.as_i32()).copied().unwrap_or(0)));
             }
         }
         Ok(())
@@ -331,11 +344,20 @@ impl ProjectionWorker {
     }
 
     fn lowest_checkpoint(&self, lease: &Lease) -> i64 {
-        lease.partitions.iter().map(|(p, _)| self.checkpoint(*p)).min().unwrap_or(0)
+        lease
+            .partitions
+            .iter()
+            .map(|(p, _)| self.checkpoint(*p))
+            .min()
+            .unwrap_or(0)
     }
 
     fn report_position(&self, lease: &Lease, lowest: i64, raw_head: i64) {
-        let gap: i64 = lease.partitions.iter().map(|(p, _)| (raw_head - self.checkpoint(*p)).max(0)).sum();
+        let gap: i64 = lease
+            .partitions
+            .iter()
+            .map(|(p, _)| (raw_head - self.checkpoint(*p)).max(0))
+            .sum();
         let lag = gap as f64 / f64::from(self.config.partitions.max(1));
         self.metrics.set_lag(self.name(), lag, lowest);
         let caught_up = self.config.once_target.is_some_and(|target| {
@@ -349,13 +371,22 @@ impl ProjectionWorker {
     }
 
     /// One batch. Returns the events applied and the position covered.
-    async fn process(&mut self, lease: &Lease, from: i64, safe_head: i64) -> Result<(usize, i64), BatchError> {
+    async fn process(
+        &mut self,
+        lease: &Lease,
+        from: i64,
+        safe_head: i64,
+    ) -> Result<(usize, i64), BatchError> {
         let started = Instant::now();
         let (events, safe_head) = self.read(from, safe_head).await?;
         self.stages.read += started.elapsed();
         let full = events.len() as u32 >= self.limit;
         // A full page covers only up to its last event; otherwise everything up to the head.
-        let covered_to = if full { events.last().map_or(safe_head, |e| e.global_position) } else { safe_head };
+        let covered_to = if full {
+            events.last().map_or(safe_head, |e| e.global_position)
+        } else {
+            safe_head
+        };
         if full && self.read_cap.is_none() {
             self.start_prefetch(covered_to, self.head.current().safe, self.next_limit(true));
         }
@@ -412,7 +443,12 @@ impl ProjectionWorker {
         if self.read_cap.is_some_and(|cap| covered_to >= cap) {
             self.read_cap = None;
         }
-        self.metrics.batch_committed(self.name(), handed, started.elapsed().as_secs_f64(), plugin_seconds);
+        self.metrics.batch_committed(
+            self.name(),
+            handed,
+            started.elapsed().as_secs_f64(),
+            plugin_seconds,
+        );
         Ok((handed, covered_to))
     }
 
@@ -427,9 +463,14 @@ impl ProjectionWorker {
 
     /// Subscribed events after `from`, from the prefetched page when it matches (returning the
     /// head that page was read up to), else read now.
-    async fn read(&mut self, from: i64, safe_head: i64) -> Result<(Vec<StoredEvent>, i64), sqlx::Error> {
+    async fn read(
+        &mut self,
+        from: i64,
+        safe_head: i64,
+    ) -> Result<(Vec<StoredEvent>, i64), sqlx::Error> {
         if let Some(prefetch) = self.prefetch.take() {
-            if prefetch.after == from && prefetch.limit == self.limit && prefetch.up_to <= safe_head {
+            if prefetch.after == from && prefetch.limit == self.limit && prefetch.up_to <= safe_head
+            {
                 match prefetch.events.await {
                     Ok(Ok(events)) => return Ok((events, prefetch.up_to)),
                     Ok(Err(e)) => return Err(e),
@@ -440,7 +481,12 @@ impl ProjectionWorker {
             }
         }
         let mut conn = self.pool.acquire().await?;
-        Ok((self.reader.read(&mut conn, from, safe_head, self.limit).await?, safe_head))
+        Ok((
+            self.reader
+                .read(&mut conn, from, safe_head, self.limit)
+                .await?,
+            safe_head,
+        ))
     }
 
     fn start_prefetch(&mut self, after: i64, up_to: i64, limit: u32) {
@@ -453,22 +499,32 @@ impl ProjectionWorker {
             let mut conn = pool.acquire().await?;
             reader.read(&mut conn, after, up_to, limit).await
         });
-        if let Some(old) = self.prefetch.replace(Prefetch { after, up_to, limit, events }) {
+        if let Some(old) = self.prefetch.replace(Prefetch {
+            after,
+            up_to,
+            limit,
+            events,
+        }) {
             old.events.abort();
         }
     }
 
-    async fn handle(&mut self, tx: Transaction<'static, Postgres>, events: Vec<StoredEvent>) -> Result<Transaction<'static, Postgres>, BatchError> {
+    async fn handle(
+        &mut self,
+        tx: Transaction<'static, Postgres>,
+        events: Vec<StoredEvent>,
+    ) -> Result<Transaction<'static, Postgres>, BatchError> {
         let first = events.first().map_or(0, |e| e.global_position);
         let last = events.last().map_or(0, |e| e.global_position);
         let count = events.len();
-        let middle = events[(count / 2).saturating_sub(1).min(count.saturating_sub(1))].global_position;
+        let middle =
+            events[(count / 2).saturating_sub(1).min(count.saturating_sub(1))].global_position;
         let instance = self.instance().await?;
         let outcome = instance.handle_batch(tx, events).await;
         match outcome.result {
-            Ok(()) => outcome
-                .tx
-                .ok_or_else(|| BatchError::Instantiate("the plugin call lost its transaction".into())),
+            Ok(()) => outcome.tx.ok_or_else(|| {
+                BatchError::Instantiate("the plugin call lost its transaction".into())
+            }),
             Err(failure) => {
                 if failure.poisons_instance() {
                     // A trapped instance cannot be entered again; the next batch gets a new one.
@@ -493,7 +549,11 @@ impl ProjectionWorker {
             return;
         }
         self.failures += 1;
-        let delay = backoff(self.failures, Duration::from_millis(100), Duration::from_secs(30));
+        let delay = backoff(
+            self.failures,
+            Duration::from_millis(100),
+            Duration::from_secs(30),
+        );
         let reason = match &error {
             BatchError::Plugin { failure, .. } if failure.is_transient() => "database",
             BatchError::Plugin { .. } | BatchError::Instantiate(_) => "plugin",
@@ -502,7 +562,13 @@ impl ProjectionWorker {
         self.metrics.batch_failed(self.name(), reason);
         self.limit = self.config.batch_size;
         let message = match &error {
-            BatchError::Plugin { failure, first, middle, last, events } => {
+            BatchError::Plugin {
+                failure,
+                first,
+                middle,
+                last,
+                events,
+            } => {
                 if !failure.is_transient() && *events > 0 {
                     // Commit what is before the failing event, then retry that event alone.
                     self.read_cap = Some(match failure.position() {
@@ -513,14 +579,19 @@ impl ProjectionWorker {
                     });
                 }
                 if let PluginFailure::Limit { breach, .. } = failure {
-                    self.metrics.limit_tripped(self.name(), match breach {
-                        Breach::Deadline(_) => "deadline",
-                        Breach::Memory(_) => "memory",
-                    });
+                    self.metrics.limit_tripped(
+                        self.name(),
+                        match breach {
+                            Breach::Deadline(_) => "deadline",
+                            Breach::Memory(_) => "memory",
+                        },
+                    );
                 }
                 let at = match failure.position() {
                     Some(p) => format!("event at position {p}"),
-                    None if events > &1 => format!("events at positions {first}..={last} ({events} events)"),
+                    None if events > &1 => {
+                        format!("events at positions {first}..={last} ({events} events)")
+                    }
                     None if events == &1 => format!("event at position {first}"),
                     None => "setup".to_string(),
                 };
@@ -549,4 +620,3 @@ impl ProjectionWorker {
         });
     }
 }
-

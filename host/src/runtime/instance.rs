@@ -25,7 +25,10 @@ const WALL_CLOCK_GRACE: Duration = Duration::from_secs(30);
 pub enum PluginFailure {
     /// The plugin returned an error for the batch.
     #[error("the plugin rejected the batch: {message}")]
-    Rejected { message: String, position: Option<i64> },
+    Rejected {
+        message: String,
+        position: Option<i64>,
+    },
     /// The guest trapped (a panic, `unreachable`, a bad memory access ...).
     #[error("the plugin trapped: {message}")]
     Trap { message: String },
@@ -43,7 +46,10 @@ pub enum PluginFailure {
 impl PluginFailure {
     /// After a trap the instance cannot be entered again; it must be re-created.
     pub fn poisons_instance(&self) -> bool {
-        matches!(self, PluginFailure::Trap { .. } | PluginFailure::Limit { .. } | PluginFailure::Transient(_))
+        matches!(
+            self,
+            PluginFailure::Trap { .. } | PluginFailure::Limit { .. } | PluginFailure::Transient(_)
+        )
     }
 
     pub fn is_transient(&self) -> bool {
@@ -72,7 +78,11 @@ pub struct PluginInstance {
 }
 
 impl PluginInstance {
-    pub(super) async fn new(runtime: &Runtime, pre: &ProjectionPre<StoreState>, projection: Arc<str>) -> anyhow::Result<Self> {
+    pub(super) async fn new(
+        runtime: &Runtime,
+        pre: &ProjectionPre<StoreState>,
+        projection: Arc<str>,
+    ) -> anyhow::Result<Self> {
         let limits = Limits::new(runtime.config.memory_limit, runtime.config.call_timeout);
         let mut store = Store::new(&runtime.engine, StoreState::new(projection, limits));
         store.limiter(|state| &mut state.limits);
@@ -94,7 +104,10 @@ impl PluginInstance {
     pub async fn describe(&mut self) -> Result<types::Descriptor, PluginFailure> {
         self.store.data_mut().start_call();
         let budget = self.store_call_budget();
-        let call = self.bindings.pupsourcing_projection_handler().call_describe(&mut self.store);
+        let call = self
+            .bindings
+            .pupsourcing_projection_handler()
+            .call_describe(&mut self.store);
         let result = timed(call, budget).await;
         self.classify(result.map(|r| r.map(Ok::<_, types::HandlerError>)))
     }
@@ -103,7 +116,10 @@ impl PluginInstance {
     pub async fn setup(&mut self, tx: Transaction<'static, Postgres>) -> CallOutcome {
         self.begin(tx);
         let budget = self.store_call_budget();
-        let call = self.bindings.pupsourcing_projection_handler().call_setup(&mut self.store);
+        let call = self
+            .bindings
+            .pupsourcing_projection_handler()
+            .call_setup(&mut self.store);
         let result = timed(call, budget).await;
         let result = self.classify(result.map(|r| {
             r.map(|inner| {
@@ -117,7 +133,11 @@ impl PluginInstance {
     }
 
     /// Runs `handle-batch` inside `tx`, then flushes its keyed writes.
-    pub async fn handle_batch(&mut self, tx: Transaction<'static, Postgres>, events: Vec<StoredEvent>) -> CallOutcome {
+    pub async fn handle_batch(
+        &mut self,
+        tx: Transaction<'static, Postgres>,
+        events: Vec<StoredEvent>,
+    ) -> CallOutcome {
         let batch = to_wit_batch(events);
         self.begin(tx);
         let budget = self.store_call_budget();
@@ -160,7 +180,13 @@ impl PluginInstance {
     }
 
     /// Turns a call's outcome into a `PluginFailure` that names the cause.
-    fn classify<T>(&self, result: Result<wasmtime::Result<Result<T, types::HandlerError>>, tokio::time::error::Elapsed>) -> Result<T, PluginFailure> {
+    fn classify<T>(
+        &self,
+        result: Result<
+            wasmtime::Result<Result<T, types::HandlerError>>,
+            tokio::time::error::Elapsed,
+        >,
+    ) -> Result<T, PluginFailure> {
         let state = self.store.data();
         match result {
             Err(_elapsed) => Err(PluginFailure::Limit {
@@ -204,7 +230,10 @@ impl PluginInstance {
     }
 }
 
-async fn timed<F: std::future::Future>(call: F, budget: Duration) -> Result<F::Output, tokio::time::error::Elapsed> {
+async fn timed<F: std::future::Future>(
+    call: F,
+    budget: Duration,
+) -> Result<F::Output, tokio::time::error::Elapsed> {
     tokio::time::timeout(budget, call).await
 }
 

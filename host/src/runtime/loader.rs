@@ -42,7 +42,11 @@ pub enum LoadError {
     #[error("plugin {path} failed while describing itself: {reason}")]
     Describe { path: PathBuf, reason: String },
     #[error("plugin {path} describes itself with the invalid name '{name}': {reason}")]
-    InvalidName { path: PathBuf, name: String, reason: String },
+    InvalidName {
+        path: PathBuf,
+        name: String,
+        reason: String,
+    },
 }
 
 /// A projection component that passed every check: compiled, linked, and described.
@@ -85,7 +89,11 @@ impl Runtime {
         self.load_bytes(path, &bytes).await
     }
 
-    pub async fn load_bytes(&self, path: &Path, bytes: &[u8]) -> Result<(Arc<Plugin>, PluginInstance), LoadError> {
+    pub async fn load_bytes(
+        &self,
+        path: &Path,
+        bytes: &[u8],
+    ) -> Result<(Arc<Plugin>, PluginInstance), LoadError> {
         let path = path.to_path_buf();
         match bytes.get(..8) {
             Some([0, b'a', b's', b'm', 0x0d, 0, 1, 0]) => {}
@@ -98,10 +106,13 @@ impl Runtime {
             reason: format!("{e:#}"),
         })?;
         self.check_interface(&path, &component)?;
-        let instance_pre = self.linker.instantiate_pre(&component).map_err(|e| LoadError::UnsupportedImports {
-            path: path.clone(),
-            reason: format!("{e:#}"),
-        })?;
+        let instance_pre =
+            self.linker
+                .instantiate_pre(&component)
+                .map_err(|e| LoadError::UnsupportedImports {
+                    path: path.clone(),
+                    reason: format!("{e:#}"),
+                })?;
         let pre = ProjectionPre::new(instance_pre).map_err(|e| LoadError::NotAProjection {
             path: path.clone(),
             exports: format!("{e:#}"),
@@ -148,7 +159,11 @@ impl Runtime {
         let Some(found) = exports.iter().find_map(|e| e.strip_prefix(&prefix)) else {
             return Err(LoadError::NotAProjection {
                 path: path.to_path_buf(),
-                exports: if exports.is_empty() { "nothing".into() } else { exports.join(", ") },
+                exports: if exports.is_empty() {
+                    "nothing".into()
+                } else {
+                    exports.join(", ")
+                },
             });
         };
         if !compatible(found, INTERFACE_VERSION) {
@@ -180,11 +195,16 @@ pub fn validate_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 48
         && name.starts_with(|c: char| c.is_ascii_lowercase())
-        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
     if ok {
         Ok(())
     } else {
-        Err("use lowercase letters, digits and '_', starting with a letter, at most 48 characters".into())
+        Err(
+            "use lowercase letters, digits and '_', starting with a letter, at most 48 characters"
+                .into(),
+        )
     }
 }
 
@@ -196,7 +216,10 @@ mod tests {
     fn interface_versions_follow_semver_compatibility() {
         assert!(compatible("0.1.0", "0.1.0"));
         assert!(!compatible("0.2.0", "0.1.0"));
-        assert!(!compatible("0.1.1", "0.1.0"), "a newer guest may use functions we lack");
+        assert!(
+            !compatible("0.1.1", "0.1.0"),
+            "a newer guest may use functions we lack"
+        );
         assert!(compatible("0.1.0", "0.1.3"));
         assert!(compatible("1.2.0", "1.4.0"));
         assert!(!compatible("2.0.0", "1.4.0"));

@@ -9,8 +9,8 @@ use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::limits::Limits;
-use crate::sink::{EffectBuffer, SchemaCache};
 use crate::sink::EffectError;
+use crate::sink::{EffectBuffer, SchemaCache};
 
 /// Captured guest stdout/stderr per call, so that a `println!` or a panic message reaches the
 /// logs instead of a terminal.
@@ -78,8 +78,11 @@ impl StoreState {
     pub fn call_output(&self) -> String {
         let out = self.stdout.contents();
         let err = self.stderr.contents();
-        let mut text = String::from_utf8_lossy(out.get(self.output_mark.0..).unwrap_or_default()).into_owned();
-        text.push_str(&String::from_utf8_lossy(err.get(self.output_mark.1..).unwrap_or_default()));
+        let mut text =
+            String::from_utf8_lossy(out.get(self.output_mark.0..).unwrap_or_default()).into_owned();
+        text.push_str(&String::from_utf8_lossy(
+            err.get(self.output_mark.1..).unwrap_or_default(),
+        ));
         text.split_whitespace().collect::<Vec<_>>().join(" ")
     }
 }
@@ -104,7 +107,9 @@ fn sandboxed_wasi(stdout: MemoryOutputPipe, stderr: MemoryOutputPipe) -> WasiCtx
         .allow_tcp(false)
         .allow_udp(false)
         .allow_ip_name_lookup(false)
-        .secure_random(wasmtime_wasi::Deterministic::new(vec![0x5a, 0xa5, 0x3c, 0xc3]))
+        .secure_random(wasmtime_wasi::Deterministic::new(vec![
+            0x5a, 0xa5, 0x3c, 0xc3,
+        ]))
         .insecure_random(wasmtime_wasi::Deterministic::new(vec![0x96, 0x69]))
         .insecure_random_seed(0)
         .wall_clock(FrozenClock)

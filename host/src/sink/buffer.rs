@@ -136,7 +136,11 @@ impl EffectBuffer {
         Some(row)
     }
 
-    fn row_mut(&mut self, schema: &Arc<TableSchema>, key: &Key) -> Result<&mut RowState, EffectError> {
+    fn row_mut(
+        &mut self,
+        schema: &Arc<TableSchema>,
+        key: &Key,
+    ) -> Result<&mut RowState, EffectError> {
         let index = match self.by_table.get(&schema.qualified) {
             Some(i) => *i,
             None => {
@@ -144,7 +148,8 @@ impl EffectBuffer {
                     schema: schema.clone(),
                     rows: HashMap::default(),
                 });
-                self.by_table.insert(schema.qualified.clone(), self.tables.len() - 1);
+                self.by_table
+                    .insert(schema.qualified.clone(), self.tables.len() - 1);
                 self.tables.len() - 1
             }
         };
@@ -157,7 +162,10 @@ impl EffectBuffer {
                 )));
             }
             self.rows += 1;
-            return Ok(table.rows.entry(key.clone()).or_insert_with(|| RowState::new(schema.columns.len())));
+            return Ok(table
+                .rows
+                .entry(key.clone())
+                .or_insert_with(|| RowState::new(schema.columns.len())));
         }
         Ok(table.rows.get_mut(key).expect("checked above"))
     }
@@ -205,7 +213,13 @@ impl EffectBuffer {
                         value: value.clone(),
                     }),
                     (current, Merge::SetIfAbsent) => current,
-                    (Some(Pending { merge: Merge::Set, value: v }), m) => Some(Pending {
+                    (
+                        Some(Pending {
+                            merge: Merge::Set,
+                            value: v,
+                        }),
+                        m,
+                    ) => Some(Pending {
                         merge: Merge::Set,
                         value: apply(Some(&v), *m, value)?,
                     }),
@@ -271,7 +285,10 @@ impl EffectBuffer {
         stored: Option<Vec<SqlValue>>,
     ) -> Result<(), EffectError> {
         let row = self.row_mut(schema, key)?;
-        debug_assert!(!row.has_writes() && !row.delete_first, "flush the row before providing it");
+        debug_assert!(
+            !row.has_writes() && !row.delete_first,
+            "flush the row before providing it"
+        );
         row.known = match stored {
             Some(values) => Known::Present(values),
             None => Known::Absent,
@@ -281,7 +298,12 @@ impl EffectBuffer {
     }
 }
 
-fn validate_assignment(schema: &TableSchema, column: usize, merge: Merge, value: &SqlValue) -> Result<(), EffectError> {
+fn validate_assignment(
+    schema: &TableSchema,
+    column: usize,
+    merge: Merge,
+    value: &SqlValue,
+) -> Result<(), EffectError> {
     let col = &schema.columns[column];
     if schema.is_key(column) {
         return Err(EffectError::invalid(format!(
@@ -321,16 +343,44 @@ fn combine(
         (current, Merge::SetIfAbsent) if row_upserted => Ok(Some(current)),
         (Some(p), Merge::SetIfAbsent) => Ok(Some(Some(p))),
         (None, m) => pending(m, value.clone()),
-        (Some(Pending { merge: Merge::Set, value: v }), m) => pending(Merge::Set, apply(Some(&v), m, value)?),
-        (Some(Pending { merge: Merge::Add, value: a }), Merge::Add) => pending(Merge::Add, arith(&a, value, Merge::Add)?),
-        (Some(Pending { merge: Merge::Max, value: a }), Merge::Max) => pending(Merge::Max, arith(&a, value, Merge::Max)?),
-        (Some(Pending { merge: Merge::Min, value: a }), Merge::Min) => pending(Merge::Min, arith(&a, value, Merge::Min)?),
+        (
+            Some(Pending {
+                merge: Merge::Set,
+                value: v,
+            }),
+            m,
+        ) => pending(Merge::Set, apply(Some(&v), m, value)?),
+        (
+            Some(Pending {
+                merge: Merge::Add,
+                value: a,
+            }),
+            Merge::Add,
+        ) => pending(Merge::Add, arith(&a, value, Merge::Add)?),
+        (
+            Some(Pending {
+                merge: Merge::Max,
+                value: a,
+            }),
+            Merge::Max,
+        ) => pending(Merge::Max, arith(&a, value, Merge::Max)?),
+        (
+            Some(Pending {
+                merge: Merge::Min,
+                value: a,
+            }),
+            Merge::Min,
+        ) => pending(Merge::Min, arith(&a, value, Merge::Min)?),
         _ => Ok(None),
     }
 }
 
 /// Applies one write to a known stored value (`None`: the row is absent), as PostgreSQL would.
-fn apply(stored: Option<&SqlValue>, merge: Merge, value: &SqlValue) -> Result<SqlValue, EffectError> {
+fn apply(
+    stored: Option<&SqlValue>,
+    merge: Merge,
+    value: &SqlValue,
+) -> Result<SqlValue, EffectError> {
     match (stored, merge) {
         (_, Merge::Set) | (None, _) => Ok(value.clone()),
         (Some(stored), Merge::SetIfAbsent) => Ok(stored.clone()),
@@ -344,12 +394,16 @@ fn apply(stored: Option<&SqlValue>, merge: Merge, value: &SqlValue) -> Result<Sq
 fn arith(a: &SqlValue, b: &SqlValue, merge: Merge) -> Result<SqlValue, EffectError> {
     let overflow = || EffectError::invalid("integer overflow in add merge");
     Ok(match (a, b, merge) {
-        (SqlValue::Int(a), SqlValue::Int(b), Merge::Add) => SqlValue::Int(a.checked_add(*b).ok_or_else(overflow)?),
+        (SqlValue::Int(a), SqlValue::Int(b), Merge::Add) => {
+            SqlValue::Int(a.checked_add(*b).ok_or_else(overflow)?)
+        }
         (SqlValue::Int(a), SqlValue::Int(b), Merge::Max) => SqlValue::Int(*a.max(b)),
         (SqlValue::Int(a), SqlValue::Int(b), Merge::Min) => SqlValue::Int(*a.min(b)),
         (a, b, m) => {
             let (Some(x), Some(y)) = (as_f64(a), as_f64(b)) else {
-                return Err(EffectError::invalid(format!("cannot merge {a:?} and {b:?} with {m:?}")));
+                return Err(EffectError::invalid(format!(
+                    "cannot merge {a:?} and {b:?} with {m:?}"
+                )));
             };
             SqlValue::Float(match m {
                 Merge::Add => x + y,
@@ -379,8 +433,16 @@ mod tests {
 
     // Columns of the test schema: 0 id (key, text), 1 balance (int), 2 count (int), 3 best (int),
     // 4 first_seen (int), 5 note (text).
-    fn upsert(buf: &mut EffectBuffer, schema: &Arc<TableSchema>, id: &str, writes: &[(usize, Merge, i64)]) -> Need {
-        let assignments: Vec<_> = writes.iter().map(|(c, m, v)| (*c, *m, SqlValue::Int(*v))).collect();
+    fn upsert(
+        buf: &mut EffectBuffer,
+        schema: &Arc<TableSchema>,
+        id: &str,
+        writes: &[(usize, Merge, i64)],
+    ) -> Need {
+        let assignments: Vec<_> = writes
+            .iter()
+            .map(|(c, m, v)| (*c, *m, SqlValue::Int(*v)))
+            .collect();
         buf.upsert(schema, &key(id), &assignments).unwrap()
     }
 
@@ -393,11 +455,31 @@ mod tests {
         let schema = test_schema();
         let mut buf = EffectBuffer::new(100);
         for amount in [5, -2, 10] {
-            assert_eq!(upsert(&mut buf, &schema, "a", &[(1, Merge::Add, amount), (2, Merge::Add, 1)]), Need::Done);
+            assert_eq!(
+                upsert(
+                    &mut buf,
+                    &schema,
+                    "a",
+                    &[(1, Merge::Add, amount), (2, Merge::Add, 1)]
+                ),
+                Need::Done
+            );
         }
         let ops = ops(&buf, &schema, "a");
-        assert_eq!(ops[1], Some(Pending { merge: Merge::Add, value: SqlValue::Int(13) }));
-        assert_eq!(ops[2], Some(Pending { merge: Merge::Add, value: SqlValue::Int(3) }));
+        assert_eq!(
+            ops[1],
+            Some(Pending {
+                merge: Merge::Add,
+                value: SqlValue::Int(13)
+            })
+        );
+        assert_eq!(
+            ops[2],
+            Some(Pending {
+                merge: Merge::Add,
+                value: SqlValue::Int(3)
+            })
+        );
         assert_eq!(buf.len(), 1);
     }
 
@@ -405,12 +487,34 @@ mod tests {
     fn set_then_add_becomes_a_set_and_max_keeps_the_greatest() {
         let schema = test_schema();
         let mut buf = EffectBuffer::new(100);
-        upsert(&mut buf, &schema, "a", &[(1, Merge::Set, 7), (3, Merge::Max, 4)]);
-        upsert(&mut buf, &schema, "a", &[(1, Merge::Add, 3), (3, Merge::Max, 9)]);
+        upsert(
+            &mut buf,
+            &schema,
+            "a",
+            &[(1, Merge::Set, 7), (3, Merge::Max, 4)],
+        );
+        upsert(
+            &mut buf,
+            &schema,
+            "a",
+            &[(1, Merge::Add, 3), (3, Merge::Max, 9)],
+        );
         upsert(&mut buf, &schema, "a", &[(3, Merge::Max, 2)]);
         let ops = ops(&buf, &schema, "a");
-        assert_eq!(ops[1], Some(Pending { merge: Merge::Set, value: SqlValue::Int(10) }));
-        assert_eq!(ops[3], Some(Pending { merge: Merge::Max, value: SqlValue::Int(9) }));
+        assert_eq!(
+            ops[1],
+            Some(Pending {
+                merge: Merge::Set,
+                value: SqlValue::Int(10)
+            })
+        );
+        assert_eq!(
+            ops[3],
+            Some(Pending {
+                merge: Merge::Max,
+                value: SqlValue::Int(9)
+            })
+        );
     }
 
     #[test]
@@ -418,23 +522,57 @@ mod tests {
         let schema = test_schema();
         let mut buf = EffectBuffer::new(100);
         upsert(&mut buf, &schema, "a", &[(1, Merge::Add, 5)]);
-        let need = upsert(&mut buf, &schema, "a", &[(2, Merge::Add, 1), (1, Merge::Max, 100)]);
+        let need = upsert(
+            &mut buf,
+            &schema,
+            "a",
+            &[(2, Merge::Add, 1), (1, Merge::Max, 100)],
+        );
         assert_eq!(need, Need::Materialize);
         let ops = ops(&buf, &schema, "a");
-        assert_eq!(ops[1], Some(Pending { merge: Merge::Add, value: SqlValue::Int(5) }));
-        assert_eq!(ops[2], None, "the first assignment of the refused upsert must not stick");
+        assert_eq!(
+            ops[1],
+            Some(Pending {
+                merge: Merge::Add,
+                value: SqlValue::Int(5)
+            })
+        );
+        assert_eq!(
+            ops[2], None,
+            "the first assignment of the refused upsert must not stick"
+        );
     }
 
     #[test]
     fn set_if_absent_after_an_upsert_of_the_same_row_does_nothing() {
         let schema = test_schema();
         let mut buf = EffectBuffer::new(100);
-        upsert(&mut buf, &schema, "a", &[(2, Merge::Add, 1), (4, Merge::SetIfAbsent, 10)]);
-        upsert(&mut buf, &schema, "a", &[(2, Merge::Add, 1), (4, Merge::SetIfAbsent, 20)]);
+        upsert(
+            &mut buf,
+            &schema,
+            "a",
+            &[(2, Merge::Add, 1), (4, Merge::SetIfAbsent, 10)],
+        );
+        upsert(
+            &mut buf,
+            &schema,
+            "a",
+            &[(2, Merge::Add, 1), (4, Merge::SetIfAbsent, 20)],
+        );
         upsert(&mut buf, &schema, "b", &[(2, Merge::Add, 1)]);
         upsert(&mut buf, &schema, "b", &[(4, Merge::SetIfAbsent, 30)]);
-        assert_eq!(ops(&buf, &schema, "a")[4], Some(Pending { merge: Merge::SetIfAbsent, value: SqlValue::Int(10) }));
-        assert_eq!(ops(&buf, &schema, "b")[4], None, "row b existed after its first upsert");
+        assert_eq!(
+            ops(&buf, &schema, "a")[4],
+            Some(Pending {
+                merge: Merge::SetIfAbsent,
+                value: SqlValue::Int(10)
+            })
+        );
+        assert_eq!(
+            ops(&buf, &schema, "b")[4],
+            None,
+            "row b existed after its first upsert"
+        );
     }
 
     #[test]
@@ -444,13 +582,37 @@ mod tests {
         upsert(&mut buf, &schema, "a", &[(1, Merge::Add, 5)]);
         buf.delete(&schema, &key("a")).unwrap();
         assert_eq!(buf.get(&schema, &key("a")), Ok(None));
-        upsert(&mut buf, &schema, "a", &[(1, Merge::Add, 3), (3, Merge::Max, 2)]);
+        upsert(
+            &mut buf,
+            &schema,
+            "a",
+            &[(1, Merge::Add, 3), (3, Merge::Max, 2)],
+        );
         let row = buf.row(&schema, &key("a")).unwrap();
-        assert!(row.delete_first, "the stored row must be deleted before the insert");
+        assert!(
+            row.delete_first,
+            "the stored row must be deleted before the insert"
+        );
         assert_eq!(row.known, Known::Inserted);
-        assert_eq!(row.ops[1], Some(Pending { merge: Merge::Set, value: SqlValue::Int(3) }));
-        assert_eq!(row.ops[3], Some(Pending { merge: Merge::Set, value: SqlValue::Int(2) }));
-        assert_eq!(buf.get(&schema, &key("a")), Err(Need::Materialize), "defaults are unknown");
+        assert_eq!(
+            row.ops[1],
+            Some(Pending {
+                merge: Merge::Set,
+                value: SqlValue::Int(3)
+            })
+        );
+        assert_eq!(
+            row.ops[3],
+            Some(Pending {
+                merge: Merge::Set,
+                value: SqlValue::Int(2)
+            })
+        );
+        assert_eq!(
+            buf.get(&schema, &key("a")),
+            Err(Need::Materialize),
+            "defaults are unknown"
+        );
     }
 
     #[test]
@@ -467,21 +629,47 @@ mod tests {
             SqlValue::Null,
         ];
         buf.provide(&schema, &key("a"), Some(stored)).unwrap();
-        upsert(&mut buf, &schema, "a", &[(1, Merge::Add, -30), (2, Merge::Add, 1), (3, Merge::Max, 8), (4, Merge::SetIfAbsent, 9)]);
+        upsert(
+            &mut buf,
+            &schema,
+            "a",
+            &[
+                (1, Merge::Add, -30),
+                (2, Merge::Add, 1),
+                (3, Merge::Max, 8),
+                (4, Merge::SetIfAbsent, 9),
+            ],
+        );
         let row = buf.get(&schema, &key("a")).unwrap().unwrap();
         assert_eq!(row[1], SqlValue::Int(70));
         assert_eq!(row[2], SqlValue::Int(5));
         assert_eq!(row[3], SqlValue::Int(8), "GREATEST ignores a stored NULL");
-        assert_eq!(row[4], SqlValue::Int(1), "set-if-absent keeps the stored value");
+        assert_eq!(
+            row[4],
+            SqlValue::Int(1),
+            "set-if-absent keeps the stored value"
+        );
     }
 
     #[test]
     fn key_columns_and_non_numeric_adds_are_refused() {
         let schema = test_schema();
         let mut buf = EffectBuffer::new(100);
-        let err = buf.upsert(&schema, &key("a"), &[(0, Merge::Set, SqlValue::Text("b".into()))]).unwrap_err();
+        let err = buf
+            .upsert(
+                &schema,
+                &key("a"),
+                &[(0, Merge::Set, SqlValue::Text("b".into()))],
+            )
+            .unwrap_err();
         assert!(err.message.contains("primary key"), "{}", err.message);
-        let err = buf.upsert(&schema, &key("a"), &[(5, Merge::Add, SqlValue::Text("x".into()))]).unwrap_err();
+        let err = buf
+            .upsert(
+                &schema,
+                &key("a"),
+                &[(5, Merge::Add, SqlValue::Text("x".into()))],
+            )
+            .unwrap_err();
         assert!(err.message.contains("integer or float"), "{}", err.message);
     }
 
@@ -491,7 +679,9 @@ mod tests {
         let mut buf = EffectBuffer::new(2);
         upsert(&mut buf, &schema, "a", &[(2, Merge::Add, 1)]);
         upsert(&mut buf, &schema, "b", &[(2, Merge::Add, 1)]);
-        let err = buf.upsert(&schema, &key("c"), &[(2, Merge::Add, SqlValue::Int(1))]).unwrap_err();
+        let err = buf
+            .upsert(&schema, &key("c"), &[(2, Merge::Add, SqlValue::Int(1))])
+            .unwrap_err();
         assert!(err.message.contains("max_pending_rows"), "{}", err.message);
     }
 }

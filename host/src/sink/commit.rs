@@ -60,7 +60,10 @@ SELECT held, (SELECT count(*) FROM checkpoint) AS written, (SELECT count(*) FROM
   FROM guard";
 
 /// Writes checkpoints and the audit row if the fence holds. Runs inside the batch transaction.
-pub async fn record_batch(conn: &mut PgConnection, batch: &BatchCommit<'_>) -> Result<CommitOutcome, sqlx::Error> {
+pub async fn record_batch(
+    conn: &mut PgConnection,
+    batch: &BatchCommit<'_>,
+) -> Result<CommitOutcome, sqlx::Error> {
     let partitions: Vec<i32> = batch.partitions.iter().map(|(p, _)| p.as_i32()).collect();
     let epochs: Vec<i64> = batch.partitions.iter().map(|(_, e)| e.0).collect();
     let (held, _written, _audited): (bool, i64, i64) = sqlx::query_as(RECORD_BATCH)

@@ -17,7 +17,10 @@ use super::values::SqlValue;
 use super::EffectError;
 
 /// Flushes every buffered table.
-pub async fn flush_all(conn: &mut PgConnection, tables: Vec<TableBuffer>) -> Result<(), EffectError> {
+pub async fn flush_all(
+    conn: &mut PgConnection,
+    tables: Vec<TableBuffer>,
+) -> Result<(), EffectError> {
     for table in tables {
         let mut rows: Vec<(Key, RowState)> = table.rows.into_iter().collect();
         rows.sort_by(|a, b| a.0.cmp(&b.0));
@@ -27,13 +30,22 @@ pub async fn flush_all(conn: &mut PgConnection, tables: Vec<TableBuffer>) -> Res
 }
 
 /// Flushes rows of one table: deletes first, then one upsert per write shape.
-pub async fn flush_rows(conn: &mut PgConnection, schema: &TableSchema, rows: &[(Key, RowState)]) -> Result<(), EffectError> {
-    let deletes: Vec<&Key> = rows.iter().filter(|(_, r)| r.delete_first).map(|(k, _)| k).collect();
+pub async fn flush_rows(
+    conn: &mut PgConnection,
+    schema: &TableSchema,
+    rows: &[(Key, RowState)],
+) -> Result<(), EffectError> {
+    let deletes: Vec<&Key> = rows
+        .iter()
+        .filter(|(_, r)| r.delete_first)
+        .map(|(k, _)| k)
+        .collect();
     if !deletes.is_empty() {
         delete_rows(conn, schema, &deletes).await?;
     }
     // Shape: which columns are written, and how. Rows of one shape share a statement.
-    let mut shapes: BTreeMap<Vec<(usize, Merge)>, Vec<(&Key, &RowState)>> = BTreeMap::new();
+    type Shape = Vec<(usize, Merge)>;
+    let mut shapes: BTreeMap<Shape, Vec<(&Key, &RowState)>> = BTreeMap::new();
     for (key, row) in rows {
         if !row.has_writes() {
             continue;
@@ -52,7 +64,11 @@ pub async fn flush_rows(conn: &mut PgConnection, schema: &TableSchema, rows: &[(
     Ok(())
 }
 
-async fn delete_rows(conn: &mut PgConnection, schema: &TableSchema, keys: &[&Key]) -> Result<(), EffectError> {
+async fn delete_rows(
+    conn: &mut PgConnection,
+    schema: &TableSchema,
+    keys: &[&Key],
+) -> Result<(), EffectError> {
     let mut sql = format!("DELETE FROM {} AS t USING unnest(", schema.qualified);
     push_params(&mut sql, schema, &schema.key, 1);
     sql.push_str(") AS u(");
@@ -70,7 +86,10 @@ async fn delete_rows(conn: &mut PgConnection, schema: &TableSchema, keys: &[&Key
         let values = keys.iter().map(|k| k[i].to_sql());
         query = bind_column(query, schema.columns[*column].kind, values);
     }
-    query.execute(&mut *conn).await.map_err(|e| EffectError::from_sql(&e))?;
+    query
+        .execute(&mut *conn)
+        .await
+        .map_err(|e| EffectError::from_sql(&e))?;
     Ok(())
 }
 
@@ -80,7 +99,12 @@ async fn upsert_rows(
     shape: &[(usize, Merge)],
     rows: &[(&Key, &RowState)],
 ) -> Result<(), EffectError> {
-    let columns: Vec<usize> = schema.key.iter().copied().chain(shape.iter().map(|(c, _)| *c)).collect();
+    let columns: Vec<usize> = schema
+        .key
+        .iter()
+        .copied()
+        .chain(shape.iter().map(|(c, _)| *c))
+        .collect();
     let mut sql = format!("INSERT INTO {} AS t (", schema.qualified);
     for (i, c) in columns.iter().enumerate() {
         if i > 0 {
@@ -129,7 +153,11 @@ async fn upsert_rows(
 
     let mut query = sqlx::query(&sql);
     for (i, column) in schema.key.iter().enumerate() {
-        query = bind_column(query, schema.columns[*column].kind, rows.iter().map(|(k, _)| k[i].to_sql()));
+        query = bind_column(
+            query,
+            schema.columns[*column].kind,
+            rows.iter().map(|(k, _)| k[i].to_sql()),
+        );
     }
     for (column, _) in shape {
         let values = rows.iter().map(|(_, r)| match &r.ops[*column] {
@@ -138,7 +166,10 @@ async fn upsert_rows(
         });
         query = bind_column(query, schema.columns[*column].kind, values);
     }
-    query.execute(&mut *conn).await.map_err(|e| EffectError::from_sql(&e))?;
+    query
+        .execute(&mut *conn)
+        .await
+        .map_err(|e| EffectError::from_sql(&e))?;
     Ok(())
 }
 
@@ -147,7 +178,12 @@ fn push_params(sql: &mut String, schema: &TableSchema, columns: &[usize], first:
         if i > 0 {
             sql.push_str(", ");
         }
-        let _ = write!(sql, "${}::{}", first + i, schema.columns[*c].kind.bind_array_type());
+        let _ = write!(
+            sql,
+            "${}::{}",
+            first + i,
+            schema.columns[*c].kind.bind_array_type()
+        );
     }
 }
 
@@ -169,35 +205,59 @@ fn bind_column<'q>(
     // Values were checked against the column kind when buffered, so each kind sees only its
     // own variant or Null.
     match kind {
-        ColumnKind::Int => query.bind(values.map(|v| match v {
-            SqlValue::Int(i) => Some(i),
-            _ => None,
-        }).collect::<Vec<_>>()),
-        ColumnKind::Float => query.bind(values.map(|v| match v {
-            SqlValue::Float(f) => Some(f),
-            SqlValue::Int(i) => Some(i as f64),
-            _ => None,
-        }).collect::<Vec<_>>()),
-        ColumnKind::Bool => query.bind(values.map(|v| match v {
-            SqlValue::Bool(b) => Some(b),
-            _ => None,
-        }).collect::<Vec<_>>()),
-        ColumnKind::Bytes => query.bind(values.map(|v| match v {
-            SqlValue::Bytes(b) => Some(b),
-            _ => None,
-        }).collect::<Vec<_>>()),
-        _ => query.bind(values.map(|v| match v {
-            SqlValue::Text(s) => Some(s),
-            SqlValue::Int(i) => Some(i.to_string()),
-            SqlValue::Float(f) => Some(f.to_string()),
-            SqlValue::Bool(b) => Some(b.to_string()),
-            SqlValue::Null | SqlValue::Bytes(_) => None,
-        }).collect::<Vec<_>>()),
+        ColumnKind::Int => query.bind(
+            values
+                .map(|v| match v {
+                    SqlValue::Int(i) => Some(i),
+                    _ => None,
+                })
+                .collect::<Vec<_>>(),
+        ),
+        ColumnKind::Float => query.bind(
+            values
+                .map(|v| match v {
+                    SqlValue::Float(f) => Some(f),
+                    SqlValue::Int(i) => Some(i as f64),
+                    _ => None,
+                })
+                .collect::<Vec<_>>(),
+        ),
+        ColumnKind::Bool => query.bind(
+            values
+                .map(|v| match v {
+                    SqlValue::Bool(b) => Some(b),
+                    _ => None,
+                })
+                .collect::<Vec<_>>(),
+        ),
+        ColumnKind::Bytes => query.bind(
+            values
+                .map(|v| match v {
+                    SqlValue::Bytes(b) => Some(b),
+                    _ => None,
+                })
+                .collect::<Vec<_>>(),
+        ),
+        _ => query.bind(
+            values
+                .map(|v| match v {
+                    SqlValue::Text(s) => Some(s),
+                    SqlValue::Int(i) => Some(i.to_string()),
+                    SqlValue::Float(f) => Some(f.to_string()),
+                    SqlValue::Bool(b) => Some(b.to_string()),
+                    SqlValue::Null | SqlValue::Bytes(_) => None,
+                })
+                .collect::<Vec<_>>(),
+        ),
     }
 }
 
 /// Reads one stored row (locking it for the rest of the batch), in column order.
-pub async fn fetch_row(conn: &mut PgConnection, schema: &TableSchema, key: &Key) -> Result<Option<Vec<SqlValue>>, EffectError> {
+pub async fn fetch_row(
+    conn: &mut PgConnection,
+    schema: &TableSchema,
+    key: &Key,
+) -> Result<Option<Vec<SqlValue>>, EffectError> {
     let mut sql = String::from("SELECT ");
     for (i, col) in schema.columns.iter().enumerate() {
         if i > 0 {
@@ -211,23 +271,47 @@ pub async fn fetch_row(conn: &mut PgConnection, schema: &TableSchema, key: &Key)
         if i > 0 {
             sql.push_str(" AND ");
         }
-        let _ = write!(sql, "{} = (${}::{})[1]::{}", col.quoted, i + 1, col.kind.bind_array_type(), col.sql_type);
+        let _ = write!(
+            sql,
+            "{} = (${}::{})[1]::{}",
+            col.quoted,
+            i + 1,
+            col.kind.bind_array_type(),
+            col.sql_type
+        );
     }
     sql.push_str(" FOR UPDATE");
     let mut query = sqlx::query(&sql);
     for (i, c) in schema.key.iter().enumerate() {
-        query = bind_column(query, schema.columns[*c].kind, std::iter::once(key[i].to_sql()));
+        query = bind_column(
+            query,
+            schema.columns[*c].kind,
+            std::iter::once(key[i].to_sql()),
+        );
     }
-    let row = query.fetch_optional(&mut *conn).await.map_err(|e| EffectError::from_sql(&e))?;
+    let row = query
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(|e| EffectError::from_sql(&e))?;
     let Some(row) = row else { return Ok(None) };
     let mut values = Vec::with_capacity(schema.columns.len());
     for (i, col) in schema.columns.iter().enumerate() {
         let value = match col.kind {
-            ColumnKind::Int => row.try_get::<Option<i64>, _>(i).map(|v| v.map_or(SqlValue::Null, SqlValue::Int)),
-            ColumnKind::Float => row.try_get::<Option<f64>, _>(i).map(|v| v.map_or(SqlValue::Null, SqlValue::Float)),
-            ColumnKind::Bool => row.try_get::<Option<bool>, _>(i).map(|v| v.map_or(SqlValue::Null, SqlValue::Bool)),
-            ColumnKind::Bytes => row.try_get::<Option<Vec<u8>>, _>(i).map(|v| v.map_or(SqlValue::Null, SqlValue::Bytes)),
-            _ => row.try_get::<Option<String>, _>(i).map(|v| v.map_or(SqlValue::Null, SqlValue::Text)),
+            ColumnKind::Int => row
+                .try_get::<Option<i64>, _>(i)
+                .map(|v| v.map_or(SqlValue::Null, SqlValue::Int)),
+            ColumnKind::Float => row
+                .try_get::<Option<f64>, _>(i)
+                .map(|v| v.map_or(SqlValue::Null, SqlValue::Float)),
+            ColumnKind::Bool => row
+                .try_get::<Option<bool>, _>(i)
+                .map(|v| v.map_or(SqlValue::Null, SqlValue::Bool)),
+            ColumnKind::Bytes => row
+                .try_get::<Option<Vec<u8>>, _>(i)
+                .map(|v| v.map_or(SqlValue::Null, SqlValue::Bytes)),
+            _ => row
+                .try_get::<Option<String>, _>(i)
+                .map(|v| v.map_or(SqlValue::Null, SqlValue::Text)),
         }
         .map_err(|e| EffectError::from_sql(&e))?;
         values.push(value);

@@ -99,7 +99,11 @@ impl TableSchema {
             EffectError::invalid(format!(
                 "table '{}' has no column '{name}' (columns: {})",
                 self.name,
-                self.columns.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", ")
+                self.columns
+                    .iter()
+                    .map(|c| c.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ))
         })
     }
@@ -179,7 +183,11 @@ pub struct SchemaCache {
 }
 
 impl SchemaCache {
-    pub async fn get(&mut self, conn: &mut PgConnection, name: &str) -> Result<Arc<TableSchema>, EffectError> {
+    pub async fn get(
+        &mut self,
+        conn: &mut PgConnection,
+        name: &str,
+    ) -> Result<Arc<TableSchema>, EffectError> {
         if let Some(schema) = self.tables.get(name) {
             return Ok(schema.clone());
         }
@@ -190,20 +198,6 @@ impl SchemaCache {
 
     pub fn clear(&mut self) {
         self.tables.clear();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn catalog_type_names_map_to_binding_kinds() {
-        assert_eq!(ColumnKind::from_type_name("bigint"), ColumnKind::Int);
-        assert_eq!(ColumnKind::from_type_name("numeric(12,2)"), ColumnKind::Numeric);
-        assert_eq!(ColumnKind::from_type_name("character varying(40)"), ColumnKind::Text);
-        assert_eq!(ColumnKind::from_type_name("jsonb"), ColumnKind::Json);
-        assert_eq!(ColumnKind::from_type_name("uuid"), ColumnKind::Other);
     }
 }
 
@@ -227,7 +221,11 @@ pub fn test_schema() -> Arc<TableSchema> {
         kind: ColumnKind::from_type_name(ty),
     })
     .collect();
-    let by_name = columns.iter().enumerate().map(|(i, c)| (c.name.clone(), i)).collect();
+    let by_name = columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.name.clone(), i))
+        .collect();
     Arc::new(TableSchema {
         name: "accounts".into(),
         qualified: "\"rm\".\"accounts\"".into(),
@@ -235,4 +233,24 @@ pub fn test_schema() -> Arc<TableSchema> {
         key: vec![0],
         by_name,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn catalog_type_names_map_to_binding_kinds() {
+        assert_eq!(ColumnKind::from_type_name("bigint"), ColumnKind::Int);
+        assert_eq!(
+            ColumnKind::from_type_name("numeric(12,2)"),
+            ColumnKind::Numeric
+        );
+        assert_eq!(
+            ColumnKind::from_type_name("character varying(40)"),
+            ColumnKind::Text
+        );
+        assert_eq!(ColumnKind::from_type_name("jsonb"), ColumnKind::Json);
+        assert_eq!(ColumnKind::from_type_name("uuid"), ColumnKind::Other);
+    }
 }

@@ -12,10 +12,17 @@ use super::values::PluginValue;
 use super::EffectError;
 
 /// Runs a statement; returns the rows affected.
-pub async fn execute(conn: &mut PgConnection, sql: &str, params: Vec<PluginValue>) -> Result<u64, EffectError> {
+pub async fn execute(
+    conn: &mut PgConnection,
+    sql: &str,
+    params: Vec<PluginValue>,
+) -> Result<u64, EffectError> {
     let types = parameter_types(conn, sql, params.len()).await?;
     let query = bind_all(sqlx::query(sql), &types, params)?;
-    let done = query.execute(&mut *conn).await.map_err(|e| EffectError::from_sql(&e))?;
+    let done = query
+        .execute(&mut *conn)
+        .await
+        .map_err(|e| EffectError::from_sql(&e))?;
     Ok(done.rows_affected())
 }
 
@@ -28,7 +35,10 @@ pub async fn query(
 ) -> Result<Vec<Vec<PluginValue>>, EffectError> {
     let types = parameter_types(conn, sql, params.len()).await?;
     let query = bind_all(sqlx::query(sql), &types, params)?;
-    let rows = query.fetch_all(&mut *conn).await.map_err(|e| EffectError::from_sql(&e))?;
+    let rows = query
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(|e| EffectError::from_sql(&e))?;
     if rows.len() > max_rows {
         return Err(EffectError::limit(format!(
             "query returned {} rows; a plugin query may return at most {max_rows} (limit max_query_rows)",
@@ -38,8 +48,15 @@ pub async fn query(
     rows.iter().map(decode_row).collect()
 }
 
-async fn parameter_types(conn: &mut PgConnection, sql: &str, given: usize) -> Result<Vec<PgTypeInfo>, EffectError> {
-    let statement = (&mut *conn).prepare(sql).await.map_err(|e| EffectError::from_sql(&e))?;
+async fn parameter_types(
+    conn: &mut PgConnection,
+    sql: &str,
+    given: usize,
+) -> Result<Vec<PgTypeInfo>, EffectError> {
+    let statement = (&mut *conn)
+        .prepare(sql)
+        .await
+        .map_err(|e| EffectError::from_sql(&e))?;
     let types = match sqlx::Statement::parameters(&statement) {
         Some(Either::Left(types)) => types.to_vec(),
         Some(Either::Right(n)) => vec![PgTypeInfo::with_name("TEXT"); n],

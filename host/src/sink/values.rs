@@ -29,7 +29,11 @@ pub enum PluginValue {
 
 impl SqlValue {
     /// Converts a plugin value for a column of `kind`, refusing lossy or meaningless pairs.
-    pub fn for_column(value: PluginValue, kind: ColumnKind, column: &str) -> Result<SqlValue, EffectError> {
+    pub fn for_column(
+        value: PluginValue,
+        kind: ColumnKind,
+        column: &str,
+    ) -> Result<SqlValue, EffectError> {
         use ColumnKind as K;
         use PluginValue as V;
         Ok(match (value, kind) {
@@ -90,7 +94,11 @@ pub enum KeyPart {
 }
 
 impl KeyPart {
-    pub fn for_column(value: PluginValue, kind: ColumnKind, column: &str) -> Result<KeyPart, EffectError> {
+    pub fn for_column(
+        value: PluginValue,
+        kind: ColumnKind,
+        column: &str,
+    ) -> Result<KeyPart, EffectError> {
         match SqlValue::for_column(value, kind, column)? {
             SqlValue::Int(v) => Ok(KeyPart::Int(v)),
             SqlValue::Bool(v) => Ok(KeyPart::Bool(v)),
@@ -129,7 +137,8 @@ mod tests {
             SqlValue::for_column(PluginValue::Int(5), ColumnKind::Numeric, "n").unwrap(),
             SqlValue::Text("5".into())
         );
-        let err = SqlValue::for_column(PluginValue::Text("5".into()), ColumnKind::Int, "n").unwrap_err();
+        let err =
+            SqlValue::for_column(PluginValue::Text("5".into()), ColumnKind::Int, "n").unwrap_err();
         assert!(err.message.contains("column 'n'"), "{}", err.message);
     }
 

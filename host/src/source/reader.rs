@@ -43,7 +43,13 @@ impl EventReader {
     }
 
     /// Subscribed events with `after < global_position <= up_to`, at most `limit`, in order.
-    pub async fn read(&self, conn: &mut PgConnection, after: i64, up_to: i64, limit: u32) -> Result<Vec<StoredEvent>, sqlx::Error> {
+    pub async fn read(
+        &self,
+        conn: &mut PgConnection,
+        after: i64,
+        up_to: i64,
+        limit: u32,
+    ) -> Result<Vec<StoredEvent>, sqlx::Error> {
         // Unused parameters are still bound: PostgreSQL ignores extra ones only if they are
         // typed, which these are.
         let mut query = sqlx::query_as::<_, StoredEvent>(&self.sql)

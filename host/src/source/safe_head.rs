@@ -112,7 +112,11 @@ pub enum SafeHeadError {
          positions would then be handed out out of order and gap proofs would be unsound. \
          Run: ALTER SEQUENCE {sequence} CACHE 1"
     )]
-    CachedSequence { table: String, sequence: String, cache: i64 },
+    CachedSequence {
+        table: String,
+        sequence: String,
+        cache: i64,
+    },
     #[error(transparent)]
     Sql(#[from] sqlx::Error),
     #[error(transparent)]
@@ -139,9 +143,11 @@ impl SafeHeadTracker {
             });
         };
         check_sequence(&mut conn, &events).await?;
-        let start: i64 = sqlx::query_scalar("SELECT coalesce(max(position), 0) FROM projection_host.checkpoints")
-            .fetch_one(&mut conn)
-            .await?;
+        let start: i64 = sqlx::query_scalar(
+            "SELECT coalesce(max(position), 0) FROM projection_host.checkpoints",
+        )
+        .fetch_one(&mut conn)
+        .await?;
         let (tx, rx) = watch::channel(Head {
             safe: start,
             raw: start,
@@ -193,7 +199,11 @@ impl SafeHeadTracker {
             delay = if progressed {
                 Duration::ZERO
             } else if failures > 0 {
-                crate::pipeline::retry::backoff(failures, Duration::from_millis(100), Duration::from_secs(5))
+                crate::pipeline::retry::backoff(
+                    failures,
+                    Duration::from_millis(100),
+                    Duration::from_secs(5),
+                )
             } else {
                 (delay * 2).clamp(MIN_POLL, self.max_poll)
             };
@@ -263,12 +273,13 @@ impl SafeHeadTracker {
                         AND l.mode <> 'AccessShareLock' AND l.pid IS DISTINCT FROM pg_backend_pid())",
             t = self.events
         );
-        let (positions, writers, raw_head, oldest_writer_ms): (Vec<i64>, Vec<String>, i64, i64) = sqlx::query_as(&sql)
-            .bind(self.scanned_to)
-            .bind(SCAN_PAGE)
-            .bind(self.events_oid)
-            .fetch_one(&mut *conn)
-            .await?;
+        let (positions, writers, raw_head, oldest_writer_ms): (Vec<i64>, Vec<String>, i64, i64) =
+            sqlx::query_as(&sql)
+                .bind(self.scanned_to)
+                .bind(SCAN_PAGE)
+                .bind(self.events_oid)
+                .fetch_one(&mut *conn)
+                .await?;
         Ok(Scan {
             positions,
             writers,
@@ -281,7 +292,11 @@ impl SafeHeadTracker {
     async fn settle_holes(&mut self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
         // Step 2: which recorded writers are still alive. Must run before the visibility check.
         let all_writers: Vec<String> = {
-            let mut w: Vec<String> = self.holes.values().flat_map(|h| h.writers.iter().cloned()).collect();
+            let mut w: Vec<String> = self
+                .holes
+                .values()
+                .flat_map(|h| h.writers.iter().cloned())
+                .collect();
             w.sort();
             w.dedup();
             w
@@ -341,10 +356,15 @@ impl SafeHeadTracker {
         Ok(())
     }
 
-    async fn record_passed(&self, conn: &mut PgConnection, passed: &[(i64, i64, SystemTime, Duration)]) -> Result<(), sqlx::Error> {
+    async fn record_passed(
+        &self,
+        conn: &mut PgConnection,
+        passed: &[(i64, i64, SystemTime, Duration)],
+    ) -> Result<(), sqlx::Error> {
         let from: Vec<i64> = passed.iter().map(|p| p.0).collect();
         let to: Vec<i64> = passed.iter().map(|p| p.1).collect();
-        let observed: Vec<chrono::DateTime<chrono::Utc>> = passed.iter().map(|p| p.2.into()).collect();
+        let observed: Vec<chrono::DateTime<chrono::Utc>> =
+            passed.iter().map(|p| p.2.into()).collect();
         let waited: Vec<i64> = passed.iter().map(|p| p.3.as_millis() as i64).collect();
         sqlx::query(
             "INSERT INTO projection_host.holes (from_position, to_position, observed_at, waited_ms, reason)
@@ -361,7 +381,12 @@ impl SafeHeadTracker {
         for (f, t, _, waited) in passed {
             let count = t - f + 1;
             self.metrics.holes_passed.inc_by(count as u64);
-            tracing::info!(from = f, to = t, waited_ms = waited.as_millis() as u64, "passed a hole in global_position: proven final");
+            tracing::info!(
+                from = f,
+                to = t,
+                waited_ms = waited.as_millis() as u64,
+                "passed a hole in global_position: proven final"
+            );
         }
         Ok(())
     }
@@ -371,8 +396,12 @@ impl SafeHeadTracker {
             Some((start, hole)) => (start - 1, hole.seen_at.elapsed().as_millis() as u64),
             None => (self.scanned_to, 0),
         };
-        self.metrics.oldest_writer_seconds.set(oldest_writer_ms as f64 / 1000.0);
-        self.metrics.safe_head_held_back_seconds.set(held_back_ms as f64 / 1000.0);
+        self.metrics
+            .oldest_writer_seconds
+            .set(oldest_writer_ms as f64 / 1000.0);
+        self.metrics
+            .safe_head_held_back_seconds
+            .set(held_back_ms as f64 / 1000.0);
         self.metrics.stream_head.set(raw as f64);
         self.tx.send_if_modified(|head| {
             let next = Head {
@@ -395,7 +424,10 @@ struct Scan {
     oldest_writer_ms: u64,
 }
 
-async fn check_sequence(conn: &mut PgConnection, events: &QualifiedName) -> Result<(), SafeHeadError> {
+async fn check_sequence(
+    conn: &mut PgConnection,
+    events: &QualifiedName,
+) -> Result<(), SafeHeadError> {
     let row: Option<(String, i64)> = sqlx::query_as(
         "SELECT s.seqrelid::regclass::text, s.seqcache
            FROM pg_sequence s

@@ -55,7 +55,11 @@ pub async fn listen(config: DbConfig, routes: Vec<(String, Wakeup)>, cancel: Can
             Ok(()) => return,
             Err(e) => {
                 failures += 1;
-                let delay = crate::pipeline::retry::backoff(failures, Duration::from_millis(200), Duration::from_secs(30));
+                let delay = crate::pipeline::retry::backoff(
+                    failures,
+                    Duration::from_millis(200),
+                    Duration::from_secs(30),
+                );
                 tracing::warn!(error = %e, retry_in = ?delay, "notification listener failed; polling continues meanwhile");
                 tokio::select! {
                     _ = cancel.cancelled() => return,

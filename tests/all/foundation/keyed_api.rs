@@ -19,7 +19,14 @@ struct Row {
 }
 
 /// PostgreSQL's semantics of each operation, applied one by one.
-fn apply(model: &mut BTreeMap<String, Row>, observed: &mut BTreeMap<i64, Option<i64>>, position: i64, op: &str, key: &str, value: i64) {
+fn apply(
+    model: &mut BTreeMap<String, Row>,
+    observed: &mut BTreeMap<i64, Option<i64>>,
+    position: i64,
+    op: &str,
+    key: &str,
+    value: i64,
+) {
     match op {
         "add" => model.entry(key.into()).or_default().n += value,
         "set" => model.entry(key.into()).or_default().n = value,
@@ -34,7 +41,14 @@ fn apply(model: &mut BTreeMap<String, Row>, observed: &mut BTreeMap<i64, Option<
         "first" => match model.get_mut(key) {
             Some(row) => row.n += 1,
             None => {
-                model.insert(key.into(), Row { n: 1, first: Some(value), ..Row::default() });
+                model.insert(
+                    key.into(),
+                    Row {
+                        n: 1,
+                        first: Some(value),
+                        ..Row::default()
+                    },
+                );
             }
         },
         "del" => {
@@ -57,28 +71,59 @@ fn apply(model: &mut BTreeMap<String, Row>, observed: &mut BTreeMap<i64, Option<
 async fn keyed_writes_and_reads_match_a_sequential_model() {
     let db = TestDb::new("keyed").await;
     let mut rng = rand::rngs::StdRng::seed_from_u64(20261125);
-    let ops = ["add", "add", "add", "set", "max", "min", "first", "first", "del", "get", "get", "sql"];
+    let ops = [
+        "add", "add", "add", "set", "max", "min", "first", "first", "del", "get", "get", "sql",
+    ];
     let mut model = BTreeMap::new();
     let mut observed = BTreeMap::new();
     for _ in 0..3_000 {
         let op = ops[rng.random_range(0..ops.len())];
         let key = format!("k{}", rng.random_range(0..25));
         let value = rng.random_range(-50..50);
-        let position = db.append("Kv", &key, op, json!({"key": key, "value": value})).await;
+        let position = db
+            .append("Kv", &key, op, json!({"key": key, "value": value}))
+            .await;
         apply(&mut model, &mut observed, position, op, &key, value);
     }
-    let mut host = Host::run("keyed", &db.url, &["--once", "--plugin", test_artifacts::GUEST_KV_OPS, "--batch-size", "37", "--max-batch-size", "400"]);
-    assert!(host.wait(Duration::from_secs(120)).await.success(), "{}", host.log());
+    let mut host = Host::run(
+        "keyed",
+        &db.url,
+        &[
+            "--once",
+            "--plugin",
+            test_artifacts::GUEST_KV_OPS,
+            "--batch-size",
+            "37",
+            "--max-batch-size",
+            "400",
+        ],
+    );
+    assert!(
+        host.wait(Duration::from_secs(120)).await.success(),
+        "{}",
+        host.log()
+    );
 
-    let rows: Vec<(String, i64, Option<i64>, Option<i64>, Option<String>)> =
-        sqlx::query_as("SELECT k, n, hi, first, note FROM kv_ops.kv ORDER BY k").fetch_all(&db.pool).await.unwrap();
+    type Stored = (String, i64, Option<i64>, Option<i64>, Option<String>);
+    let rows: Vec<Stored> =
+        sqlx::query_as("SELECT k, n, hi, first, note FROM kv_ops.kv ORDER BY k")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
     let stored: BTreeMap<String, Row> = rows
         .into_iter()
         .map(|(k, n, hi, first, note)| (k, Row { n, hi, first, note }))
         .collect();
-    assert_eq!(stored, model, "the read model differs from the sequential model");
+    assert_eq!(
+        stored, model,
+        "the read model differs from the sequential model"
+    );
 
-    let reads: Vec<(i64, Option<i64>)> = sqlx::query_as("SELECT seq, n FROM kv_ops.observed ORDER BY seq").fetch_all(&db.pool).await.unwrap();
+    let reads: Vec<(i64, Option<i64>)> =
+        sqlx::query_as("SELECT seq, n FROM kv_ops.observed ORDER BY seq")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
     let reads: BTreeMap<i64, Option<i64>> = reads.into_iter().collect();
     assert_eq!(reads, observed, "a read did not see the writes before it");
     db.drop_db().await;

@@ -33,10 +33,14 @@ async fn poison_is_contained(label: &str, poison: &str, expected_error: &str) {
     // The failure is reported with the projection, the position and the reason ...
     let isolated = format!("[while handling event at position {poison_at}]");
     // The single failing event is retried (with backoff) rather than skipped.
-    let log = eventually("the failing event to be retried", Duration::from_secs(60), || async {
-        let log = host.log();
-        (log.lines().filter(|l| l.contains(&isolated)).count() >= 2).then_some(log)
-    })
+    let log = eventually(
+        "the failing event to be retried",
+        Duration::from_secs(60),
+        || async {
+            let log = host.log();
+            (log.lines().filter(|l| l.contains(&isolated)).count() >= 2).then_some(log)
+        },
+    )
     .await;
     for line in log.lines().filter(|l| l.contains(&isolated)) {
         assert!(line.contains(expected_error), "{line}");
@@ -45,26 +49,39 @@ async fn poison_is_contained(label: &str, poison: &str, expected_error: &str) {
 
     // ... the failing batch rolled back; the host narrowed it down and committed exactly the
     // events before the poison, none after it ...
-    eventually("the events before the poison to be committed", Duration::from_secs(60), || async {
-        (db.lowest_checkpoint("faulty").await == poison_at - 1).then_some(())
-    })
+    eventually(
+        "the events before the poison to be committed",
+        Duration::from_secs(60),
+        || async { (db.lowest_checkpoint("faulty").await == poison_at - 1).then_some(()) },
+    )
     .await;
-    let seen: Vec<String> = sqlx::query_scalar("SELECT aggregate_id FROM faulty.seen ORDER BY 1").fetch_all(&db.pool).await.unwrap();
+    let seen: Vec<String> = sqlx::query_scalar("SELECT aggregate_id FROM faulty.seen ORDER BY 1")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
     assert_eq!(seen, ["a1", "a2"]);
 
     // ... and the other projection keeps going, also with events appended after the failure.
     db.append_w1(2_000, 2_999, 20).await;
-    let head = db.scalar_i64("SELECT max(global_position) FROM events").await;
-    eventually("bank_balances to catch up", Duration::from_secs(60), || async {
-        (db.lowest_checkpoint("bank_balances").await >= head).then_some(())
-    })
+    let head = db
+        .scalar_i64("SELECT max(global_position) FROM events")
+        .await;
+    eventually(
+        "bank_balances to catch up",
+        Duration::from_secs(60),
+        || async { (db.lowest_checkpoint("bank_balances").await >= head).then_some(()) },
+    )
     .await;
     assert!(db.check_w1().await.exact());
 
     let mut host = host;
     assert!(host.is_running(), "the host must survive a failing plugin");
     host.signal(libc::SIGTERM);
-    assert!(host.wait(Duration::from_secs(30)).await.success(), "{}", host.log());
+    assert!(
+        host.wait(Duration::from_secs(30)).await.success(),
+        "{}",
+        host.log()
+    );
     db.drop_db().await;
 }
 
@@ -75,12 +92,22 @@ async fn a_trapping_plugin_is_contained() {
 
 #[tokio::test]
 async fn an_endless_loop_hits_the_cpu_deadline() {
-    poison_is_contained("loop", "Loop", "exceeded its CPU deadline of 1s (limit plugin_call_timeout)").await;
+    poison_is_contained(
+        "loop",
+        "Loop",
+        "exceeded its CPU deadline of 1s (limit plugin_call_timeout)",
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn a_memory_hog_hits_the_memory_limit() {
-    poison_is_contained("hog", "Hog", "exceeded its memory limit of 32 MiB (limit plugin_memory_limit)").await;
+    poison_is_contained(
+        "hog",
+        "Hog",
+        "exceeded its memory limit of 32 MiB (limit plugin_memory_limit)",
+    )
+    .await;
 }
 
 #[tokio::test]

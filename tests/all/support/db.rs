@@ -15,7 +15,8 @@ pub struct TestDb {
 }
 
 async fn admin() -> PgConnection {
-    let options: sqlx::postgres::PgConnectOptions = server_url().parse().expect("a valid TEST_DATABASE_URL");
+    let options: sqlx::postgres::PgConnectOptions =
+        server_url().parse().expect("a valid TEST_DATABASE_URL");
     PgConnection::connect_with(&options.disable_statement_logging())
         .await
         .expect("the test PostgreSQL server must be reachable (set TEST_DATABASE_URL)")
@@ -26,7 +27,10 @@ impl TestDb {
     pub async fn new(label: &str) -> TestDb {
         let name = format!("t_{label}_{:08x}", rand::random::<u32>());
         let mut admin = admin().await;
-        sqlx::query(&format!("CREATE DATABASE \"{name}\"")).execute(&mut admin).await.unwrap();
+        sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+            .execute(&mut admin)
+            .await
+            .unwrap();
         let mut url = url::Url::parse(&server_url()).unwrap();
         url.set_path(&format!("/{name}"));
         let url = url.to_string();
@@ -36,7 +40,10 @@ impl TestDb {
             .connect_with(options.disable_statement_logging())
             .await
             .unwrap();
-        sqlx::raw_sql(include_str!("../../../bench/w1/w1-schema.sql")).execute(&pool).await.unwrap();
+        sqlx::raw_sql(include_str!("../../../bench/w1/w1-schema.sql"))
+            .execute(&pool)
+            .await
+            .unwrap();
         TestDb { name, url, pool }
     }
 
@@ -50,7 +57,13 @@ impl TestDb {
     }
 
     /// Appends one event with a JSON payload, committed at once; returns its position.
-    pub async fn append(&self, context: &str, aggregate_id: &str, event_type: &str, payload: serde_json::Value) -> i64 {
+    pub async fn append(
+        &self,
+        context: &str,
+        aggregate_id: &str,
+        event_type: &str,
+        payload: serde_json::Value,
+    ) -> i64 {
         sqlx::query_scalar(
             "INSERT INTO events (bounded_context, aggregate_type, aggregate_id, aggregate_version, event_id, event_type, payload)
              VALUES ($1, 'Test', $2,
@@ -68,36 +81,51 @@ impl TestDb {
     }
 
     pub async fn check_w1(&self) -> projection_host::bench::Check {
-        projection_host::bench::check_w1(&self.url, "bank_balances").await.unwrap()
+        projection_host::bench::check_w1(&self.url, "bank_balances")
+            .await
+            .unwrap()
     }
 
     pub async fn scalar_i64(&self, sql: &str) -> i64 {
-        sqlx::query_scalar::<_, Option<i64>>(sql).fetch_one(&self.pool).await.unwrap().unwrap_or(0)
+        sqlx::query_scalar::<_, Option<i64>>(sql)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+            .unwrap_or(0)
     }
 
     /// Lowest checkpoint of a projection over all partitions (0 when none was written, or the
     /// host has not created its tables yet).
     pub async fn lowest_checkpoint(&self, projection: &str) -> i64 {
-        sqlx::query_scalar::<_, Option<i64>>("SELECT min(position) FROM projection_host.checkpoints WHERE projection = $1")
-            .bind(projection)
-            .fetch_one(&self.pool)
-            .await
-            .unwrap_or(None)
-            .unwrap_or(0)
+        sqlx::query_scalar::<_, Option<i64>>(
+            "SELECT min(position) FROM projection_host.checkpoints WHERE projection = $1",
+        )
+        .bind(projection)
+        .fetch_one(&self.pool)
+        .await
+        .unwrap_or(None)
+        .unwrap_or(0)
     }
 
     /// Highest checkpoint of any projection (0 as above).
     pub async fn highest_checkpoint(&self) -> i64 {
-        sqlx::query_scalar::<_, Option<i64>>("SELECT max(position) FROM projection_host.checkpoints")
-            .fetch_one(&self.pool)
-            .await
-            .unwrap_or(None)
-            .unwrap_or(0)
+        sqlx::query_scalar::<_, Option<i64>>(
+            "SELECT max(position) FROM projection_host.checkpoints",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .unwrap_or(None)
+        .unwrap_or(0)
     }
 
     pub async fn drop_db(self) {
         self.pool.close().await;
         let mut admin = admin().await;
-        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name)).execute(&mut admin).await;
+        let _ = sqlx::query(&format!(
+            "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+            self.name
+        ))
+        .execute(&mut admin)
+        .await;
     }
 }

@@ -41,7 +41,19 @@ impl Host {
         }
         let mut child = cmd.spawn().expect("starting projection-host");
         let log = Arc::new(Mutex::new(String::new()));
-        for stream in [child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>), child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>)].into_iter().flatten() {
+        for stream in [
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
             let log = log.clone();
             std::thread::spawn(move || {
                 for line in BufReader::new(stream).lines().map_while(Result::ok) {
@@ -87,16 +99,27 @@ impl Host {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(started.elapsed() < timeout, "{} did not exit within {timeout:?}; log:\n{}", self.label, self.log());
+            assert!(
+                started.elapsed() < timeout,
+                "{} did not exit within {timeout:?}; log:\n{}",
+                self.label,
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
     /// Waits until the log contains `needle`.
+    #[allow(dead_code)]
     pub async fn wait_for_log(&self, needle: &str, timeout: Duration) {
         let started = Instant::now();
         while !self.log().contains(needle) {
-            assert!(started.elapsed() < timeout, "{}: '{needle}' did not appear within {timeout:?}; log:\n{}", self.label, self.log());
+            assert!(
+                started.elapsed() < timeout,
+                "{}: '{needle}' did not appear within {timeout:?}; log:\n{}",
+                self.label,
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }

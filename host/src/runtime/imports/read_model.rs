@@ -9,7 +9,9 @@ use std::sync::Arc;
 
 use sqlx::PgConnection;
 
-use crate::runtime::bindings::read_model::{Assignment, ColumnMerge, ColumnValue, Host, Merge as WitMerge, RowError, RowWrite};
+use crate::runtime::bindings::read_model::{
+    Assignment, ColumnMerge, ColumnValue, Host, Merge as WitMerge, RowError, RowWrite,
+};
 use crate::runtime::bindings::types::{self, Error as WitError, ErrorKind, Value};
 use crate::runtime::state::{BatchContext, StoreState, MAX_QUERY_ROWS};
 use crate::sink::buffer::{Key, Merge, Need};
@@ -28,7 +30,12 @@ type ImportResult<T> = wasmtime::Result<Result<T, WitError>>;
 impl types::Host for StoreState {}
 
 impl Host for StoreState {
-    async fn upsert(&mut self, table: String, key: Vec<Value>, assignments: Vec<Assignment>) -> ImportResult<()> {
+    async fn upsert(
+        &mut self,
+        table: String,
+        key: Vec<Value>,
+        assignments: Vec<Assignment>,
+    ) -> ImportResult<()> {
         if let Some(earlier) = self.batch.earlier_failure() {
             return Ok(Err(earlier));
         }
@@ -36,13 +43,24 @@ impl Host for StoreState {
         self.batch.settle(result)
     }
 
-    async fn upsert_many(&mut self, table: String, columns: Vec<ColumnMerge>, rows: Vec<RowWrite>) -> wasmtime::Result<Result<(), RowError>> {
+    async fn upsert_many(
+        &mut self,
+        table: String,
+        columns: Vec<ColumnMerge>,
+        rows: Vec<RowWrite>,
+    ) -> wasmtime::Result<Result<(), RowError>> {
         if let Some(earlier) = self.batch.earlier_failure() {
-            return Ok(Err(RowError { row: 0, error: earlier }));
+            return Ok(Err(RowError {
+                row: 0,
+                error: earlier,
+            }));
         }
         match self.batch.upsert_many(table, columns, rows).await {
             Ok(()) => Ok(Ok(())),
-            Err((row, error)) => Ok(self.batch.settle::<()>(Err(error))?.map_err(|error| RowError { row, error })),
+            Err((row, error)) => Ok(self
+                .batch
+                .settle::<()>(Err(error))?
+                .map_err(|error| RowError { row, error })),
         }
     }
 
@@ -54,7 +72,11 @@ impl Host for StoreState {
         self.batch.settle(result)
     }
 
-    async fn get(&mut self, table: String, key: Vec<Value>) -> ImportResult<Option<Vec<ColumnValue>>> {
+    async fn get(
+        &mut self,
+        table: String,
+        key: Vec<Value>,
+    ) -> ImportResult<Option<Vec<ColumnValue>>> {
         if let Some(earlier) = self.batch.earlier_failure() {
             return Ok(Err(earlier));
         }
@@ -94,7 +116,9 @@ impl BatchContext {
         match result {
             Ok(value) => Ok(Ok(value)),
             Err(error) => match error.database {
-                Some(db) if db.transient => Err(wasmtime::Error::new(TransientDatabaseError(error.message))),
+                Some(db) if db.transient => {
+                    Err(wasmtime::Error::new(TransientDatabaseError(error.message)))
+                }
                 Some(_) => {
                     let wit = to_wit(&error);
                     self.failed = Some(error);
@@ -108,21 +132,31 @@ impl BatchContext {
     fn conn(&mut self) -> Result<&mut PgConnection, EffectError> {
         match self.tx.as_mut() {
             Some(tx) => Ok(&mut **tx),
-            None => Err(EffectError::invalid("the read model is only available during setup and handle-batch")),
+            None => Err(EffectError::invalid(
+                "the read model is only available during setup and handle-batch",
+            )),
         }
     }
 
     async fn schema(&mut self, table: &str) -> Result<Arc<TableSchema>, EffectError> {
         let conn = match self.tx.as_mut() {
             Some(tx) => &mut **tx,
-            None => return Err(EffectError::invalid("the read model is only available during setup and handle-batch")),
+            None => {
+                return Err(EffectError::invalid(
+                    "the read model is only available during setup and handle-batch",
+                ))
+            }
         };
         self.schemas.get(conn, table).await
     }
 
     fn key(schema: &TableSchema, key: Vec<Value>) -> Result<Key, EffectError> {
         if key.len() != schema.key.len() {
-            let names: Vec<&str> = schema.key.iter().map(|c| schema.columns[*c].name.as_str()).collect();
+            let names: Vec<&str> = schema
+                .key
+                .iter()
+                .map(|c| schema.columns[*c].name.as_str())
+                .collect();
             return Err(EffectError::invalid(format!(
                 "table '{}' has a {}-column key ({}); {} value(s) were given",
                 schema.name,
@@ -140,7 +174,12 @@ impl BatchContext {
             .collect()
     }
 
-    async fn upsert(&mut self, table: String, key: Vec<Value>, assignments: Vec<Assignment>) -> Result<(), EffectError> {
+    async fn upsert(
+        &mut self,
+        table: String,
+        key: Vec<Value>,
+        assignments: Vec<Assignment>,
+    ) -> Result<(), EffectError> {
         let schema = self.schema(&table).await?;
         let key = Self::key(&schema, key)?;
         let writes = assignments
@@ -155,11 +194,18 @@ impl BatchContext {
     }
 
     /// Rows of one shape; the error names the row that failed (earlier rows stay applied).
-    async fn upsert_many(&mut self, table: String, columns: Vec<ColumnMerge>, rows: Vec<RowWrite>) -> Result<(), (u32, EffectError)> {
+    async fn upsert_many(
+        &mut self,
+        table: String,
+        columns: Vec<ColumnMerge>,
+        rows: Vec<RowWrite>,
+    ) -> Result<(), (u32, EffectError)> {
         let schema = self.schema(&table).await.map_err(|e| (0, e))?;
         let shape = columns
             .iter()
-            .map(|c| Self::column(&schema, &c.column).map(|(index, kind)| (index, kind, merge(c.merge))))
+            .map(|c| {
+                Self::column(&schema, &c.column).map(|(index, kind)| (index, kind, merge(c.merge)))
+            })
             .collect::<Result<Vec<_>, EffectError>>()
             .map_err(|e| (0, e))?;
         let mut writes: Vec<(usize, Merge, SqlValue)> = Vec::with_capacity(shape.len());
@@ -176,19 +222,31 @@ impl BatchContext {
             writes.clear();
             for ((column, kind, merge), value) in shape.iter().zip(row.values) {
                 let name = &schema.columns[*column].name;
-                writes.push((*column, *merge, SqlValue::for_column(from_wit(value), *kind, name).map_err(at)?));
+                writes.push((
+                    *column,
+                    *merge,
+                    SqlValue::for_column(from_wit(value), *kind, name).map_err(at)?,
+                ));
             }
             self.upsert_row(&schema, &key, &writes).await.map_err(at)?;
         }
         Ok(())
     }
 
-    fn column(schema: &TableSchema, name: &str) -> Result<(usize, crate::sink::schema::ColumnKind), EffectError> {
+    fn column(
+        schema: &TableSchema,
+        name: &str,
+    ) -> Result<(usize, crate::sink::schema::ColumnKind), EffectError> {
         let index = schema.column_index(name)?;
         Ok((index, schema.columns[index].kind))
     }
 
-    async fn upsert_row(&mut self, schema: &Arc<TableSchema>, key: &Key, writes: &[(usize, Merge, SqlValue)]) -> Result<(), EffectError> {
+    async fn upsert_row(
+        &mut self,
+        schema: &Arc<TableSchema>,
+        key: &Key,
+        writes: &[(usize, Merge, SqlValue)],
+    ) -> Result<(), EffectError> {
         if self.buffer.upsert(schema, key, writes)? == Need::Materialize {
             self.materialize(schema, key).await?;
             self.buffer.upsert(schema, key, writes)?;
@@ -202,7 +260,11 @@ impl BatchContext {
         self.buffer.delete(&schema, &key)
     }
 
-    async fn get(&mut self, table: String, key: Vec<Value>) -> Result<Option<Vec<ColumnValue>>, EffectError> {
+    async fn get(
+        &mut self,
+        table: String,
+        key: Vec<Value>,
+    ) -> Result<Option<Vec<ColumnValue>>, EffectError> {
         let schema = self.schema(&table).await?;
         let key = Self::key(&schema, key)?;
         let values = match self.buffer.get(&schema, &key) {
@@ -228,7 +290,11 @@ impl BatchContext {
 
     /// Flushes one row's pending writes, then reads the row back so that later operations on it
     /// work on known values.
-    async fn materialize(&mut self, schema: &Arc<TableSchema>, key: &Key) -> Result<Option<Vec<SqlValue>>, EffectError> {
+    async fn materialize(
+        &mut self,
+        schema: &Arc<TableSchema>,
+        key: &Key,
+    ) -> Result<Option<Vec<SqlValue>>, EffectError> {
         if let Some(row) = self.buffer.take_row(schema, key) {
             flush::flush_rows(self.conn()?, schema, &[(key.clone(), row)]).await?;
         }
@@ -254,11 +320,18 @@ impl BatchContext {
         sql::execute(self.conn()?, &statement, params).await
     }
 
-    async fn query(&mut self, statement: String, params: Vec<Value>) -> Result<Vec<Vec<Value>>, EffectError> {
+    async fn query(
+        &mut self,
+        statement: String,
+        params: Vec<Value>,
+    ) -> Result<Vec<Vec<Value>>, EffectError> {
         self.flush().await?;
         let params = params.into_iter().map(from_wit).collect();
         let rows = sql::query(self.conn()?, &statement, params, MAX_QUERY_ROWS).await?;
-        Ok(rows.into_iter().map(|row| row.into_iter().map(to_wit_value).collect()).collect())
+        Ok(rows
+            .into_iter()
+            .map(|row| row.into_iter().map(to_wit_value).collect())
+            .collect())
     }
 }
 

@@ -12,7 +12,10 @@ impl Projection for Faulty {
     }
 
     fn setup() -> Result<(), Error> {
-        sql::execute("CREATE TABLE IF NOT EXISTS seen (aggregate_id TEXT PRIMARY KEY, n BIGINT NOT NULL)", &[])?;
+        sql::execute(
+            "CREATE TABLE IF NOT EXISTS seen (aggregate_id TEXT PRIMARY KEY, n BIGINT NOT NULL)",
+            &[],
+        )?;
         Ok(())
     }
 

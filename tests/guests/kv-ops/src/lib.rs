@@ -29,7 +29,10 @@ impl Projection for KvOps {
                  note TEXT)",
             &[],
         )?;
-        sql::execute("CREATE TABLE IF NOT EXISTS observed (seq BIGINT PRIMARY KEY, n BIGINT)", &[])?;
+        sql::execute(
+            "CREATE TABLE IF NOT EXISTS observed (seq BIGINT PRIMARY KEY, n BIGINT)",
+            &[],
+        )?;
         Ok(())
     }
 
@@ -41,7 +44,9 @@ impl Projection for KvOps {
             "set" => read_model::upsert("kv", &key, &[set("n", op.value)])?,
             "max" => read_model::upsert("kv", &key, &[max("hi", op.value)])?,
             "min" => read_model::upsert("kv", &key, &[min("hi", op.value)])?,
-            "first" => read_model::upsert("kv", &key, &[set_if_absent("first", op.value), add("n", 1)])?,
+            "first" => {
+                read_model::upsert("kv", &key, &[set_if_absent("first", op.value), add("n", 1)])?
+            }
             "del" => read_model::delete("kv", &key)?,
             "get" => {
                 let n = read_model::get("kv", &key)?
@@ -52,7 +57,10 @@ impl Projection for KvOps {
             "sql" => {
                 sql::execute(
                     "UPDATE kv SET note = $2, n = n + 1000 WHERE k = $1",
-                    &[op.key.as_str().into(), format!("sql@{}", event.position()).into()],
+                    &[
+                        op.key.as_str().into(),
+                        format!("sql@{}", event.position()).into(),
+                    ],
                 )?;
             }
             other => return Err(HandlerError::new(format!("unknown op {other}"))),

@@ -81,7 +81,8 @@ CREATE TABLE IF NOT EXISTS projection_host.batches (
     events         INT NOT NULL,
     plugin_version TEXT NOT NULL,
     plugin_sha256  TEXT NOT NULL,
-    committed_at   TIMESTAMPTZ NOT NULL DEFAULT now()
+    -- The clock at the end of the batch (not its start), just before COMMIT.
+    committed_at   TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp()
 );
 CREATE INDEX IF NOT EXISTS batches_projection_idx
     ON projection_host.batches (replica_set, projection, committed_at);

@@ -6,4 +6,6 @@
 
 mod support;
 
+mod fleet;
 mod foundation;
+mod gaps;

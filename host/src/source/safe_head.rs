@@ -182,11 +182,11 @@ impl SafeHeadTracker {
                     }
                 }
             }
-            let mut progressed = false;
+            let mut outcome = Poll::Idle;
             if let Some(c) = conn.as_mut() {
                 match self.poll(c).await {
                     Ok(p) => {
-                        progressed = p;
+                        outcome = p;
                         failures = 0;
                     }
                     Err(e) => {
@@ -196,16 +196,18 @@ impl SafeHeadTracker {
                     }
                 }
             }
-            delay = if progressed {
-                Duration::ZERO
-            } else if failures > 0 {
-                crate::pipeline::retry::backoff(
+            delay = match outcome {
+                _ if failures > 0 => crate::pipeline::retry::backoff(
                     failures,
                     Duration::from_millis(100),
                     Duration::from_secs(5),
-                )
-            } else {
-                (delay * 2).clamp(MIN_POLL, self.max_poll)
+                ),
+                // More to read at once.
+                Poll::FullPage => Duration::ZERO,
+                // Events are arriving: look again soon.
+                Poll::Found => MIN_POLL,
+                // Quiet: back off towards the poll interval (a notification cuts the wait short).
+                Poll::Idle => (delay * 2).clamp(MIN_POLL, self.max_poll),
             };
             if !self.holes.is_empty() && failures == 0 {
                 delay = delay.min(HOLE_POLL);
@@ -224,9 +226,8 @@ impl SafeHeadTracker {
         }
     }
 
-    /// One round: settle known holes, scan new positions, publish. Returns whether the scan
-    /// hit a full page (more to read at once).
-    async fn poll(&mut self, conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
+    /// One round: settle known holes, scan new positions, publish.
+    async fn poll(&mut self, conn: &mut PgConnection) -> Result<Poll, sqlx::Error> {
         if !self.holes.is_empty() {
             self.settle_holes(conn).await?;
         }
@@ -253,7 +254,13 @@ impl SafeHeadTracker {
             self.scanned_to = *last;
         }
         self.publish(scan.raw_head.max(self.scanned_to), scan.oldest_writer_ms);
-        Ok(full_page)
+        Ok(if full_page {
+            Poll::FullPage
+        } else if scan.positions.is_empty() {
+            Poll::Idle
+        } else {
+            Poll::Found
+        })
     }
 
     async fn scan(&self, conn: &mut PgConnection) -> Result<Scan, sqlx::Error> {
@@ -415,6 +422,13 @@ impl SafeHeadTracker {
             moved
         });
     }
+}
+
+/// What one poll found.
+enum Poll {
+    Idle,
+    Found,
+    FullPage,
 }
 
 struct Scan {

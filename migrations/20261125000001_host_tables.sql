@@ -86,6 +86,9 @@ CREATE TABLE IF NOT EXISTS projection_host.batches (
 );
 CREATE INDEX IF NOT EXISTS batches_projection_idx
     ON projection_host.batches (replica_set, projection, committed_at);
+-- "Which batch (and plugin build) applied position X?"
+CREATE INDEX IF NOT EXISTS batches_position_idx
+    ON projection_host.batches (projection, to_position);
 
 -- Positions the reader passed without an event, in ranges: each was proven final (no
 -- transaction that could still commit it was alive) before it was passed.

@@ -222,6 +222,46 @@ pub struct DemoArgs {
 pub enum BenchCommand {
     /// Catch-up throughput on W1 against the set-based SQL ceiling.
     W1(BenchW1Args),
+    /// Latency from an append's commit to the read model's commit, at a fixed append rate.
+    Live(BenchLiveArgs),
+    /// Pauses of partitions when a host joins, leaves gracefully, or is killed.
+    Rebalance(BenchRebalanceArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchLiveArgs {
+    /// PostgreSQL server to create the scratch database on; without it a throwaway local server
+    /// is started.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Events appended per second (one transaction each).
+    #[arg(long, default_value_t = 1000)]
+    pub rate: u32,
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u32,
+    /// Do not install the NOTIFY trigger: the host finds new events by polling only.
+    #[arg(long)]
+    pub no_trigger: bool,
+    #[arg(
+        long,
+        default_value = "target/wasm32-wasip2/release/bank_balances.wasm"
+    )]
+    pub plugin: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchRebalanceArgs {
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    #[arg(long, default_value_t = 1000)]
+    pub heartbeat_ms: u64,
+    #[arg(long, default_value_t = 5000)]
+    pub stale_timeout_ms: u64,
+    #[arg(
+        long,
+        default_value = "target/wasm32-wasip2/release/bank_balances.wasm"
+    )]
+    pub plugin: PathBuf,
 }
 
 #[derive(Debug, Args)]

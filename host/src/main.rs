@@ -45,6 +45,10 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Status(args) => projection_host::status::print(args).await,
         Command::Demo(args) => projection_host::bench::demo(args).await,
         Command::Bench(BenchCommand::W1(args)) => projection_host::bench::w1(args).await,
+        Command::Bench(BenchCommand::Live(args)) => projection_host::bench::live(args).await,
+        Command::Bench(BenchCommand::Rebalance(args)) => {
+            projection_host::bench::rebalance(args).await
+        }
     }
 }
 

@@ -1,5 +1,14 @@
-//! The reference workload W1 (bench/README.md): the demo, and the catch-up benchmark against
-//! the set-based SQL ceiling.
+//! Benchmarks and the demo, all on the reference workload W1 (bench/README.md):
+//! `w1` (catch-up against the set-based SQL ceiling), `live` (append-to-read-model latency),
+//! `rebalance` (pauses when hosts join, leave or die).
+
+mod live;
+mod rebalance;
+mod w1;
+
+pub use live::live;
+pub use rebalance::rebalance;
+pub use w1::{demo, w1};
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -7,13 +16,12 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use sqlx::{ConnectOptions, Connection, PgConnection};
 
-use crate::cli::{BenchW1Args, DemoArgs};
 use crate::devdb::DevDatabase;
 
-const SCHEMA: &str = include_str!("../../bench/w1/w1-schema.sql");
-const SEED: &str = include_str!("../../bench/w1/w1-seed.sql");
-const CHECK: &str = include_str!("../../bench/w1/w1-check.sql");
-const READ_MODEL: &str = include_str!("../../bench/w1/w1-readmodel.sql");
+const SCHEMA: &str = include_str!("../../../bench/w1/w1-schema.sql");
+const SEED: &str = include_str!("../../../bench/w1/w1-seed.sql");
+const CHECK: &str = include_str!("../../../bench/w1/w1-check.sql");
+const READ_MODEL: &str = include_str!("../../../bench/w1/w1-readmodel.sql");
 
 /// The set-based build of the W1 read model: what a single SQL statement achieves.
 const CEILING: &str =
@@ -41,7 +49,7 @@ impl Check {
 }
 
 /// A connection without statement logging (seeding takes seconds by design).
-async fn connect(url: &str) -> anyhow::Result<PgConnection> {
+pub(crate) async fn connect(url: &str) -> anyhow::Result<PgConnection> {
     let options: sqlx::postgres::PgConnectOptions =
         url.parse().context("parsing the database URL")?;
     Ok(PgConnection::connect_with(&options.disable_statement_logging()).await?)
@@ -133,7 +141,7 @@ pub async fn check_w1(url: &str, schema: &str) -> anyhow::Result<Check> {
 }
 
 /// Builds the read model with one set-based statement; returns its duration.
-async fn sql_ceiling(url: &str) -> anyhow::Result<Duration> {
+pub(crate) async fn sql_ceiling(url: &str) -> anyhow::Result<Duration> {
     let mut conn = connect(url).await?;
     sqlx::raw_sql("CREATE SCHEMA ceiling; SET search_path TO ceiling, public")
         .execute(&mut conn)
@@ -145,7 +153,7 @@ async fn sql_ceiling(url: &str) -> anyhow::Result<Duration> {
 }
 
 /// One host process, run to catch-up. Returns wall time and peak RSS in bytes.
-fn run_host(
+pub(crate) fn run_host(
     url: &str,
     plugin: &Path,
     batch_size: u32,
@@ -189,7 +197,7 @@ fn run_host(
     Ok((elapsed, usage.ru_maxrss as u64 * 1024))
 }
 
-fn ensure_plugin(plugin: &Path) -> anyhow::Result<PathBuf> {
+pub(crate) fn ensure_plugin(plugin: &Path) -> anyhow::Result<PathBuf> {
     if plugin.is_file() {
         return Ok(plugin.to_path_buf());
     }
@@ -201,7 +209,7 @@ fn ensure_plugin(plugin: &Path) -> anyhow::Result<PathBuf> {
 }
 
 /// A server to work on: DATABASE_URL, or a throwaway local one.
-fn server(url: Option<String>) -> anyhow::Result<(String, Option<DevDatabase>)> {
+pub(crate) fn server(url: Option<String>) -> anyhow::Result<(String, Option<DevDatabase>)> {
     match url.filter(|u| !u.trim().is_empty()) {
         Some(url) => Ok((url, None)),
         None => {
@@ -211,162 +219,79 @@ fn server(url: Option<String>) -> anyhow::Result<(String, Option<DevDatabase>)> 
     }
 }
 
-pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
-    let plugin = ensure_plugin(&args.plugin)?;
-    let (server_url, dev) = server(args.database_url)?;
-    let db = ScratchDatabase::create(&server_url, "projection_demo").await?;
-    eprintln!(
-        "Seeding {} W1 events over {} accounts into database '{}' ...",
-        args.events, args.accounts, db.name
-    );
+/// A `projection-host run` child process, for benchmarks that start, stop and kill hosts.
+pub(crate) struct HostChild {
+    child: std::process::Child,
+}
+
+impl HostChild {
+    pub(crate) fn start(url: &str, plugin: &Path, args: &[&str]) -> anyhow::Result<HostChild> {
+        let exe = std::env::current_exe().context("locating the projection-host binary")?;
+        let child = std::process::Command::new(exe)
+            .args([
+                "run",
+                "--no-http",
+                "--log-level",
+                "warn",
+                "--database-url",
+                url,
+                "--plugin",
+            ])
+            .arg(plugin)
+            .args(args)
+            .env_remove("PLUGINS")
+            .env_remove("PLUGINS_DIR")
+            .env_remove("POD_NAME")
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .context("starting projection-host run")?;
+        Ok(HostChild { child })
+    }
+
+    pub(crate) fn signal(&self, signal: i32) {
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+
+    pub(crate) fn wait(&mut self) {
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for HostChild {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Polls `check` every 20 ms until it returns true, or fails after `timeout`.
+pub(crate) async fn wait_until<F, Fut>(
+    what: &str,
+    timeout: Duration,
+    mut check: F,
+) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
+{
     let started = Instant::now();
-    seed_w1(&db.url, args.events, args.accounts).await?;
-    eprintln!(
-        "Seeded in {:.1}s. Running the host with bank-balances until it has caught up:",
-        started.elapsed().as_secs_f64()
-    );
-    let level = std::env::var("LOG_LEVEL").unwrap_or_else(|_| "info".into());
-    let (elapsed, rss) =
-        tokio::task::block_in_place(|| run_host(&db.url, &plugin, 100, &level, false))?;
-    let check = check_w1(&db.url, "bank_balances").await?;
-
-    let mut conn = connect(&db.url).await?;
-    let (total, richest, richest_balance): (i64, String, i64) = sqlx::query_as(
-        "SELECT (SELECT sum(balance) FROM bank_balances.account_balances)::int8,
-                account_id, balance FROM bank_balances.account_balances ORDER BY balance DESC, account_id LIMIT 1",
-    )
-    .fetch_one(&mut conn)
-    .await?;
-    println!();
-    println!("Read model bank_balances.account_balances:");
-    println!("  accounts            {}", check.accounts);
-    println!(
-        "  events counted      {} of {} in the store",
-        check.events_counted, check.events_in_store
-    );
-    println!("  sum of balances     {total}");
-    println!("  richest account     {richest} ({richest_balance})");
-    println!(
-        "  host run            {:.2}s, {:.0} events/s, peak RSS {} MB",
-        elapsed.as_secs_f64(),
-        args.events as f64 / elapsed.as_secs_f64(),
-        rss >> 20
-    );
-    if check.exact() {
-        println!(
-            "  exactness check     OK: 0 mismatching accounts, every event applied exactly once"
-        );
-    } else {
-        println!(
-            "  exactness check     FAILED: {} mismatching accounts",
-            check.mismatches
-        );
-    }
-    drop(conn);
-    match dev {
-        Some(dev) => {
-            drop(dev);
-            eprintln!("Stopped and removed the throwaway PostgreSQL.");
+    while !check().await? {
+        if started.elapsed() > timeout {
+            bail!("timed out after {timeout:?} waiting for {what}");
         }
-        None => eprintln!("The demo database is kept: psql '{}' -c 'TABLE bank_balances.account_balances LIMIT 5'", crate::db::redact_url(&db.url)),
-    }
-    if !check.exact() {
-        bail!("the read model is not exact");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(())
 }
 
-pub async fn w1(args: BenchW1Args) -> anyhow::Result<()> {
-    let plugin = ensure_plugin(&args.plugin)?;
-    if args.events == 0 || args.accounts == 0 || args.batch_size == 0 {
-        bail!("--events, --accounts and --batch-size must be at least 1");
+/// The p-th percentile (0..=100) of sorted values.
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
     }
-    let (server_url, dev) = server(args.database_url)?;
-    let mut runs = Vec::new();
-    for run in 1..=args.runs.max(1) {
-        let db =
-            ScratchDatabase::create(&server_url, &format!("projection_bench_w1_{run}")).await?;
-        eprintln!(
-            "run {run}: seeding {} events over {} accounts ...",
-            args.events, args.accounts
-        );
-        seed_w1(&db.url, args.events, args.accounts).await?;
-        let ceiling = sql_ceiling(&db.url).await?;
-        eprintln!(
-            "run {run}: SQL ceiling {:.2}s; running the host ...",
-            ceiling.as_secs_f64()
-        );
-        let (elapsed, rss) = tokio::task::block_in_place(|| {
-            run_host(&db.url, &plugin, args.batch_size, "warn", true)
-        })?;
-        let check = check_w1(&db.url, "bank_balances").await?;
-        db.drop_now().await?;
-        let line = Line {
-            events: args.events,
-            batch: args.batch_size,
-            seconds: elapsed.as_secs_f64(),
-            ceiling_seconds: ceiling.as_secs_f64(),
-            mismatches: check.mismatches + (check.events_in_store - check.events_counted).abs(),
-            peak_rss_mb: rss as f64 / (1 << 20) as f64,
-        };
-        eprintln!("run {run}: {}", line.render());
-        runs.push(line);
-    }
-    drop(dev);
-    let median = Line::median(&runs);
-    println!("{}", median.render());
-    if runs.iter().any(|r| r.mismatches != 0) {
-        bail!("the read model was not exact in at least one run");
-    }
-    Ok(())
-}
-
-#[derive(Debug, Clone)]
-struct Line {
-    events: u64,
-    batch: u32,
-    seconds: f64,
-    ceiling_seconds: f64,
-    mismatches: i64,
-    peak_rss_mb: f64,
-}
-
-impl Line {
-    fn rate(&self) -> f64 {
-        self.events as f64 / self.seconds
-    }
-
-    fn ceiling_rate(&self) -> f64 {
-        self.events as f64 / self.ceiling_seconds
-    }
-
-    fn render(&self) -> String {
-        format!(
-            "w1 events={} workers=1 batch={} seconds={:.2} events_per_sec={:.0} sql_ceiling_events_per_sec={:.0} ratio={:.3} mismatches={} peak_rss_mb={:.0}",
-            self.events,
-            self.batch,
-            self.seconds,
-            self.rate(),
-            self.ceiling_rate(),
-            self.rate() / self.ceiling_rate(),
-            self.mismatches,
-            self.peak_rss_mb
-        )
-    }
-
-    /// Medians of every figure over the runs (each figure on its own).
-    fn median(runs: &[Line]) -> Line {
-        let med = |mut v: Vec<f64>| {
-            v.sort_by(|a, b| a.total_cmp(b));
-            v[v.len() / 2]
-        };
-        Line {
-            events: runs[0].events,
-            batch: runs[0].batch,
-            seconds: med(runs.iter().map(|r| r.seconds).collect()),
-            ceiling_seconds: med(runs.iter().map(|r| r.ceiling_seconds).collect()),
-            mismatches: runs.iter().map(|r| r.mismatches).max().unwrap_or(0),
-            peak_rss_mb: med(runs.iter().map(|r| r.peak_rss_mb).collect()),
-        }
-    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
 }

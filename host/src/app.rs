@@ -21,7 +21,7 @@ use crate::coordination::{Coordinator, Member, Ownership, COORDINATION_CHANNEL};
 use crate::http::AppState;
 use crate::ids::WorkerId;
 use crate::metrics::HostMetrics;
-use crate::pipeline::{PipelineConfig, ProjectionWorker, StatusBoard};
+use crate::pipeline::{PipelineConfig, PipelineContext, ProjectionWorker, StatusBoard};
 use crate::runtime::Runtime;
 use crate::source::safe_head::SafeHeadTracker;
 use crate::source::wakeup::{self, Wakeup};
@@ -117,7 +117,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         hostname: gethostname::gethostname().to_string_lossy().into_owned(),
         pod_namespace: config.pod_namespace.clone(),
     };
-    let (coordinator, coordination) = Coordinator::join(
+    let (coordinator, coordination, paused) = Coordinator::join(
         pool.clone(),
         config.coordination.clone(),
         member,
@@ -135,14 +135,21 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let board = StatusBoard::default();
     let stop_pipelines = CancellationToken::new();
     let mut pipelines: Vec<JoinHandle<()>> = Vec::new();
+    let context = PipelineContext {
+        runtime: runtime.clone(),
+        pool: pool.clone(),
+        ownership: ownership.clone(),
+        head: head.clone(),
+        metrics: metrics.clone(),
+        board: board.clone(),
+        coordinator: coordination_wakeup.clone(),
+        paused,
+    };
     for (plugin, instance) in loaded {
         let pipeline = ProjectionWorker::new(
             plugin,
             instance,
-            runtime.clone(),
-            pool.clone(),
-            ownership.clone(),
-            head.clone(),
+            context.clone(),
             PipelineConfig {
                 replica_set: replica_set.clone(),
                 worker: worker.clone(),
@@ -154,9 +161,6 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
                 events_table: config.events_table.clone(),
                 once_target,
             },
-            metrics.clone(),
-            board.clone(),
-            coordination_wakeup.clone(),
         );
         pipelines.push(tokio::spawn(pipeline.run(stop_pipelines.clone())));
     }
@@ -166,6 +170,9 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let mut http_tasks = Vec::new();
     if let Some(http) = &config.http {
         let state = AppState {
+            replica_set: replica_set.clone(),
+            events_table: config.events_table.clone(),
+            admin_token: http.admin_token.clone(),
             pool: pool.clone(),
             coordination: coordination.clone(),
             board: board.clone(),

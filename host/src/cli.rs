@@ -30,6 +30,10 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Print the replica set's generation, workers, partition owners, checkpoints and lag.
     Status(StatusArgs),
+    /// Pause a projection on every host (through the admin API).
+    Pause(ControlArgs),
+    /// Resume a paused projection (through the admin API).
+    Resume(ControlArgs),
     /// Seed a throwaway database with the W1 workload, project it with bank-balances and print
     /// the result: the quickest way to see the host work.
     Demo(DemoArgs),
@@ -165,6 +169,9 @@ pub struct HttpArgs {
     /// Disable both HTTP listeners (benchmarks, one-off runs).
     #[arg(long, env = "DISABLE_HTTP")]
     pub no_http: bool,
+    /// Bearer token of the admin API (from a Secret). Without it the admin API is disabled.
+    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -199,6 +206,27 @@ pub struct StatusArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Where the admin API is, and its token.
+#[derive(Debug, Args, Clone)]
+pub struct AdminArgs {
+    /// Base URL of any host's health/admin port.
+    #[arg(long, env = "ADMIN_URL", default_value = "http://127.0.0.1:8080")]
+    pub admin_url: String,
+    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ControlArgs {
+    #[command(flatten)]
+    pub admin: AdminArgs,
+    /// The projection's name.
+    pub projection: String,
+    /// Why (recorded with the control, shown in status).
+    #[arg(long)]
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Args)]

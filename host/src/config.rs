@@ -56,6 +56,7 @@ pub struct RunConfig {
 pub struct HttpConfig {
     pub health_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
+    pub admin_token: Option<String>,
 }
 
 impl RunConfig {
@@ -190,6 +191,15 @@ impl RunConfig {
                 "must be larger than 0",
             ));
         }
+        if let Some(token) = &args.http.admin_token {
+            if !token.is_empty() && token.len() < 16 {
+                return Err(invalid(
+                    "ADMIN_TOKEN",
+                    "admin-token",
+                    "must be at least 16 characters (or empty to disable the admin API)",
+                ));
+            }
+        }
         if args.shutdown_timeout.is_zero() {
             return Err(invalid(
                 "SHUTDOWN_TIMEOUT",
@@ -234,6 +244,11 @@ impl RunConfig {
             http: (!args.http.no_http).then_some(HttpConfig {
                 health_addr: args.http.health_addr,
                 metrics_addr: args.http.metrics_addr,
+                admin_token: args
+                    .http
+                    .admin_token
+                    .clone()
+                    .filter(|t| !t.trim().is_empty()),
             }),
             once: args.once,
             shutdown_timeout: args.shutdown_timeout,

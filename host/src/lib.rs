@@ -9,6 +9,7 @@
 pub mod app;
 pub mod bench;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod coordination;
 pub mod db;

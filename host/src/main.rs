@@ -43,6 +43,18 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Migrate(args) => projection_host::status::migrate(args).await,
         Command::Run(args) => projection_host::app::run(RunConfig::from_args(*args)?).await,
         Command::Status(args) => projection_host::status::print(args).await,
+        Command::Pause(args) => {
+            projection_host::client::set_paused(
+                &args.admin,
+                &args.projection,
+                true,
+                args.reason.as_deref(),
+            )
+            .await
+        }
+        Command::Resume(args) => {
+            projection_host::client::set_paused(&args.admin, &args.projection, false, None).await
+        }
         Command::Demo(args) => projection_host::bench::demo(args).await,
         Command::Bench(BenchCommand::W1(args)) => projection_host::bench::w1(args).await,
         Command::Bench(BenchCommand::Live(args)) => projection_host::bench::live(args).await,

@@ -9,3 +9,4 @@ mod support;
 mod fleet;
 mod foundation;
 mod gaps;
+mod operations;

@@ -8,6 +8,7 @@
 //! stopped by fencing at its next commit.
 
 pub mod assignment;
+pub mod controls;
 pub mod membership;
 pub mod ownership;
 
@@ -80,6 +81,7 @@ pub struct Coordinator {
     wakeup: Wakeup,
     metrics: HostMetrics,
     status: watch::Sender<CoordinationStatus>,
+    paused: watch::Sender<controls::Paused>,
     releasing: Arc<Mutex<HashSet<PartitionId>>>,
     last_generation: Option<Generation>,
     last_assigned: Vec<PartitionId>,
@@ -111,7 +113,14 @@ impl Coordinator {
         ownership: Arc<Ownership>,
         wakeup: Wakeup,
         metrics: HostMetrics,
-    ) -> Result<(Coordinator, watch::Receiver<CoordinationStatus>), CoordinationError> {
+    ) -> Result<
+        (
+            Coordinator,
+            watch::Receiver<CoordinationStatus>,
+            watch::Receiver<controls::Paused>,
+        ),
+        CoordinationError,
+    > {
         let started = Instant::now();
         let partitions = membership::ensure_replica_set(
             &pool,
@@ -133,6 +142,7 @@ impl Coordinator {
             strategy = ?config.strategy,
             "joined the replica set"
         );
+        let (paused, paused_rx) = watch::channel(controls::load(&pool, &config.replica_set).await?);
         let (status, rx) = watch::channel(CoordinationStatus {
             registered: true,
             partitions,
@@ -151,12 +161,14 @@ impl Coordinator {
                 wakeup,
                 metrics,
                 status,
+                paused,
                 releasing: Arc::default(),
                 last_generation: None,
                 last_assigned: Vec::new(),
                 waiting_since: None,
             },
             rx,
+            paused_rx,
         ))
     }
 
@@ -297,6 +309,10 @@ impl Coordinator {
         }
         let rs = self.replica_set_row().await?;
         next = next.min(self.reconcile(&rs).await?);
+        controls::publish(
+            &self.paused,
+            controls::load(&self.pool, &self.config.replica_set).await?,
+        );
         self.metrics
             .coordination_duration_seconds
             .observe(started.elapsed().as_secs_f64());

@@ -1,6 +1,8 @@
 //! The HTTP surface: probes (and, later, the admin API) on the health port, Prometheus on the
 //! metrics port.
 
+pub mod admin;
+mod error;
 mod probes;
 
 use std::sync::atomic::AtomicBool;
@@ -24,6 +26,10 @@ use crate::source::SafeHead;
 /// Everything the handlers read.
 #[derive(Clone)]
 pub struct AppState {
+    pub replica_set: String,
+    pub events_table: crate::db::QualifiedName,
+    /// `None`: the admin API answers 503 (disabled).
+    pub admin_token: Option<String>,
     pub pool: PgPool,
     pub coordination: watch::Receiver<CoordinationStatus>,
     pub board: StatusBoard,
@@ -33,12 +39,20 @@ pub struct AppState {
     pub head: SafeHead,
 }
 
-/// The router of the health port.
+/// The router of the health port: probes, the admin API and the status page.
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/health", get(probes::health))
         .route("/ready", get(probes::ready))
+        .route("/status", get(status_page))
+        .merge(admin::router(state.clone()))
         .with_state(state)
+}
+
+/// A small page that renders `/admin/status` (the token comes from the URL fragment, which is
+/// never sent to the server: `/status#token=...`).
+async fn status_page() -> axum::response::Html<&'static str> {
+    axum::response::Html(include_str!("status_page.html"))
 }
 
 /// The router of the metrics port.

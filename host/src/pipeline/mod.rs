@@ -7,4 +7,4 @@ pub mod status;
 mod worker;
 
 pub use status::{ProjectionState, ProjectionStatus, StatusBoard};
-pub use worker::{PipelineConfig, ProjectionWorker};
+pub use worker::{PipelineConfig, PipelineContext, ProjectionWorker};

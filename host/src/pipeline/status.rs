@@ -33,10 +33,22 @@ pub struct ProjectionStatus {
     pub caught_up: bool,
 }
 
+/// A failure shown on the status page.
+#[derive(Debug, Clone, Serialize)]
+pub struct RecentError {
+    pub at: chrono::DateTime<chrono::Utc>,
+    pub projection: String,
+    pub message: String,
+}
+
+/// How many recent errors are kept.
+const RECENT_ERRORS: usize = 20;
+
 /// Statuses of all projections of this host.
 #[derive(Clone, Default)]
 pub struct StatusBoard {
     inner: Arc<Mutex<BTreeMap<String, ProjectionStatus>>>,
+    errors: Arc<Mutex<std::collections::VecDeque<RecentError>>>,
 }
 
 impl StatusBoard {
@@ -52,6 +64,27 @@ impl StatusBoard {
         if let Ok(mut map) = self.inner.lock() {
             map.insert(status.name.clone(), status);
         }
+    }
+
+    pub fn record_error(&self, projection: &str, message: &str) {
+        if let Ok(mut errors) = self.errors.lock() {
+            if errors.len() == RECENT_ERRORS {
+                errors.pop_front();
+            }
+            errors.push_back(RecentError {
+                at: chrono::Utc::now(),
+                projection: projection.to_string(),
+                message: message.to_string(),
+            });
+        }
+    }
+
+    /// Newest first.
+    pub fn recent_errors(&self) -> Vec<RecentError> {
+        self.errors
+            .lock()
+            .map(|e| e.iter().rev().cloned().collect())
+            .unwrap_or_default()
     }
 
     pub fn all(&self) -> Vec<ProjectionStatus> {

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use super::progress::Progress;
 use super::retry::backoff;
 use super::status::{ProjectionState, ProjectionStatus, StatusBoard};
+use crate::coordination::controls::Paused;
 use crate::coordination::{Lease, Ownership};
 use crate::db::quote_ident;
 use crate::ids::{Epoch, PartitionId, WorkerId};
@@ -25,6 +26,21 @@ use crate::runtime::{Plugin, PluginFailure, PluginInstance, Runtime};
 use crate::sink::commit::{record_batch, BatchCommit, CommitOutcome};
 use crate::source::wakeup::Wakeup;
 use crate::source::{EventReader, SafeHead, StoredEvent};
+
+/// What every projection pipeline of a host shares.
+#[derive(Clone)]
+pub struct PipelineContext {
+    pub runtime: Arc<Runtime>,
+    pub pool: PgPool,
+    pub ownership: Arc<Ownership>,
+    pub head: SafeHead,
+    pub metrics: HostMetrics,
+    pub board: StatusBoard,
+    /// Wakes the coordinator (after a fenced commit).
+    pub coordinator: Wakeup,
+    /// Projections an operator paused.
+    pub paused: tokio::sync::watch::Receiver<Paused>,
+}
 
 #[derive(Debug, Clone)]
 pub struct PipelineConfig {
@@ -70,6 +86,7 @@ pub struct ProjectionWorker {
     pool: PgPool,
     ownership: Arc<Ownership>,
     head: SafeHead,
+    paused: tokio::sync::watch::Receiver<Paused>,
     config: PipelineConfig,
     /// `SET LOCAL` statements every batch transaction starts with.
     prelude: String,
@@ -105,19 +122,22 @@ struct StageTimes {
 }
 
 impl ProjectionWorker {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         plugin: Arc<Plugin>,
         instance: PluginInstance,
-        runtime: Arc<Runtime>,
-        pool: PgPool,
-        ownership: Arc<Ownership>,
-        head: SafeHead,
+        context: PipelineContext,
         config: PipelineConfig,
-        metrics: HostMetrics,
-        board: StatusBoard,
-        coordinator: Wakeup,
     ) -> Self {
+        let PipelineContext {
+            runtime,
+            pool,
+            ownership,
+            head,
+            metrics,
+            board,
+            coordinator,
+            paused,
+        } = context;
         let schema = quote_ident(&plugin.name);
         let prelude = format!(
             "SET LOCAL synchronous_commit = off; SET LOCAL search_path = {schema}; SET LOCAL statement_timeout = {}",
@@ -146,6 +166,7 @@ impl ProjectionWorker {
             pool,
             ownership,
             head,
+            paused,
             config,
             prelude,
             schema,
@@ -191,6 +212,25 @@ impl ProjectionWorker {
         let mut ownership_changed = self.ownership.subscribe();
         let mut progress = Progress::new();
         while !stop.is_cancelled() {
+            let paused = self.paused.borrow_and_update().contains(&*self.plugin.name);
+            if paused {
+                self.board
+                    .update(&self.plugin.name, |s| s.state = ProjectionState::Paused);
+                tracing::info!(
+                    projection = self.name(),
+                    "paused by an operator; waiting for resume"
+                );
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = self.paused.changed() => {}
+                }
+                if !self.paused.borrow().contains(self.name()) {
+                    tracing::info!(projection = self.name(), "resumed");
+                    self.board
+                        .update(&self.plugin.name, |s| s.state = ProjectionState::Running);
+                }
+                continue;
+            }
             let lease = self.ownership.lease();
             if lease.is_empty() {
                 drop(lease);
@@ -517,6 +557,13 @@ impl ProjectionWorker {
         let first = events.first().map_or(0, |e| e.global_position);
         let last = events.last().map_or(0, |e| e.global_position);
         let count = events.len();
+        tracing::debug!(
+            projection = self.name(),
+            events = count,
+            first,
+            last,
+            "calling the plugin"
+        );
         let middle =
             events[(count / 2).saturating_sub(1).min(count.saturating_sub(1))].global_position;
         let instance = self.instance().await?;
@@ -612,6 +659,7 @@ impl ProjectionWorker {
     }
 
     fn report_error(&self, message: &str) {
+        self.board.record_error(self.name(), message);
         let message = message.to_string();
         self.board.update(self.name(), |s| {
             s.state = ProjectionState::Failing;

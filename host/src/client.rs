@@ -1,0 +1,81 @@
+//! The CLI side of the admin API: subcommands that act on a running fleet call a host's admin
+//! endpoint (any host will do; the state lives in PostgreSQL).
+
+use anyhow::{bail, Context};
+use serde_json::Value;
+
+use crate::cli::AdminArgs;
+
+pub struct AdminClient {
+    base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl AdminClient {
+    pub fn new(args: &AdminArgs) -> anyhow::Result<AdminClient> {
+        let token = args
+            .admin_token
+            .clone()
+            .filter(|t| !t.is_empty())
+            .context("ADMIN_TOKEN (--admin-token) is required to call the admin API")?;
+        Ok(AdminClient {
+            base: args.admin_url.trim_end_matches('/').to_string(),
+            token,
+            http: reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(30))
+                .build()?,
+        })
+    }
+
+    pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
+        self.send(self.http.get(format!("{}{path}", self.base)))
+            .await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
+        self.send(self.http.post(format!("{}{path}", self.base)).json(&body))
+            .await
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> anyhow::Result<Value> {
+        let response = request
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| format!("calling the admin API at {} (check ADMIN_URL)", self.base))?;
+        let status = response.status();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        if !status.is_success() {
+            let message = body["error"].as_str().unwrap_or("no details");
+            bail!("the admin API answered {status}: {message}");
+        }
+        Ok(body)
+    }
+}
+
+/// `projection-host pause|resume NAME`.
+pub async fn set_paused(
+    args: &AdminArgs,
+    projection: &str,
+    paused: bool,
+    reason: Option<&str>,
+) -> anyhow::Result<()> {
+    let client = AdminClient::new(args)?;
+    let action = if paused { "pause" } else { "resume" };
+    let body = client
+        .post(
+            &format!("/admin/projections/{projection}/{action}"),
+            serde_json::json!({ "reason": reason }),
+        )
+        .await?;
+    println!(
+        "{projection}: {} (every host acts at its next batch boundary)",
+        if body["paused"].as_bool() == Some(true) {
+            "paused"
+        } else {
+            "running"
+        }
+    );
+    Ok(())
+}

@@ -1,0 +1,277 @@
+//! The admin API (JSON, bearer token): status, pause and resume. Every route is listed in
+//! `ROUTES` and described in `openapi.json`; a test keeps the two in sync.
+
+use std::collections::BTreeMap;
+
+use axum::extract::{Path, Request, State};
+use axum::http::header;
+use axum::middleware::Next;
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+
+use super::error::ApiError;
+use super::AppState;
+use crate::coordination::controls;
+use crate::pipeline::status::RecentError;
+use crate::pipeline::ProjectionStatus;
+
+/// Every admin route, as (method, OpenAPI path).
+pub const ROUTES: &[(&str, &str)] = &[
+    ("get", "/admin/status"),
+    ("post", "/admin/projections/{name}/pause"),
+    ("post", "/admin/projections/{name}/resume"),
+    ("get", "/admin/openapi.json"),
+];
+
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+pub fn router(state: AppState) -> Router<AppState> {
+    Router::new()
+        .route("/admin/status", get(status))
+        .route("/admin/projections/{name}/pause", post(pause))
+        .route("/admin/projections/{name}/resume", post(resume))
+        .route("/admin/openapi.json", get(openapi))
+        .layer(axum::middleware::from_fn_with_state(state, require_token))
+}
+
+/// Refuses every admin request without the configured bearer token.
+async fn require_token(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let Some(expected) = state.admin_token.as_deref() else {
+        return Err(ApiError::Disabled);
+    };
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if !constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+        return Err(ApiError::Unauthorized);
+    }
+    Ok(next.run(request).await)
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AdminStatus {
+    pub replica_set: String,
+    pub generation: i64,
+    pub phase: String,
+    pub strategy: String,
+    pub leader: Option<String>,
+    pub partitions_total: i32,
+    pub stream_head: i64,
+    pub this_worker: String,
+    pub workers: Vec<serde_json::Value>,
+    pub partitions: Vec<PartitionStatus>,
+    pub projections: Vec<ProjectionView>,
+    pub recent_errors: Vec<serde_json::Value>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PartitionStatus {
+    pub partition: i32,
+    pub owner: Option<String>,
+    pub epoch: i64,
+    pub assigned_to: Option<String>,
+    /// Checkpoint per projection.
+    pub checkpoints: BTreeMap<String, i64>,
+    /// Stream head minus checkpoint, per projection.
+    pub lag: BTreeMap<String, i64>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ProjectionView {
+    pub name: String,
+    pub paused: bool,
+    pub lowest_checkpoint: i64,
+    pub lag_positions: i64,
+    pub last_commit: Option<chrono::DateTime<chrono::Utc>>,
+    /// What this host runs and how it is doing, when it runs the projection.
+    pub on_this_host: Option<serde_json::Value>,
+}
+
+async fn status(State(state): State<AppState>) -> Result<Json<AdminStatus>, ApiError> {
+    let db = crate::status::load(&state.pool, &state.replica_set, &state.events_table)
+        .await
+        .map_err(ApiError::Internal)?;
+    let checkpoints: Vec<(String, i32, i64)> =
+        sqlx::query_as("SELECT projection, partition, position FROM projection_host.checkpoints WHERE replica_set = $1")
+            .bind(&state.replica_set)
+            .fetch_all(&state.pool)
+            .await?;
+    let mut by_partition: BTreeMap<i32, BTreeMap<String, i64>> = BTreeMap::new();
+    for (projection, partition, position) in checkpoints {
+        by_partition
+            .entry(partition)
+            .or_default()
+            .insert(projection, position);
+    }
+    let paused = controls::load(&state.pool, &state.replica_set).await?;
+    let local: BTreeMap<String, ProjectionStatus> = state
+        .board
+        .all()
+        .into_iter()
+        .map(|s| (s.name.clone(), s))
+        .collect();
+    let mut names: Vec<String> = db
+        .projections
+        .iter()
+        .map(|p| p.projection.clone())
+        .collect();
+    names.extend(local.keys().cloned());
+    names.sort();
+    names.dedup();
+    let projections = names
+        .into_iter()
+        .map(|name| {
+            let stored = db.projections.iter().find(|p| p.projection == name);
+            ProjectionView {
+                paused: paused.contains(&name),
+                lowest_checkpoint: stored.map_or(0, |p| p.lowest_checkpoint),
+                lag_positions: stored.map_or(db.head, |p| p.lag_positions),
+                last_commit: stored.and_then(|p| p.last_commit),
+                on_this_host: local
+                    .get(&name)
+                    .map(|s| serde_json::to_value(s).unwrap_or_default()),
+                name,
+            }
+        })
+        .collect();
+    let partitions = db
+        .partition_owners
+        .iter()
+        .map(|p| {
+            let checkpoints = by_partition.remove(&p.partition).unwrap_or_default();
+            let lag = checkpoints
+                .iter()
+                .map(|(k, v)| (k.clone(), (db.head - v).max(0)))
+                .collect();
+            PartitionStatus {
+                partition: p.partition,
+                owner: p.owner.clone(),
+                epoch: p.epoch,
+                assigned_to: p.assigned_to.clone(),
+                checkpoints,
+                lag,
+            }
+        })
+        .collect();
+    let errors: Vec<RecentError> = state.board.recent_errors();
+    Ok(Json(AdminStatus {
+        replica_set: db.replica_set,
+        generation: db.generation,
+        phase: db.phase,
+        strategy: db.strategy,
+        leader: db.leader,
+        partitions_total: db.partitions,
+        stream_head: db.head,
+        this_worker: state.worker.to_string(),
+        workers: db
+            .workers
+            .iter()
+            .map(|w| serde_json::to_value(w).unwrap_or_default())
+            .collect(),
+        partitions,
+        projections,
+        recent_errors: errors
+            .iter()
+            .map(|e| serde_json::to_value(e).unwrap_or_default())
+            .collect(),
+    }))
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct PauseBody {
+    reason: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ControlResult {
+    pub projection: String,
+    pub paused: bool,
+}
+
+async fn pause(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    body: Option<Json<PauseBody>>,
+) -> Result<Json<ControlResult>, ApiError> {
+    set_paused(&state, name, true, body.and_then(|b| b.0.reason)).await
+}
+
+async fn resume(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<ControlResult>, ApiError> {
+    set_paused(&state, name, false, None).await
+}
+
+async fn set_paused(
+    state: &AppState,
+    name: String,
+    paused: bool,
+    reason: Option<String>,
+) -> Result<Json<ControlResult>, ApiError> {
+    crate::runtime::loader::validate_name(&name)
+        .map_err(|e| ApiError::BadRequest(format!("'{name}' is not a projection name: {e}")))?;
+    controls::set_paused(
+        &state.pool,
+        &state.replica_set,
+        &name,
+        paused,
+        reason.as_deref(),
+    )
+    .await?;
+    tracing::info!(projection = %name, paused, reason = ?reason, "projection control changed through the admin API");
+    Ok(Json(ControlResult {
+        projection: name,
+        paused,
+    }))
+}
+
+async fn openapi() -> ([(header::HeaderName, &'static str); 1], &'static str) {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_openapi_description_lists_exactly_the_routes() {
+        let spec: serde_json::Value = serde_json::from_str(OPENAPI).expect("openapi.json is JSON");
+        let paths = spec["paths"].as_object().expect("paths");
+        let mut described: Vec<(String, String)> = Vec::new();
+        for (path, item) in paths {
+            for method in item.as_object().expect("path item").keys() {
+                described.push((method.clone(), path.clone()));
+            }
+        }
+        described.sort();
+        let mut routes: Vec<(String, String)> = ROUTES
+            .iter()
+            .map(|(m, p)| (m.to_string(), p.to_string()))
+            .collect();
+        routes.sort();
+        assert_eq!(described, routes, "openapi.json and admin::ROUTES disagree");
+        assert!(spec["components"]["securitySchemes"]["bearer"].is_object());
+    }
+
+    #[test]
+    fn tokens_compare_in_full() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert!(!constant_time_eq(b"", b"x"));
+    }
+}

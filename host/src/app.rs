@@ -117,7 +117,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         hostname: gethostname::gethostname().to_string_lossy().into_owned(),
         pod_namespace: config.pod_namespace.clone(),
     };
-    let (coordinator, coordination, paused) = Coordinator::join(
+    let (coordinator, coordination, controls) = Coordinator::join(
         pool.clone(),
         config.coordination.clone(),
         member,
@@ -143,9 +143,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         board: board.clone(),
         coordinator: coordination_wakeup.clone(),
-        paused,
+        controls,
     };
     for (plugin, instance) in loaded {
+        let settings = config.settings.for_projection(&plugin.name);
         let pipeline = ProjectionWorker::new(
             plugin,
             instance,
@@ -157,9 +158,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
                 batch_size: config.batch_size,
                 max_batch_size: config.max_batch_size,
                 poll_interval: config.poll_interval,
-                call_timeout: config.runtime.call_timeout,
                 events_table: config.events_table.clone(),
                 once_target,
+                settings,
+                isolation: config.isolation,
             },
         );
         pipelines.push(tokio::spawn(pipeline.run(stop_pipelines.clone())));

@@ -32,8 +32,11 @@ pub enum Command {
     Status(StatusArgs),
     /// Pause a projection on every host (through the admin API).
     Pause(ControlArgs),
-    /// Resume a paused projection (through the admin API).
+    /// Resume a paused projection, and lift halts of the stop policy (through the admin API).
     Resume(ControlArgs),
+    /// Events parked by the dead-letter policy: list, retry, skip (through the admin API).
+    #[command(subcommand)]
+    DeadLetters(DeadLetterCommand),
     /// Seed a throwaway database with the W1 workload, project it with bank-balances and print
     /// the result: the quickest way to see the host work.
     Demo(DemoArgs),
@@ -120,6 +123,32 @@ pub struct PluginArgs {
     /// CPU deadline for one plugin call (setup or one batch).
     #[arg(long, env = "PLUGIN_CALL_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub plugin_call_timeout: Duration,
+    /// Largest sum of payload and metadata bytes handed to one plugin call.
+    #[arg(long, env = "MAX_BATCH_BYTES", default_value = "16MiB", value_parser = parse_bytes)]
+    pub max_batch_bytes: u64,
+    /// What to do once a plugin failed on one event --max-retries times: halt that partition
+    /// (stop) or park the event with the later events of its aggregate (dead-letter).
+    #[arg(long, env = "ON_FAILURE", value_enum, default_value_t = crate::pipeline::policy::OnFailure::Stop)]
+    pub on_failure: crate::pipeline::policy::OnFailure,
+    /// Retries of a single failing event before --on-failure applies.
+    #[arg(long, env = "MAX_RETRIES", default_value_t = 5)]
+    pub max_retries: u32,
+    /// Per-projection settings, e.g. `orders:on_failure=dead-letter,memory=64MiB,timeout=2s`
+    /// (keys: on_failure, max_retries, memory, timeout, max_batch_bytes). Repeatable; in the
+    /// variable, separate projections with ';'.
+    #[arg(long = "projection", env = "PROJECTION_SETTINGS", value_delimiter = ';')]
+    pub projection_settings: Vec<String>,
+    /// How plugin SQL is confined: `role` runs it under a role of its own that can use the
+    /// projection's schema and nothing else (needs CREATEROLE); `schema` only sets the search
+    /// path.
+    #[arg(long, env = "SQL_ISOLATION", value_enum, default_value_t = SqlIsolation::Role)]
+    pub sql_isolation: SqlIsolation,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SqlIsolation {
+    Role,
+    Schema,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -227,6 +256,32 @@ pub struct ControlArgs {
     /// Why (recorded with the control, shown in status).
     #[arg(long)]
     pub reason: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeadLetterCommand {
+    /// List parked events.
+    List {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[arg(long)]
+        projection: Option<String>,
+    },
+    /// Apply an aggregate's parked events again, in order.
+    Retry {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[arg(long)]
+        projection: String,
+        #[arg(long)]
+        aggregate: String,
+    },
+    /// Drop one parked event (by id) without applying it.
+    Skip {
+        #[command(flatten)]
+        admin: AdminArgs,
+        id: i64,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -79,3 +79,52 @@ pub async fn set_paused(
     );
     Ok(())
 }
+
+/// `projection-host dead-letters ...`.
+pub async fn dead_letters(command: crate::cli::DeadLetterCommand) -> anyhow::Result<()> {
+    use crate::cli::DeadLetterCommand as C;
+    match command {
+        C::List { admin, projection } => {
+            let client = AdminClient::new(&admin)?;
+            let path = match &projection {
+                Some(p) => format!("/admin/dead-letters?projection={p}"),
+                None => "/admin/dead-letters".to_string(),
+            };
+            let rows = client.get(&path).await?;
+            let rows = rows.as_array().cloned().unwrap_or_default();
+            if rows.is_empty() {
+                println!("no parked events");
+            }
+            for r in rows {
+                println!(
+                    "#{:<6} {:<24} position {:<10} aggregate {:<20} {:<16} {}{}",
+                    r["id"],
+                    r["projection"].as_str().unwrap_or(""),
+                    r["position"],
+                    r["aggregate_id"].as_str().unwrap_or(""),
+                    r["event_type"].as_str().unwrap_or(""),
+                    r["error"].as_str().unwrap_or(""),
+                    if r["retry_requested"] == true { " (retry requested)" } else { "" }
+                );
+            }
+        }
+        C::Retry { admin, projection, aggregate } => {
+            let client = AdminClient::new(&admin)?;
+            let body = client
+                .post("/admin/dead-letters/retry", serde_json::json!({ "projection": projection, "aggregate_id": aggregate }))
+                .await?;
+            println!("retrying {} parked event(s) of {aggregate} in {projection}, in order", body["events"]);
+        }
+        C::Skip { admin, id } => {
+            let client = AdminClient::new(&admin)?;
+            let body = client.post(&format!("/admin/dead-letters/{id}/skip"), serde_json::json!({})).await?;
+            println!(
+                "skipped #{id}: position {} of aggregate {} in {} (never applied)",
+                body["position"],
+                body["aggregate_id"].as_str().unwrap_or(""),
+                body["projection"].as_str().unwrap_or("")
+            );
+        }
+    }
+    Ok(())
+}

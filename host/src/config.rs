@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::cli::{RunArgs, Strategy};
+use crate::cli::{RunArgs, SqlIsolation, Strategy};
+use crate::pipeline::policy::{ProjectionSettings, Settings};
 use crate::coordination::CoordinationConfig;
 use crate::db::{DbConfig, QualifiedName};
 use crate::runtime::RuntimeConfig;
@@ -44,6 +45,9 @@ pub struct RunConfig {
     pub notify_channels: Vec<String>,
     pub plugin_files: Vec<PathBuf>,
     pub runtime: RuntimeConfig,
+    /// Failure policy and limits, per projection.
+    pub settings: Settings,
+    pub isolation: SqlIsolation,
     pub coordination: CoordinationConfig,
     pub pod_name: Option<String>,
     pub pod_namespace: Option<String>,
@@ -143,6 +147,22 @@ impl RunConfig {
             ));
         }
         let plugin_files = collect_plugins(&p.plugins, p.plugins_dir.as_ref())?;
+        if p.max_batch_bytes < 1024 {
+            return Err(invalid("MAX_BATCH_BYTES", "max-batch-bytes", "must be at least 1KiB"));
+        }
+        let mut settings = Settings {
+            defaults: ProjectionSettings {
+                on_failure: p.on_failure,
+                max_retries: p.max_retries,
+                memory_limit: p.plugin_memory_limit,
+                call_timeout: p.plugin_call_timeout,
+                max_batch_bytes: p.max_batch_bytes,
+            },
+            overrides: Default::default(),
+        };
+        for spec in p.projection_settings.iter().filter(|s| !s.trim().is_empty()) {
+            settings.add_override(spec.trim()).map_err(|e| invalid("PROJECTION_SETTINGS", "projection", e))?;
+        }
 
         let c = &args.coordination;
         let name_ok = !c.replica_set.is_empty()
@@ -230,6 +250,8 @@ impl RunConfig {
                 memory_limit: p.plugin_memory_limit,
                 call_timeout: p.plugin_call_timeout,
             },
+            settings,
+            isolation: p.sql_isolation,
             coordination: CoordinationConfig {
                 replica_set: c.replica_set.clone(),
                 partitions: c.partitions,

@@ -52,6 +52,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             )
             .await
         }
+        Command::DeadLetters(command) => projection_host::client::dead_letters(command).await,
         Command::Resume(args) => {
             projection_host::client::set_paused(&args.admin, &args.projection, false, None).await
         }

@@ -1,5 +1,6 @@
-//! Operator controls (pause/resume) that every host of a replica set follows. Stored in
-//! PostgreSQL, announced with NOTIFY, re-read every coordination round.
+//! Operator controls that every host of a replica set follows: paused projections, halted
+//! partitions (stop policy), requested dead-letter retries. Stored in PostgreSQL, announced with
+//! NOTIFY, re-read every coordination round.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -7,26 +8,40 @@ use std::sync::Arc;
 use sqlx::PgPool;
 use tokio::sync::watch;
 
-/// Projections paused in this replica set.
-pub type Paused = Arc<BTreeSet<String>>;
-
-pub async fn load(pool: &PgPool, replica_set: &str) -> Result<Paused, sqlx::Error> {
-    let names: Vec<String> =
-        sqlx::query_scalar("SELECT projection FROM projection_host.projection_controls WHERE replica_set = $1 AND paused")
-            .bind(replica_set)
-            .fetch_all(pool)
-            .await?;
-    Ok(Arc::new(names.into_iter().collect()))
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Controls {
+    pub paused: BTreeSet<String>,
+    /// Projections with halted partitions.
+    pub halted: BTreeSet<String>,
+    /// Projections with dead letters whose retry was requested.
+    pub retry: BTreeSet<String>,
 }
 
-/// Pauses or resumes a projection fleet-wide; hosts act at their next batch boundary.
-pub async fn set_paused(
-    pool: &PgPool,
-    replica_set: &str,
-    projection: &str,
-    paused: bool,
-    reason: Option<&str>,
-) -> Result<(), sqlx::Error> {
+pub type Shared = Arc<Controls>;
+
+pub async fn load(pool: &PgPool, replica_set: &str) -> Result<Shared, sqlx::Error> {
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "SELECT 'paused', projection FROM projection_host.projection_controls WHERE replica_set = $1 AND paused
+         UNION SELECT 'halted', projection FROM projection_host.halts WHERE replica_set = $1
+         UNION SELECT 'retry', projection FROM projection_host.dead_letters WHERE replica_set = $1 AND retry_requested",
+    )
+    .bind(replica_set)
+    .fetch_all(pool)
+    .await?;
+    let mut controls = Controls::default();
+    for (kind, projection) in rows {
+        match kind.as_str() {
+            "paused" => controls.paused.insert(projection),
+            "halted" => controls.halted.insert(projection),
+            _ => controls.retry.insert(projection),
+        };
+    }
+    Ok(Arc::new(controls))
+}
+
+/// Pauses or resumes a projection fleet-wide; hosts act at their next batch boundary. Resuming
+/// also lifts the halts of the stop policy, so halted partitions try again.
+pub async fn set_paused(pool: &PgPool, replica_set: &str, projection: &str, paused: bool, reason: Option<&str>) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
     sqlx::query(
         "INSERT INTO projection_host.projection_controls (replica_set, projection, paused, reason, updated_at)
@@ -39,6 +54,13 @@ pub async fn set_paused(
     .bind(reason)
     .execute(&mut *tx)
     .await?;
+    if !paused {
+        sqlx::query("DELETE FROM projection_host.halts WHERE replica_set = $1 AND projection = $2")
+            .bind(replica_set)
+            .bind(projection)
+            .execute(&mut *tx)
+            .await?;
+    }
     sqlx::query("SELECT pg_notify($1, $2)")
         .bind(super::COORDINATION_CHANNEL)
         .bind(replica_set)
@@ -47,13 +69,13 @@ pub async fn set_paused(
     tx.commit().await
 }
 
-/// Publishes a new paused set if it changed.
-pub fn publish(tx: &watch::Sender<Paused>, paused: Paused) {
+/// Publishes new controls if they changed.
+pub fn publish(tx: &watch::Sender<Shared>, controls: Shared) {
     tx.send_if_modified(|current| {
-        if **current == *paused {
+        if **current == *controls {
             false
         } else {
-            *current = paused;
+            *current = controls;
             true
         }
     });

@@ -81,7 +81,7 @@ pub struct Coordinator {
     wakeup: Wakeup,
     metrics: HostMetrics,
     status: watch::Sender<CoordinationStatus>,
-    paused: watch::Sender<controls::Paused>,
+    controls: watch::Sender<controls::Shared>,
     releasing: Arc<Mutex<HashSet<PartitionId>>>,
     last_generation: Option<Generation>,
     last_assigned: Vec<PartitionId>,
@@ -117,7 +117,7 @@ impl Coordinator {
         (
             Coordinator,
             watch::Receiver<CoordinationStatus>,
-            watch::Receiver<controls::Paused>,
+            watch::Receiver<controls::Shared>,
         ),
         CoordinationError,
     > {
@@ -142,7 +142,7 @@ impl Coordinator {
             strategy = ?config.strategy,
             "joined the replica set"
         );
-        let (paused, paused_rx) = watch::channel(controls::load(&pool, &config.replica_set).await?);
+        let (controls, controls_rx) = watch::channel(controls::load(&pool, &config.replica_set).await?);
         let (status, rx) = watch::channel(CoordinationStatus {
             registered: true,
             partitions,
@@ -161,14 +161,14 @@ impl Coordinator {
                 wakeup,
                 metrics,
                 status,
-                paused,
+                controls,
                 releasing: Arc::default(),
                 last_generation: None,
                 last_assigned: Vec::new(),
                 waiting_since: None,
             },
             rx,
-            paused_rx,
+            controls_rx,
         ))
     }
 
@@ -310,7 +310,7 @@ impl Coordinator {
         let rs = self.replica_set_row().await?;
         next = next.min(self.reconcile(&rs).await?);
         controls::publish(
-            &self.paused,
+            &self.controls,
             controls::load(&self.pool, &self.config.replica_set).await?,
         );
         self.metrics

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::header;
 use axum::middleware::Next;
 use axum::response::Response;
@@ -15,6 +15,7 @@ use super::error::ApiError;
 use super::AppState;
 use crate::coordination::controls;
 use crate::pipeline::status::RecentError;
+use crate::pipeline::dead_letters::{self, DeadLetter};
 use crate::pipeline::ProjectionStatus;
 
 /// Every admin route, as (method, OpenAPI path).
@@ -22,6 +23,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/admin/status"),
     ("post", "/admin/projections/{name}/pause"),
     ("post", "/admin/projections/{name}/resume"),
+    ("get", "/admin/dead-letters"),
+    ("post", "/admin/dead-letters/retry"),
+    ("post", "/admin/dead-letters/{id}/skip"),
     ("get", "/admin/openapi.json"),
 ];
 
@@ -32,6 +36,9 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/admin/status", get(status))
         .route("/admin/projections/{name}/pause", post(pause))
         .route("/admin/projections/{name}/resume", post(resume))
+        .route("/admin/dead-letters", get(list_dead_letters))
+        .route("/admin/dead-letters/retry", post(retry_dead_letters))
+        .route("/admin/dead-letters/{id}/skip", post(skip_dead_letter))
         .route("/admin/openapi.json", get(openapi))
         .layer(axum::middleware::from_fn_with_state(state, require_token))
 }
@@ -93,6 +100,9 @@ pub struct PartitionStatus {
 pub struct ProjectionView {
     pub name: String,
     pub paused: bool,
+    /// Partitions halted by the stop policy: (partition, position).
+    pub halted: Vec<(i32, i64)>,
+    pub dead_letters: i64,
     pub lowest_checkpoint: i64,
     pub lag_positions: i64,
     pub last_commit: Option<chrono::DateTime<chrono::Utc>>,
@@ -116,7 +126,15 @@ async fn status(State(state): State<AppState>) -> Result<Json<AdminStatus>, ApiE
             .or_default()
             .insert(projection, position);
     }
-    let paused = controls::load(&state.pool, &state.replica_set).await?;
+    let controls = controls::load(&state.pool, &state.replica_set).await?;
+    let halts: Vec<(String, i32, i64)> = sqlx::query_as("SELECT projection, partition, position FROM projection_host.halts WHERE replica_set = $1 ORDER BY partition")
+        .bind(&state.replica_set)
+        .fetch_all(&state.pool)
+        .await?;
+    let parked: Vec<(String, i64)> = sqlx::query_as("SELECT projection, count(*) FROM projection_host.dead_letters WHERE replica_set = $1 GROUP BY projection")
+        .bind(&state.replica_set)
+        .fetch_all(&state.pool)
+        .await?;
     let local: BTreeMap<String, ProjectionStatus> = state
         .board
         .all()
@@ -136,7 +154,9 @@ async fn status(State(state): State<AppState>) -> Result<Json<AdminStatus>, ApiE
         .map(|name| {
             let stored = db.projections.iter().find(|p| p.projection == name);
             ProjectionView {
-                paused: paused.contains(&name),
+                paused: controls.paused.contains(&name),
+                halted: halts.iter().filter(|(p, _, _)| *p == name).map(|(_, part, pos)| (*part, *pos)).collect(),
+                dead_letters: parked.iter().find(|(p, _)| *p == name).map_or(0, |(_, n)| *n),
                 lowest_checkpoint: stored.map_or(0, |p| p.lowest_checkpoint),
                 lag_positions: stored.map_or(db.head, |p| p.lag_positions),
                 last_commit: stored.and_then(|p| p.last_commit),
@@ -237,6 +257,53 @@ async fn set_paused(
         projection: name,
         paused,
     }))
+}
+
+#[derive(Debug, Deserialize)]
+struct DeadLetterFilter {
+    projection: Option<String>,
+}
+
+async fn list_dead_letters(State(state): State<AppState>, Query(filter): Query<DeadLetterFilter>) -> Result<Json<Vec<DeadLetter>>, ApiError> {
+    Ok(Json(dead_letters::list(&state.pool, &state.replica_set, filter.projection.as_deref()).await?))
+}
+
+#[derive(Debug, Deserialize)]
+struct RetryRequest {
+    projection: String,
+    aggregate_id: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RetryResult {
+    pub projection: String,
+    pub aggregate_id: String,
+    /// Parked events that will be applied again, in order.
+    pub events: u64,
+}
+
+async fn retry_dead_letters(State(state): State<AppState>, Json(request): Json<RetryRequest>) -> Result<Json<RetryResult>, ApiError> {
+    let events = dead_letters::request_retry(&state.pool, &state.replica_set, &request.projection, &request.aggregate_id).await?;
+    if events == 0 {
+        return Err(ApiError::NotFound(format!(
+            "no parked events of aggregate '{}' in projection '{}'",
+            request.aggregate_id, request.projection
+        )));
+    }
+    tracing::info!(projection = %request.projection, aggregate = %request.aggregate_id, events, "retry of parked events requested through the admin API");
+    Ok(Json(RetryResult {
+        projection: request.projection,
+        aggregate_id: request.aggregate_id,
+        events,
+    }))
+}
+
+async fn skip_dead_letter(State(state): State<AppState>, Path(id): Path<i64>) -> Result<Json<DeadLetter>, ApiError> {
+    let skipped = dead_letters::skip(&state.pool, &state.replica_set, id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no parked event with id {id}")))?;
+    tracing::warn!(projection = %skipped.projection, position = skipped.position, aggregate = %skipped.aggregate_id, "parked event skipped through the admin API: it will never be applied");
+    Ok(Json(skipped))
 }
 
 async fn openapi() -> ([(header::HeaderName, &'static str); 1], &'static str) {

@@ -1,6 +1,8 @@
 //! The pipeline of one projection on this worker: read -> handle -> commit, batch after batch,
 //! over the partitions the coordinator gave it.
 
+pub mod dead_letters;
+pub mod policy;
 mod progress;
 pub mod retry;
 pub mod status;

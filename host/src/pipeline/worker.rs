@@ -2,21 +2,29 @@
 //!
 //! Each batch: lease the usable partitions -> read subscribed events after the lowest of their
 //! checkpoints, up to the safe head -> keep the events of leased partitions not yet applied ->
-//! `handle-batch` inside a transaction -> flush the writes, record checkpoints (fenced) ->
-//! commit. Whatever fails, the transaction rolls back and the same range is read again, so an
-//! event is applied exactly once.
+//! `handle-batch` inside a transaction (under the projection's role) -> flush the writes, park
+//! what the dead-letter policy parks, record checkpoints (fenced) -> commit. Whatever fails, the
+//! transaction rolls back and the same range is read again, so an event is applied exactly once.
+//!
+//! When the plugin keeps failing, the batch is narrowed down to the failing event (committing
+//! the events before it), retried `max_retries` times, and then the projection's failure policy
+//! applies: halt that partition (stop) or park the event and its aggregate's later events
+//! (dead-letter).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sqlx::{PgPool, Postgres, Transaction};
 use tokio_util::sync::CancellationToken;
 
+use super::dead_letters::{self, ToPark};
+use super::policy::{OnFailure, ProjectionSettings};
 use super::progress::Progress;
 use super::retry::backoff;
 use super::status::{ProjectionState, ProjectionStatus, StatusBoard};
-use crate::coordination::controls::Paused;
+use crate::cli::SqlIsolation;
+use crate::coordination::controls::Shared as Controls;
 use crate::coordination::{Lease, Ownership};
 use crate::db::quote_ident;
 use crate::ids::{Epoch, PartitionId, WorkerId};
@@ -24,6 +32,7 @@ use crate::metrics::HostMetrics;
 use crate::runtime::limits::Breach;
 use crate::runtime::{Plugin, PluginFailure, PluginInstance, Runtime};
 use crate::sink::commit::{record_batch, BatchCommit, CommitOutcome};
+use crate::sink::isolation;
 use crate::source::wakeup::Wakeup;
 use crate::source::{EventReader, SafeHead, StoredEvent};
 
@@ -38,8 +47,8 @@ pub struct PipelineContext {
     pub board: StatusBoard,
     /// Wakes the coordinator (after a fenced commit).
     pub coordinator: Wakeup,
-    /// Projections an operator paused.
-    pub paused: tokio::sync::watch::Receiver<Paused>,
+    /// Operator controls: pauses, halts, dead-letter retries.
+    pub controls: tokio::sync::watch::Receiver<Controls>,
 }
 
 #[derive(Debug, Clone)]
@@ -52,10 +61,11 @@ pub struct PipelineConfig {
     /// Largest batch while catching up.
     pub max_batch_size: u32,
     pub poll_interval: Duration,
-    pub call_timeout: Duration,
     pub events_table: crate::db::QualifiedName,
     /// `--once`: report caught-up once every partition reached this position.
     pub once_target: Option<i64>,
+    pub settings: ProjectionSettings,
+    pub isolation: SqlIsolation,
 }
 
 /// Why a batch did not commit.
@@ -71,38 +81,25 @@ enum BatchError {
         middle: i64,
         last: i64,
         events: usize,
+        /// The event, when the batch held only one.
+        single: Option<EventRef>,
     },
     #[error("this worker no longer owns every partition of the batch (fenced); the batch was rolled back")]
     Fenced,
     #[error("cannot create a plugin instance: {0}")]
     Instantiate(String),
+    #[error("setting up the projection's database role failed: {0}")]
+    Isolation(#[from] isolation::IsolationError),
+    #[error("the plugin's SQL left its role {0}; the batch was rolled back")]
+    Escaped(String),
 }
 
-pub struct ProjectionWorker {
-    plugin: Arc<Plugin>,
-    runtime: Arc<Runtime>,
-    instance: Option<PluginInstance>,
-    reader: Arc<EventReader>,
-    pool: PgPool,
-    ownership: Arc<Ownership>,
-    head: SafeHead,
-    paused: tokio::sync::watch::Receiver<Paused>,
-    config: PipelineConfig,
-    /// `SET LOCAL` statements every batch transaction starts with.
-    prelude: String,
-    schema: String,
-    checkpoints: HashMap<PartitionId, (Epoch, i64)>,
-    metrics: HostMetrics,
-    board: StatusBoard,
-    coordinator: Wakeup,
-    limit: u32,
-    failures: u32,
-    stages: StageTimes,
-    /// While catching up, the next page is read while the current one is handled.
-    prefetch: Option<Prefetch>,
-    /// After a plugin failure: read no further than this, to commit the events before the
-    /// failing one and narrow the failure down to a single event.
-    read_cap: Option<i64>,
+/// One event, for the failure policy.
+#[derive(Debug, Clone)]
+struct EventRef {
+    position: i64,
+    partition: PartitionId,
+    aggregate_id: String,
 }
 
 /// A read started ahead of time: subscribed events in `(after, up_to]`, at most `limit`.
@@ -121,13 +118,42 @@ struct StageTimes {
     commit: Duration,
 }
 
+pub struct ProjectionWorker {
+    plugin: Arc<Plugin>,
+    runtime: Arc<Runtime>,
+    instance: Option<PluginInstance>,
+    reader: Arc<EventReader>,
+    pool: PgPool,
+    ownership: Arc<Ownership>,
+    head: SafeHead,
+    controls: tokio::sync::watch::Receiver<Controls>,
+    config: PipelineConfig,
+    schema: String,
+    /// The projection's role (`SQL_ISOLATION=role`), known after setup.
+    role: Option<String>,
+    checkpoints: HashMap<PartitionId, (Epoch, i64)>,
+    /// Aggregates with parked events in the partitions held (dead-letter policy).
+    parked: HashSet<String>,
+    /// Halted partitions and the position they halted at (stop policy).
+    halted: HashMap<PartitionId, i64>,
+    metrics: HostMetrics,
+    board: StatusBoard,
+    coordinator: Wakeup,
+    limit: u32,
+    failures: u32,
+    stages: StageTimes,
+    prefetch: Option<Prefetch>,
+    /// After a plugin failure: read no further than this, to commit the events before the
+    /// failing one and narrow the failure down to a single event.
+    read_cap: Option<i64>,
+    /// The single failing event and how often it failed.
+    attempts: Option<(i64, u32)>,
+    /// The dead-letter policy decided to park this event (position, error) in the next batch.
+    park_next: Option<(i64, String)>,
+}
+
 impl ProjectionWorker {
-    pub fn new(
-        plugin: Arc<Plugin>,
-        instance: PluginInstance,
-        context: PipelineContext,
-        config: PipelineConfig,
-    ) -> Self {
+    pub fn new(plugin: Arc<Plugin>, mut instance: PluginInstance, context: PipelineContext, config: PipelineConfig) -> Self {
         let PipelineContext {
             runtime,
             pool,
@@ -136,13 +162,10 @@ impl ProjectionWorker {
             metrics,
             board,
             coordinator,
-            paused,
+            controls,
         } = context;
         let schema = quote_ident(&plugin.name);
-        let prelude = format!(
-            "SET LOCAL synchronous_commit = off; SET LOCAL search_path = {schema}; SET LOCAL statement_timeout = {}",
-            config.call_timeout.as_millis().max(1)
-        );
+        instance.set_limits(config.settings.memory_limit, config.settings.call_timeout);
         metrics.register_projection(&plugin.name, &plugin.version, &plugin.sha256);
         board.insert(ProjectionStatus {
             name: plugin.name.to_string(),
@@ -166,11 +189,13 @@ impl ProjectionWorker {
             pool,
             ownership,
             head,
-            paused,
+            controls,
             config,
-            prelude,
             schema,
+            role: None,
             checkpoints: HashMap::new(),
+            parked: HashSet::new(),
+            halted: HashMap::new(),
             metrics,
             board,
             coordinator,
@@ -178,11 +203,38 @@ impl ProjectionWorker {
             stages: StageTimes::default(),
             prefetch: None,
             read_cap: None,
+            attempts: None,
+            park_next: None,
         }
     }
 
     fn name(&self) -> &str {
         &self.plugin.name
+    }
+
+    /// `SET LOCAL` statements that start every transaction touching the read model.
+    fn prelude(&self) -> String {
+        let mut sql = format!(
+            "SET LOCAL synchronous_commit = off; SET LOCAL search_path = {}; SET LOCAL statement_timeout = {}",
+            self.schema,
+            self.config.settings.call_timeout.as_millis().max(1)
+        );
+        if let Some(role) = &self.role {
+            sql.push_str(&format!("; SET LOCAL ROLE {}", quote_ident(role)));
+        }
+        sql
+    }
+
+    /// Back to the host's own role after the plugin's part of a transaction, checking that the
+    /// plugin did not leave its role.
+    async fn leave_role(role: &Option<String>, tx: &mut Transaction<'static, Postgres>) -> Result<(), BatchError> {
+        if let Some(role) = role {
+            if !isolation::still_confined(tx, role).await? {
+                return Err(BatchError::Escaped(role.clone()));
+            }
+            sqlx::Executor::execute(&mut **tx, "RESET ROLE").await?;
+        }
+        Ok(())
     }
 
     /// Runs until `stop`: batches already started finish; no new one starts.
@@ -192,11 +244,7 @@ impl ProjectionWorker {
                 Ok(()) => break,
                 Err(e) => {
                     self.failures += 1;
-                    let delay = backoff(
-                        self.failures,
-                        Duration::from_millis(200),
-                        Duration::from_secs(30),
-                    );
+                    let delay = backoff(self.failures, Duration::from_millis(200), Duration::from_secs(30));
                     tracing::error!(projection = self.name(), error = %e, retry_in = ?delay, "projection setup failed");
                     self.report_error(&e.to_string());
                     tokio::select! {
@@ -207,28 +255,28 @@ impl ProjectionWorker {
             }
         }
         self.failures = 0;
-        self.board
-            .update(self.name(), |s| s.state = ProjectionState::Running);
+        self.board.update(self.name(), |s| s.state = ProjectionState::Running);
         let mut ownership_changed = self.ownership.subscribe();
         let mut progress = Progress::new();
+        let mut controls_seen: Option<Controls> = None;
         while !stop.is_cancelled() {
-            let paused = self.paused.borrow_and_update().contains(&*self.plugin.name);
-            if paused {
-                self.board
-                    .update(&self.plugin.name, |s| s.state = ProjectionState::Paused);
-                tracing::info!(
-                    projection = self.name(),
-                    "paused by an operator; waiting for resume"
-                );
+            let controls = self.controls.borrow_and_update().clone();
+            if controls_seen.as_ref() != Some(&controls) {
+                // Halts and parked events may have changed (resume, skip, retry).
+                if let Err(e) = self.reload_failures().await {
+                    self.retry_after(&stop, BatchError::Database(e)).await;
+                    continue;
+                }
+                controls_seen = Some(controls.clone());
+            }
+            if controls.paused.contains(self.name()) {
+                self.board.update(&self.plugin.name, |s| s.state = ProjectionState::Paused);
+                tracing::info!(projection = self.name(), "paused by an operator; waiting for resume");
                 tokio::select! {
                     _ = stop.cancelled() => break,
-                    _ = self.paused.changed() => {}
+                    _ = self.controls.changed() => {}
                 }
-                if !self.paused.borrow().contains(self.name()) {
-                    tracing::info!(projection = self.name(), "resumed");
-                    self.board
-                        .update(&self.plugin.name, |s| s.state = ProjectionState::Running);
-                }
+                self.board.update(&self.plugin.name, |s| s.state = ProjectionState::Running);
                 continue;
             }
             let lease = self.ownership.lease();
@@ -237,6 +285,7 @@ impl ProjectionWorker {
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     _ = ownership_changed.changed() => {}
+                    _ = self.controls.changed() => {}
                 }
                 continue;
             }
@@ -245,9 +294,27 @@ impl ProjectionWorker {
                 self.retry_after(&stop, BatchError::Database(e)).await;
                 continue;
             }
+            let active: Vec<(PartitionId, Epoch)> = lease.partitions.iter().filter(|(p, _)| !self.halted.contains_key(p)).copied().collect();
+            if active.is_empty() {
+                // Every held partition is halted (stop policy): wait for an operator.
+                drop(lease);
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = ownership_changed.changed() => {}
+                    _ = self.controls.changed() => {}
+                }
+                continue;
+            }
+            if controls.retry.contains(self.name()) {
+                if let Err(e) = self.replay(&active).await {
+                    drop(lease);
+                    self.retry_after(&stop, e).await;
+                    continue;
+                }
+            }
             let head = self.head.current();
-            let from = self.lowest_checkpoint(&lease);
-            self.report_position(&lease, from, head.raw);
+            let from = self.lowest_checkpoint(&active);
+            self.report_position(&active, lease.partitions.len(), from, head.raw);
             let up_to = match self.read_cap {
                 Some(cap) if cap > from => head.safe.min(cap),
                 _ => {
@@ -261,18 +328,20 @@ impl ProjectionWorker {
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     _ = ownership_changed.changed() => {}
+                    _ = self.controls.changed() => {}
                     _ = head_rx.wait_past(from, self.config.poll_interval) => {}
                 }
                 continue;
             }
             let started = Instant::now();
-            match self.process(&lease, from, up_to).await {
+            match self.process(&active, from, up_to).await {
                 Ok((events, to)) => {
                     drop(lease);
                     self.failures = 0;
                     progress.record(&self.plugin.name, events, to, head.raw);
+                    let state = if self.halted.is_empty() { ProjectionState::Running } else { ProjectionState::Failing };
                     self.board.update(&self.plugin.name, |s| {
-                        s.state = ProjectionState::Running;
+                        s.state = state;
                         s.events_processed += events as u64;
                         s.last_commit_at = Some(chrono::Utc::now());
                     });
@@ -298,24 +367,30 @@ impl ProjectionWorker {
     }
 
     fn stopped(&self) {
-        self.board
-            .update(self.name(), |s| s.state = ProjectionState::Stopped);
+        self.board.update(self.name(), |s| s.state = ProjectionState::Stopped);
     }
 
-    /// Creates the projection's schema and runs the plugin's `setup` in one transaction,
-    /// serialised across hosts so that concurrent `CREATE ... IF NOT EXISTS` cannot collide.
+    /// Creates the projection's schema (and role) and runs the plugin's `setup` in one
+    /// transaction, serialised across hosts so that concurrent `CREATE ... IF NOT EXISTS`
+    /// cannot collide.
     async fn setup(&mut self) -> Result<(), BatchError> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "SELECT pg_advisory_xact_lock(hashtext('projection_host.setup'), hashtext($1))",
-        )
-        .bind(&*self.plugin.name)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {}", self.schema))
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('projection_host.setup'), hashtext($1))")
+            .bind(&*self.plugin.name)
             .execute(&mut *tx)
             .await?;
-        sqlx::Executor::execute(&mut *tx, self.prelude.as_str()).await?;
+        match self.config.isolation {
+            SqlIsolation::Role => {
+                let role = isolation::role_name(&mut tx, &self.plugin.name).await?;
+                isolation::prepare(&mut tx, &self.plugin.name, &role).await?;
+                self.role = Some(role);
+            }
+            SqlIsolation::Schema => {
+                sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {}", self.schema)).execute(&mut *tx).await?;
+            }
+        }
+        let prelude = self.prelude();
+        sqlx::Executor::execute(&mut *tx, prelude.as_str()).await?;
         let instance = self.instance().await?;
         let outcome = instance.setup(tx).await;
         if let Err(failure) = outcome.result {
@@ -328,28 +403,35 @@ impl ProjectionWorker {
                 middle: 0,
                 last: 0,
                 events: 0,
+                single: None,
             });
         }
-        let tx = outcome
-            .tx
-            .ok_or_else(|| BatchError::Instantiate("setup lost its transaction".into()))?;
+        let mut tx = outcome.tx.ok_or_else(|| BatchError::Instantiate("setup lost its transaction".into()))?;
+        Self::leave_role(&self.role, &mut tx).await?;
         tx.commit().await?;
-        tracing::info!(projection = self.name(), version = %self.plugin.version, sha256 = %&self.plugin.sha256[..12], "read model set up");
+        tracing::info!(
+            projection = self.name(),
+            version = %self.plugin.version,
+            sha256 = %&self.plugin.sha256[..12],
+            role = ?self.role,
+            "read model set up"
+        );
         Ok(())
     }
 
     async fn instance(&mut self) -> Result<&mut PluginInstance, BatchError> {
         if self.instance.is_none() {
-            let instance = PluginInstance::instantiate(&self.runtime, &self.plugin)
+            let mut instance = PluginInstance::instantiate(&self.runtime, &self.plugin)
                 .await
                 .map_err(|e| BatchError::Instantiate(format!("{e:#}")))?;
+            instance.set_limits(self.config.settings.memory_limit, self.config.settings.call_timeout);
             self.instance = Some(instance);
         }
         Ok(self.instance.as_mut().expect("set above"))
     }
 
-    /// Loads the checkpoints of partitions claimed since the last batch (a new epoch means a
-    /// new claim; another worker may have advanced the checkpoint meanwhile).
+    /// Loads the checkpoints (and parked aggregates) of partitions claimed since the last batch:
+    /// a new epoch means a new claim, and another worker may have advanced them meanwhile.
     async fn refresh_checkpoints(&mut self, lease: &Lease) -> Result<(), sqlx::Error> {
         let stale: Vec<i32> = lease
             .partitions
@@ -372,9 +454,23 @@ impl ProjectionWorker {
         let found: HashMap<i32, i64> = rows.into_iter().collect();
         for (p, e) in &lease.partitions {
             if stale.contains(&p.as_i32()) {
-                self.checkpoints
-                    .insert(*p, (*e, found.get(&p.as_i32()).copied().unwrap_or(0)));
+                self.checkpoints.insert(*p, (*e, found.get(&p.as_i32()).copied().unwrap_or(0)));
             }
+        }
+        self.parked
+            .extend(dead_letters::parked_aggregates(&self.pool, &self.config.replica_set, &self.plugin.name, &stale).await?);
+        Ok(())
+    }
+
+    /// Re-reads halts and parked aggregates after an operator acted.
+    async fn reload_failures(&mut self) -> Result<(), sqlx::Error> {
+        self.halted = dead_letters::halts(&self.pool, &self.config.replica_set, &self.plugin.name).await?;
+        let held: Vec<i32> = self.checkpoints.keys().map(|p| p.as_i32()).collect();
+        self.parked = dead_letters::parked_aggregates(&self.pool, &self.config.replica_set, &self.plugin.name, &held).await?;
+        let count = dead_letters::count(&self.pool, &self.config.replica_set, &self.plugin.name).await?;
+        self.metrics.set_dead_letters(self.name(), count);
+        if self.halted.is_empty() {
+            self.attempts = None;
         }
         Ok(())
     }
@@ -383,26 +479,19 @@ impl ProjectionWorker {
         self.checkpoints.get(&partition).map_or(0, |(_, c)| *c)
     }
 
-    fn lowest_checkpoint(&self, lease: &Lease) -> i64 {
-        lease
-            .partitions
-            .iter()
-            .map(|(p, _)| self.checkpoint(*p))
-            .min()
-            .unwrap_or(0)
+    fn lowest_checkpoint(&self, partitions: &[(PartitionId, Epoch)]) -> i64 {
+        partitions.iter().map(|(p, _)| self.checkpoint(*p)).min().unwrap_or(0)
     }
 
-    fn report_position(&self, lease: &Lease, lowest: i64, raw_head: i64) {
-        let gap: i64 = lease
-            .partitions
-            .iter()
-            .map(|(p, _)| (raw_head - self.checkpoint(*p)).max(0))
-            .sum();
+    fn report_position(&self, active: &[(PartitionId, Epoch)], held: usize, lowest: i64, raw_head: i64) {
+        let gap: i64 = active.iter().map(|(p, _)| (raw_head - self.checkpoint(*p)).max(0)).sum::<i64>()
+            + self.halted.values().map(|pos| (raw_head - pos + 1).max(0)).sum::<i64>();
         let lag = gap as f64 / f64::from(self.config.partitions.max(1));
         self.metrics.set_lag(self.name(), lag, lowest);
-        let caught_up = self.config.once_target.is_some_and(|target| {
-            lease.partitions.len() as u32 == self.config.partitions && lowest >= target
-        });
+        let caught_up = self
+            .config
+            .once_target
+            .is_some_and(|target| held as u32 == self.config.partitions && self.halted.is_empty() && lowest >= target);
         self.board.update(self.name(), |s| {
             s.lowest_checkpoint = lowest;
             s.lag_events = lag;
@@ -410,52 +499,78 @@ impl ProjectionWorker {
         });
     }
 
-    /// One batch. Returns the events applied and the position covered.
-    async fn process(
-        &mut self,
-        lease: &Lease,
-        from: i64,
-        safe_head: i64,
-    ) -> Result<(usize, i64), BatchError> {
+    /// One batch over the active partitions. Returns the events applied and the position covered.
+    async fn process(&mut self, active: &[(PartitionId, Epoch)], from: i64, safe_head: i64) -> Result<(usize, i64), BatchError> {
         let started = Instant::now();
-        let (events, safe_head) = self.read(from, safe_head).await?;
+        let (mut events, safe_head) = self.read(from, safe_head).await?;
         self.stages.read += started.elapsed();
-        let full = events.len() as u32 >= self.limit;
+        let mut full = events.len() as u32 >= self.limit;
+        // Cap the bytes handed to one call (limit max_batch_bytes); keep at least one event.
+        let mut bytes = 0u64;
+        if let Some(cut) = events.iter().position(|e| {
+            bytes += (e.payload.len() + e.metadata.as_ref().map_or(0, String::len)) as u64;
+            bytes > self.config.settings.max_batch_bytes
+        }) {
+            events.truncate(cut.max(1));
+            full = true;
+        }
         // A full page covers only up to its last event; otherwise everything up to the head.
-        let covered_to = if full {
-            events.last().map_or(safe_head, |e| e.global_position)
-        } else {
-            safe_head
-        };
+        let covered_to = if full { events.last().map_or(safe_head, |e| e.global_position) } else { safe_head };
         if full && self.read_cap.is_none() {
             self.start_prefetch(covered_to, self.head.current().safe, self.next_limit(true));
         }
+
         let partitions = self.config.partitions;
-        let mine: Vec<StoredEvent> = events
-            .into_iter()
-            .filter(|e| {
-                let p = PartitionId::of(&e.aggregate_id, partitions);
-                lease.contains(p) && e.global_position > self.checkpoint(p)
-            })
-            .collect();
+        let active_set: HashSet<PartitionId> = active.iter().map(|(p, _)| *p).collect();
+        let park_next = self.park_next.clone();
+        let mut mine = Vec::with_capacity(events.len());
+        let mut park: Vec<(PartitionId, StoredEvent, String)> = Vec::new();
+        for e in events {
+            let p = PartitionId::of(&e.aggregate_id, partitions);
+            if !active_set.contains(&p) || e.global_position <= self.checkpoint(p) {
+                continue;
+            }
+            if let Some((position, error)) = park_next.as_ref().filter(|(pos, _)| *pos == e.global_position) {
+                self.parked.insert(e.aggregate_id.clone());
+                park.push((p, e, format!("failed {} times: {error}", self.config.settings.max_retries + 1)));
+                tracing::debug!(projection = self.name(), position, "parking the failing event");
+            } else if self.parked.contains(&e.aggregate_id) {
+                park.push((p, e, "follows a parked event of the same aggregate".to_string()));
+            } else {
+                mine.push(e);
+            }
+        }
 
         let mut tx = self.pool.begin().await?;
-        sqlx::Executor::execute(&mut *tx, self.prelude.as_str()).await?;
+        let prelude = self.prelude();
+        sqlx::Executor::execute(&mut *tx, prelude.as_str()).await?;
         let plugin_started = Instant::now();
         let handed = mine.len();
         if !mine.is_empty() {
             tx = self.handle(tx, mine).await?;
         }
+        Self::leave_role(&self.role, &mut tx).await?;
         let plugin_seconds = plugin_started.elapsed().as_secs_f64();
         self.stages.handle += plugin_started.elapsed();
         let commit_started = Instant::now();
+        let parked_now: Vec<ToPark<'_>> = park
+            .iter()
+            .map(|(p, e, error)| ToPark {
+                partition: *p,
+                position: e.global_position,
+                aggregate_id: &e.aggregate_id,
+                event_type: &e.event_type,
+                error,
+            })
+            .collect();
+        dead_letters::park(&mut tx, &self.config.replica_set, &self.plugin.name, &parked_now).await?;
         let outcome = record_batch(
             &mut tx,
             &BatchCommit {
                 replica_set: &self.config.replica_set,
                 projection: &self.plugin.name,
                 worker: &self.config.worker,
-                partitions: &lease.partitions,
+                partitions: active,
                 from_position: from,
                 to_position: covered_to,
                 events: handed,
@@ -468,28 +583,98 @@ impl ProjectionWorker {
             CommitOutcome::Recorded => tx.commit().await?,
             CommitOutcome::Fenced => {
                 tx.rollback().await?;
-                let lost: Vec<PartitionId> = lease.partitions.iter().map(|(p, _)| *p).collect();
+                let lost: Vec<PartitionId> = active.iter().map(|(p, _)| *p).collect();
                 self.ownership.forfeit(&lost);
                 self.coordinator.wake();
                 return Err(BatchError::Fenced);
             }
         }
         self.stages.commit += commit_started.elapsed();
-        for (p, e) in &lease.partitions {
+        for (p, e) in active {
             let entry = self.checkpoints.entry(*p).or_insert((*e, 0));
             entry.1 = entry.1.max(covered_to);
+        }
+        if !park.is_empty() {
+            if let Some((position, _)) = park_next {
+                tracing::error!(
+                    projection = self.name(),
+                    position,
+                    "parked the failing event in the dead-letter list; later events of its aggregate will be parked too (list them with `projection-host dead-letters list`)"
+                );
+                self.park_next = None;
+                self.attempts = None;
+            }
+            let count = dead_letters::count(&self.pool, &self.config.replica_set, &self.plugin.name).await?;
+            self.metrics.set_dead_letters(self.name(), count);
         }
         self.limit = self.next_limit(full);
         if self.read_cap.is_some_and(|cap| covered_to >= cap) {
             self.read_cap = None;
         }
-        self.metrics.batch_committed(
-            self.name(),
-            handed,
-            started.elapsed().as_secs_f64(),
-            plugin_seconds,
-        );
+        self.metrics.batch_committed(self.name(), handed, started.elapsed().as_secs_f64(), plugin_seconds);
         Ok((handed, covered_to))
+    }
+
+    /// Applies the parked events an operator asked to retry (in position order, so each
+    /// aggregate's order is kept); they leave the list only if the plugin accepts them.
+    async fn replay(&mut self, active: &[(PartitionId, Epoch)]) -> Result<(), BatchError> {
+        let partitions: Vec<i32> = active.iter().map(|(p, _)| p.as_i32()).collect();
+        let requested = dead_letters::retry_requests(&self.pool, &self.config.replica_set, &self.plugin.name, &partitions).await?;
+        if requested.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<i64> = requested.iter().map(|d| d.id).collect();
+        let positions: Vec<i64> = requested.iter().map(|d| d.position).collect();
+        let events = {
+            let mut conn = self.pool.acquire().await?;
+            self.reader.read_positions(&mut conn, &positions).await?
+        };
+        let count = events.len();
+        let mut tx = self.pool.begin().await?;
+        let prelude = self.prelude();
+        sqlx::Executor::execute(&mut *tx, prelude.as_str()).await?;
+        let result = match self.handle(tx, events).await {
+            Ok(mut tx) => match Self::leave_role(&self.role, &mut tx).await {
+                Ok(()) => Ok(tx),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        };
+        let mut tx = match result {
+            Ok(tx) => tx,
+            Err(e) => {
+                dead_letters::retry_failed(&self.pool, &ids, &e.to_string()).await?;
+                tracing::error!(projection = self.name(), events = count, error = %e, "retrying parked events failed; they stay parked");
+                self.board.record_error(self.name(), &format!("retrying parked events failed: {e}"));
+                self.reload_failures().await?;
+                return Ok(());
+            }
+        };
+        dead_letters::remove(&mut tx, &ids).await?;
+        let lowest = self.lowest_checkpoint(active);
+        let outcome = record_batch(
+            &mut tx,
+            &BatchCommit {
+                replica_set: &self.config.replica_set,
+                projection: &self.plugin.name,
+                worker: &self.config.worker,
+                partitions: active,
+                from_position: lowest,
+                to_position: lowest,
+                events: count,
+                plugin_version: &self.plugin.version,
+                plugin_sha256: &self.plugin.sha256,
+            },
+        )
+        .await?;
+        if outcome == CommitOutcome::Fenced {
+            tx.rollback().await?;
+            return Err(BatchError::Fenced);
+        }
+        tx.commit().await?;
+        tracing::info!(projection = self.name(), events = count, "applied parked events on an operator's request");
+        self.reload_failures().await?;
+        Ok(())
     }
 
     /// Large batches while catching up, small ones when live.
@@ -503,14 +688,9 @@ impl ProjectionWorker {
 
     /// Subscribed events after `from`, from the prefetched page when it matches (returning the
     /// head that page was read up to), else read now.
-    async fn read(
-        &mut self,
-        from: i64,
-        safe_head: i64,
-    ) -> Result<(Vec<StoredEvent>, i64), sqlx::Error> {
+    async fn read(&mut self, from: i64, safe_head: i64) -> Result<(Vec<StoredEvent>, i64), sqlx::Error> {
         if let Some(prefetch) = self.prefetch.take() {
-            if prefetch.after == from && prefetch.limit == self.limit && prefetch.up_to <= safe_head
-            {
+            if prefetch.after == from && prefetch.limit == self.limit && prefetch.up_to <= safe_head {
                 match prefetch.events.await {
                     Ok(Ok(events)) => return Ok((events, prefetch.up_to)),
                     Ok(Err(e)) => return Err(e),
@@ -521,12 +701,7 @@ impl ProjectionWorker {
             }
         }
         let mut conn = self.pool.acquire().await?;
-        Ok((
-            self.reader
-                .read(&mut conn, from, safe_head, self.limit)
-                .await?,
-            safe_head,
-        ))
+        Ok((self.reader.read(&mut conn, from, safe_head, self.limit).await?, safe_head))
     }
 
     fn start_prefetch(&mut self, after: i64, up_to: i64, limit: u32) {
@@ -539,39 +714,28 @@ impl ProjectionWorker {
             let mut conn = pool.acquire().await?;
             reader.read(&mut conn, after, up_to, limit).await
         });
-        if let Some(old) = self.prefetch.replace(Prefetch {
-            after,
-            up_to,
-            limit,
-            events,
-        }) {
+        if let Some(old) = self.prefetch.replace(Prefetch { after, up_to, limit, events }) {
             old.events.abort();
         }
     }
 
-    async fn handle(
-        &mut self,
-        tx: Transaction<'static, Postgres>,
-        events: Vec<StoredEvent>,
-    ) -> Result<Transaction<'static, Postgres>, BatchError> {
+    async fn handle(&mut self, tx: Transaction<'static, Postgres>, events: Vec<StoredEvent>) -> Result<Transaction<'static, Postgres>, BatchError> {
         let first = events.first().map_or(0, |e| e.global_position);
         let last = events.last().map_or(0, |e| e.global_position);
         let count = events.len();
-        tracing::debug!(
-            projection = self.name(),
-            events = count,
-            first,
-            last,
-            "calling the plugin"
-        );
-        let middle =
-            events[(count / 2).saturating_sub(1).min(count.saturating_sub(1))].global_position;
+        tracing::debug!(projection = self.name(), events = count, first, last, "calling the plugin");
+        let middle = events[(count / 2).saturating_sub(1).min(count.saturating_sub(1))].global_position;
+        let single = (count == 1).then(|| EventRef {
+            position: events[0].global_position,
+            partition: PartitionId::of(&events[0].aggregate_id, self.config.partitions),
+            aggregate_id: events[0].aggregate_id.clone(),
+        });
         let instance = self.instance().await?;
         let outcome = instance.handle_batch(tx, events).await;
         match outcome.result {
-            Ok(()) => outcome.tx.ok_or_else(|| {
-                BatchError::Instantiate("the plugin call lost its transaction".into())
-            }),
+            Ok(()) => outcome
+                .tx
+                .ok_or_else(|| BatchError::Instantiate("the plugin call lost its transaction".into())),
             Err(failure) => {
                 if failure.poisons_instance() {
                     // A trapped instance cannot be entered again; the next batch gets a new one.
@@ -583,12 +747,14 @@ impl ProjectionWorker {
                     middle,
                     last,
                     events: count,
+                    single,
                 })
             }
         }
     }
 
-    /// Reports a failed batch and waits before the same range is tried again.
+    /// Reports a failed batch and decides what happens next: retry (narrowed down), or the
+    /// failure policy once a single event failed too often.
     async fn retry_after(&mut self, stop: &CancellationToken, error: BatchError) {
         if let BatchError::Fenced = error {
             self.metrics.batch_fenced(self.name());
@@ -596,35 +762,16 @@ impl ProjectionWorker {
             return;
         }
         self.failures += 1;
-        let delay = backoff(
-            self.failures,
-            Duration::from_millis(100),
-            Duration::from_secs(30),
-        );
+        let mut delay = backoff(self.failures, Duration::from_millis(100), Duration::from_secs(30));
         let reason = match &error {
             BatchError::Plugin { failure, .. } if failure.is_transient() => "database",
-            BatchError::Plugin { .. } | BatchError::Instantiate(_) => "plugin",
+            BatchError::Plugin { .. } | BatchError::Instantiate(_) | BatchError::Escaped(_) => "plugin",
             _ => "database",
         };
         self.metrics.batch_failed(self.name(), reason);
         self.limit = self.config.batch_size;
         let message = match &error {
-            BatchError::Plugin {
-                failure,
-                first,
-                middle,
-                last,
-                events,
-            } => {
-                if !failure.is_transient() && *events > 0 {
-                    // Commit what is before the failing event, then retry that event alone.
-                    self.read_cap = Some(match failure.position() {
-                        Some(p) if p > *first && p <= *last => p - 1,
-                        Some(p) if p == *first => p,
-                        _ if *events > 1 => *middle,
-                        _ => *first,
-                    });
-                }
+            BatchError::Plugin { failure, first, middle, last, events, single } => {
                 if let PluginFailure::Limit { breach, .. } = failure {
                     self.metrics.limit_tripped(
                         self.name(),
@@ -634,15 +781,34 @@ impl ProjectionWorker {
                         },
                     );
                 }
+                if !failure.is_transient() && *events > 0 {
+                    // Commit what is before the failing event, then retry that event alone.
+                    self.read_cap = Some(match failure.position() {
+                        Some(p) if p > *first && p <= *last => p - 1,
+                        Some(p) if p == *first => p,
+                        _ if *events > 1 => *middle,
+                        _ => *first,
+                    });
+                }
                 let at = match failure.position() {
                     Some(p) => format!("event at position {p}"),
-                    None if events > &1 => {
-                        format!("events at positions {first}..={last} ({events} events)")
-                    }
-                    None if events == &1 => format!("event at position {first}"),
+                    None if *events > 1 => format!("events at positions {first}..={last} ({events} events)"),
+                    None if *events == 1 => format!("event at position {first}"),
                     None => "setup".to_string(),
                 };
-                format!("{error} [while handling {at}]")
+                let message = format!("{error} [while handling {at}]");
+                if let (Some(event), false) = (single, failure.is_transient()) {
+                    let attempts = match self.attempts {
+                        Some((p, n)) if p == event.position => n + 1,
+                        _ => 1,
+                    };
+                    self.attempts = Some((event.position, attempts));
+                    if attempts > self.config.settings.max_retries {
+                        self.give_up(event, &message).await;
+                        delay = Duration::ZERO;
+                    }
+                }
+                message
             }
             other => other.to_string(),
         };
@@ -655,6 +821,36 @@ impl ProjectionWorker {
         tokio::select! {
             _ = stop.cancelled() => {}
             _ = tokio::time::sleep(delay) => {}
+        }
+    }
+
+    /// The failure policy, once one event failed `max_retries` + 1 times.
+    async fn give_up(&mut self, event: &EventRef, message: &str) {
+        match self.config.settings.on_failure {
+            OnFailure::DeadLetter => {
+                // The next batch parks it (with its aggregate's later events) and commits the
+                // checkpoint past it.
+                self.park_next = Some((event.position, message.to_string()));
+                self.read_cap = Some(event.position);
+            }
+            OnFailure::Stop => {
+                match dead_letters::halt(&self.pool, &self.config.replica_set, &self.plugin.name, event.partition, event.position, message).await {
+                    Ok(()) => {
+                        self.halted.insert(event.partition, event.position);
+                        self.read_cap = None;
+                        self.attempts = None;
+                        tracing::error!(
+                            projection = self.name(),
+                            partition = %event.partition,
+                            position = event.position,
+                            aggregate = %event.aggregate_id,
+                            "partition halted at a failing event (ON_FAILURE=stop); other partitions go on; fix the cause and run `projection-host resume {}`",
+                            self.name()
+                        );
+                    }
+                    Err(e) => tracing::warn!(projection = self.name(), error = %e, "could not record the halt; retrying"),
+                }
+            }
         }
     }
 

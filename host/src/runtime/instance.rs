@@ -97,6 +97,13 @@ impl PluginInstance {
         Self::new(runtime, &plugin.pre, plugin.name.clone()).await
     }
 
+    /// Applies a projection's own sandbox limits (from its settings).
+    pub fn set_limits(&mut self, memory_bytes: u64, call_timeout: Duration) {
+        let limits = &mut self.store.data_mut().limits;
+        limits.memory_bytes = memory_bytes;
+        limits.call_timeout = call_timeout;
+    }
+
     pub(super) fn set_projection(&mut self, name: Arc<str>) {
         self.store.data_mut().projection = name;
     }

@@ -4,6 +4,7 @@
 pub mod buffer;
 pub mod commit;
 pub mod flush;
+pub mod isolation;
 pub mod schema;
 pub mod sql;
 pub mod values;

@@ -33,6 +33,7 @@ pub async fn query(
     params: Vec<PluginValue>,
     max_rows: usize,
 ) -> Result<Vec<Vec<PluginValue>>, EffectError> {
+    super::isolation::check_statement(sql)?;
     let types = parameter_types(conn, sql, params.len()).await?;
     let query = bind_all(sqlx::query(sql), &types, params)?;
     let rows = query

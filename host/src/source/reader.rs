@@ -8,6 +8,7 @@ use crate::runtime::loader::Subscription;
 
 pub struct EventReader {
     sql: String,
+    by_position: String,
     bounded_contexts: Vec<String>,
     aggregate_types: Vec<String>,
     event_types: Vec<String>,
@@ -34,8 +35,15 @@ impl EventReader {
             sql.push_str(" AND event_type = ANY($6)");
         }
         sql.push_str(" ORDER BY global_position LIMIT $3");
+        let by_position = format!(
+            "SELECT global_position, bounded_context, aggregate_type, aggregate_id, aggregate_version,
+                    event_id, event_type, event_version, payload, metadata::text AS metadata,
+                    trace_id, correlation_id, causation_id, created_at
+               FROM {events_table} WHERE global_position = ANY($1) ORDER BY global_position"
+        );
         EventReader {
             sql,
+            by_position,
             bounded_contexts: subscription.bounded_contexts.clone(),
             aggregate_types: subscription.aggregate_types.clone(),
             event_types: subscription.event_types.clone(),
@@ -72,5 +80,10 @@ impl EventReader {
             query = query.bind(None::<Vec<String>>);
         }
         query.fetch_all(&mut *conn).await
+    }
+
+    /// The events at the given positions, in order (replaying parked events).
+    pub async fn read_positions(&self, conn: &mut PgConnection, positions: &[i64]) -> Result<Vec<StoredEvent>, sqlx::Error> {
+        sqlx::query_as::<_, StoredEvent>(&self.by_position).bind(positions).fetch_all(&mut *conn).await
     }
 }

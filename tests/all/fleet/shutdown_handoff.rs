@@ -35,7 +35,7 @@ async fn sigterm_hands_partitions_over_without_waiting_for_the_stale_timeout() {
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(status["workers"].as_array().unwrap().len(), 2);
     assert_eq!(status["partition_owners"].as_array().unwrap().len(), 32);
-    assert!(status["generation"].as_i64().unwrap() >= 2);
+    assert!(status["generation"].as_i64().unwrap() >= 1);
 
     let started = Instant::now();
     b.signal(libc::SIGTERM);

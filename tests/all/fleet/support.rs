@@ -23,7 +23,7 @@ pub fn host(db: &TestDb, worker: &str, extra: &[&str]) -> Host {
         "--max-batch-size",
         "2000",
     ];
-    if !extra.iter().any(|a| *a == "--stale-worker-timeout") {
+    if !extra.contains(&"--stale-worker-timeout") {
         args.extend(["--stale-worker-timeout", "3s"]);
     }
     args.extend_from_slice(extra);

@@ -1,0 +1,221 @@
+//! Parked events (dead-letter policy) and halted partitions (stop policy), in PostgreSQL so that
+//! every host of the replica set and every operator sees the same.
+
+use std::collections::{HashMap, HashSet};
+
+use serde::Serialize;
+use sqlx::{PgConnection, PgPool};
+
+use crate::ids::PartitionId;
+
+/// One parked event.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, sqlx::FromRow)]
+pub struct DeadLetter {
+    pub id: i64,
+    pub projection: String,
+    pub partition: i32,
+    pub position: i64,
+    pub aggregate_id: String,
+    pub event_type: String,
+    pub error: String,
+    pub parked_at: chrono::DateTime<chrono::Utc>,
+    pub retry_requested: bool,
+    pub attempts: i32,
+}
+
+/// An event to park.
+pub struct ToPark<'a> {
+    pub partition: PartitionId,
+    pub position: i64,
+    pub aggregate_id: &'a str,
+    pub event_type: &'a str,
+    pub error: &'a str,
+}
+
+/// Parks events, inside the batch transaction (so parking and the checkpoint commit together).
+/// A follower of an aggregate whose retry was requested joins that retry.
+pub async fn park(conn: &mut PgConnection, replica_set: &str, projection: &str, events: &[ToPark<'_>]) -> Result<(), sqlx::Error> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let partitions: Vec<i32> = events.iter().map(|e| e.partition.as_i32()).collect();
+    let positions: Vec<i64> = events.iter().map(|e| e.position).collect();
+    let aggregates: Vec<&str> = events.iter().map(|e| e.aggregate_id).collect();
+    let types: Vec<&str> = events.iter().map(|e| e.event_type).collect();
+    let errors: Vec<&str> = events.iter().map(|e| e.error).collect();
+    sqlx::query(
+        "INSERT INTO projection_host.dead_letters
+             (replica_set, projection, partition, position, aggregate_id, event_type, error, retry_requested)
+         SELECT $1, $2, p, pos, agg, et, err,
+                EXISTS (SELECT 1 FROM projection_host.dead_letters d
+                         WHERE d.replica_set = $1 AND d.projection = $2 AND d.aggregate_id = agg AND d.retry_requested)
+           FROM unnest($3::int[], $4::int8[], $5::text[], $6::text[], $7::text[]) AS x(p, pos, agg, et, err)
+         ON CONFLICT (replica_set, projection, position) DO NOTHING",
+    )
+    .bind(replica_set)
+    .bind(projection)
+    .bind(&partitions)
+    .bind(&positions)
+    .bind(&aggregates)
+    .bind(&types)
+    .bind(&errors)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Aggregates with parked events in the given partitions.
+pub async fn parked_aggregates(pool: &PgPool, replica_set: &str, projection: &str, partitions: &[i32]) -> Result<HashSet<String>, sqlx::Error> {
+    let rows: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT aggregate_id FROM projection_host.dead_letters
+          WHERE replica_set = $1 AND projection = $2 AND partition = ANY($3)",
+    )
+    .bind(replica_set)
+    .bind(projection)
+    .bind(partitions)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().collect())
+}
+
+pub async fn list(pool: &PgPool, replica_set: &str, projection: Option<&str>) -> Result<Vec<DeadLetter>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, projection, partition, position, aggregate_id, event_type, error, parked_at, retry_requested, attempts
+           FROM projection_host.dead_letters
+          WHERE replica_set = $1 AND ($2::text IS NULL OR projection = $2)
+          ORDER BY projection, position",
+    )
+    .bind(replica_set)
+    .bind(projection)
+    .fetch_all(pool)
+    .await
+}
+
+pub async fn count(pool: &PgPool, replica_set: &str, projection: &str) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT count(*) FROM projection_host.dead_letters WHERE replica_set = $1 AND projection = $2")
+        .bind(replica_set)
+        .bind(projection)
+        .fetch_one(pool)
+        .await
+}
+
+/// Asks the owner of the aggregate's partition to apply all its parked events again, in order.
+pub async fn request_retry(pool: &PgPool, replica_set: &str, projection: &str, aggregate_id: &str) -> Result<u64, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let n = sqlx::query(
+        "UPDATE projection_host.dead_letters SET retry_requested = true
+          WHERE replica_set = $1 AND projection = $2 AND aggregate_id = $3",
+    )
+    .bind(replica_set)
+    .bind(projection)
+    .bind(aggregate_id)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    notify(&mut tx, replica_set).await?;
+    tx.commit().await?;
+    Ok(n)
+}
+
+/// Drops one parked event without applying it.
+pub async fn skip(pool: &PgPool, replica_set: &str, id: i64) -> Result<Option<DeadLetter>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let row: Option<DeadLetter> = sqlx::query_as(
+        "DELETE FROM projection_host.dead_letters WHERE replica_set = $1 AND id = $2
+         RETURNING id, projection, partition, position, aggregate_id, event_type, error, parked_at, retry_requested, attempts",
+    )
+    .bind(replica_set)
+    .bind(id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    notify(&mut tx, replica_set).await?;
+    tx.commit().await?;
+    Ok(row)
+}
+
+/// Parked events whose retry was requested, in the given partitions, in position order.
+pub async fn retry_requests(pool: &PgPool, replica_set: &str, projection: &str, partitions: &[i32]) -> Result<Vec<DeadLetter>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, projection, partition, position, aggregate_id, event_type, error, parked_at, retry_requested, attempts
+           FROM projection_host.dead_letters
+          WHERE replica_set = $1 AND projection = $2 AND partition = ANY($3) AND retry_requested
+          ORDER BY position",
+    )
+    .bind(replica_set)
+    .bind(projection)
+    .bind(partitions)
+    .fetch_all(pool)
+    .await
+}
+
+/// Removes replayed events, inside the replay's transaction.
+pub async fn remove(conn: &mut PgConnection, ids: &[i64]) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM projection_host.dead_letters WHERE id = ANY($1)").bind(ids).execute(&mut *conn).await?;
+    Ok(())
+}
+
+/// A replay failed: the events stay parked, with the new error.
+pub async fn retry_failed(pool: &PgPool, ids: &[i64], error: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE projection_host.dead_letters SET retry_requested = false, attempts = attempts + 1, error = $2 WHERE id = ANY($1)",
+    )
+    .bind(ids)
+    .bind(error)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Projections with requested retries.
+pub async fn projections_to_retry(pool: &PgPool, replica_set: &str) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar("SELECT DISTINCT projection FROM projection_host.dead_letters WHERE replica_set = $1 AND retry_requested")
+        .bind(replica_set)
+        .fetch_all(pool)
+        .await
+}
+
+/// Halted partitions of a projection, with the position they halted at.
+pub async fn halts(pool: &PgPool, replica_set: &str, projection: &str) -> Result<HashMap<PartitionId, i64>, sqlx::Error> {
+    let rows: Vec<(i32, i64)> =
+        sqlx::query_as("SELECT partition, position FROM projection_host.halts WHERE replica_set = $1 AND projection = $2")
+            .bind(replica_set)
+            .bind(projection)
+            .fetch_all(pool)
+            .await?;
+    Ok(rows.into_iter().map(|(p, pos)| (PartitionId(p as u32), pos)).collect())
+}
+
+pub async fn halt(pool: &PgPool, replica_set: &str, projection: &str, partition: PartitionId, position: i64, error: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO projection_host.halts (replica_set, projection, partition, position, error)
+         VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (replica_set, projection, partition) DO UPDATE SET position = $4, error = $5, halted_at = now()",
+    )
+    .bind(replica_set)
+    .bind(projection)
+    .bind(partition.as_i32())
+    .bind(position)
+    .bind(error)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Clears a projection's halts (an operator resumed it): its partitions try again.
+pub async fn clear_halts(pool: &PgPool, replica_set: &str, projection: &str) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query("DELETE FROM projection_host.halts WHERE replica_set = $1 AND projection = $2")
+        .bind(replica_set)
+        .bind(projection)
+        .execute(pool)
+        .await?
+        .rows_affected())
+}
+
+async fn notify(conn: &mut PgConnection, replica_set: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(crate::coordination::COORDINATION_CHANNEL)
+        .bind(replica_set)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}

@@ -136,7 +136,11 @@ pub struct PluginArgs {
     /// Per-projection settings, e.g. `orders:on_failure=dead-letter,memory=64MiB,timeout=2s`
     /// (keys: on_failure, max_retries, memory, timeout, max_batch_bytes). Repeatable; in the
     /// variable, separate projections with ';'.
-    #[arg(long = "projection", env = "PROJECTION_SETTINGS", value_delimiter = ';')]
+    #[arg(
+        long = "projection",
+        env = "PROJECTION_SETTINGS",
+        value_delimiter = ';'
+    )]
     pub projection_settings: Vec<String>,
     /// How plugin SQL is confined: `role` runs it under a role of its own that can use the
     /// projection's schema and nothing else (needs CREATEROLE); `schema` only sets the search

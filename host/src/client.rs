@@ -104,20 +104,39 @@ pub async fn dead_letters(command: crate::cli::DeadLetterCommand) -> anyhow::Res
                     r["aggregate_id"].as_str().unwrap_or(""),
                     r["event_type"].as_str().unwrap_or(""),
                     r["error"].as_str().unwrap_or(""),
-                    if r["retry_requested"] == true { " (retry requested)" } else { "" }
+                    if r["retry_requested"] == true {
+                        " (retry requested)"
+                    } else {
+                        ""
+                    }
                 );
             }
         }
-        C::Retry { admin, projection, aggregate } => {
+        C::Retry {
+            admin,
+            projection,
+            aggregate,
+        } => {
             let client = AdminClient::new(&admin)?;
             let body = client
-                .post("/admin/dead-letters/retry", serde_json::json!({ "projection": projection, "aggregate_id": aggregate }))
+                .post(
+                    "/admin/dead-letters/retry",
+                    serde_json::json!({ "projection": projection, "aggregate_id": aggregate }),
+                )
                 .await?;
-            println!("retrying {} parked event(s) of {aggregate} in {projection}, in order", body["events"]);
+            println!(
+                "retrying {} parked event(s) of {aggregate} in {projection}, in order",
+                body["events"]
+            );
         }
         C::Skip { admin, id } => {
             let client = AdminClient::new(&admin)?;
-            let body = client.post(&format!("/admin/dead-letters/{id}/skip"), serde_json::json!({})).await?;
+            let body = client
+                .post(
+                    &format!("/admin/dead-letters/{id}/skip"),
+                    serde_json::json!({}),
+                )
+                .await?;
             println!(
                 "skipped #{id}: position {} of aggregate {} in {} (never applied)",
                 body["position"],

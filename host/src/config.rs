@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::cli::{RunArgs, SqlIsolation, Strategy};
-use crate::pipeline::policy::{ProjectionSettings, Settings};
 use crate::coordination::CoordinationConfig;
 use crate::db::{DbConfig, QualifiedName};
+use crate::pipeline::policy::{ProjectionSettings, Settings};
 use crate::runtime::RuntimeConfig;
 
 #[derive(Debug, thiserror::Error)]
@@ -148,7 +148,11 @@ impl RunConfig {
         }
         let plugin_files = collect_plugins(&p.plugins, p.plugins_dir.as_ref())?;
         if p.max_batch_bytes < 1024 {
-            return Err(invalid("MAX_BATCH_BYTES", "max-batch-bytes", "must be at least 1KiB"));
+            return Err(invalid(
+                "MAX_BATCH_BYTES",
+                "max-batch-bytes",
+                "must be at least 1KiB",
+            ));
         }
         let mut settings = Settings {
             defaults: ProjectionSettings {
@@ -160,8 +164,14 @@ impl RunConfig {
             },
             overrides: Default::default(),
         };
-        for spec in p.projection_settings.iter().filter(|s| !s.trim().is_empty()) {
-            settings.add_override(spec.trim()).map_err(|e| invalid("PROJECTION_SETTINGS", "projection", e))?;
+        for spec in p
+            .projection_settings
+            .iter()
+            .filter(|s| !s.trim().is_empty())
+        {
+            settings
+                .add_override(spec.trim())
+                .map_err(|e| invalid("PROJECTION_SETTINGS", "projection", e))?;
         }
 
         let c = &args.coordination;

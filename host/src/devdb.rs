@@ -87,6 +87,18 @@ impl DevDatabase {
         Ok(db)
     }
 
+    /// Restarts the server (fast shutdown: open sessions are ended), keeping its data.
+    pub fn restart(&self) -> anyhow::Result<()> {
+        self.command("pg_ctl")
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .arg("-l")
+            .arg(self.dir.join("server.log"))
+            .args(["-m", "fast", "-w", "-t", "60", "restart"])
+            .run_quietly()
+            .context("restarting the throwaway PostgreSQL")
+    }
+
     fn command(&self, tool: &str) -> Command {
         let mut cmd = Command::new(self.bin.join(tool));
         if let Some((uid, gid)) = self.run_as {

@@ -6,6 +6,7 @@
 
 mod support;
 
+mod faults;
 mod fleet;
 mod foundation;
 mod gaps;

@@ -15,6 +15,9 @@ pub struct Controls {
     pub halted: BTreeSet<String>,
     /// Projections with dead letters whose retry was requested.
     pub retry: BTreeSet<String>,
+    /// Changes with every operator action (pause, resume, skip ...), so that pipelines re-read
+    /// their halts and parked aggregates even when the sets above look the same.
+    pub revision: String,
 }
 
 pub type Shared = Arc<Controls>;
@@ -23,7 +26,11 @@ pub async fn load(pool: &PgPool, replica_set: &str) -> Result<Shared, sqlx::Erro
     let rows: Vec<(String, String)> = sqlx::query_as(
         "SELECT 'paused', projection FROM projection_host.projection_controls WHERE replica_set = $1 AND paused
          UNION SELECT 'halted', projection FROM projection_host.halts WHERE replica_set = $1
-         UNION SELECT 'retry', projection FROM projection_host.dead_letters WHERE replica_set = $1 AND retry_requested",
+         UNION SELECT 'retry', projection FROM projection_host.dead_letters WHERE replica_set = $1 AND retry_requested
+         UNION SELECT 'revision', concat_ws('/',
+                  (SELECT max(updated_at)::text FROM projection_host.projection_controls WHERE replica_set = $1),
+                  (SELECT count(*)::text || ':' || coalesce(max(id), 0)::text FROM projection_host.dead_letters WHERE replica_set = $1),
+                  (SELECT count(*)::text FROM projection_host.halts WHERE replica_set = $1))",
     )
     .bind(replica_set)
     .fetch_all(pool)
@@ -33,7 +40,11 @@ pub async fn load(pool: &PgPool, replica_set: &str) -> Result<Shared, sqlx::Erro
         match kind.as_str() {
             "paused" => controls.paused.insert(projection),
             "halted" => controls.halted.insert(projection),
-            _ => controls.retry.insert(projection),
+            "retry" => controls.retry.insert(projection),
+            _ => {
+                controls.revision = projection;
+                true
+            }
         };
     }
     Ok(Arc::new(controls))
@@ -41,7 +52,13 @@ pub async fn load(pool: &PgPool, replica_set: &str) -> Result<Shared, sqlx::Erro
 
 /// Pauses or resumes a projection fleet-wide; hosts act at their next batch boundary. Resuming
 /// also lifts the halts of the stop policy, so halted partitions try again.
-pub async fn set_paused(pool: &PgPool, replica_set: &str, projection: &str, paused: bool, reason: Option<&str>) -> Result<(), sqlx::Error> {
+pub async fn set_paused(
+    pool: &PgPool,
+    replica_set: &str,
+    projection: &str,
+    paused: bool,
+    reason: Option<&str>,
+) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
     sqlx::query(
         "INSERT INTO projection_host.projection_controls (replica_set, projection, paused, reason, updated_at)

@@ -142,7 +142,8 @@ impl Coordinator {
             strategy = ?config.strategy,
             "joined the replica set"
         );
-        let (controls, controls_rx) = watch::channel(controls::load(&pool, &config.replica_set).await?);
+        let (controls, controls_rx) =
+            watch::channel(controls::load(&pool, &config.replica_set).await?);
         let (status, rx) = watch::channel(CoordinationStatus {
             registered: true,
             partitions,

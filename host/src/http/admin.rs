@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 use super::error::ApiError;
 use super::AppState;
 use crate::coordination::controls;
-use crate::pipeline::status::RecentError;
 use crate::pipeline::dead_letters::{self, DeadLetter};
+use crate::pipeline::status::RecentError;
 use crate::pipeline::ProjectionStatus;
 
 /// Every admin route, as (method, OpenAPI path).
@@ -155,8 +155,15 @@ async fn status(State(state): State<AppState>) -> Result<Json<AdminStatus>, ApiE
             let stored = db.projections.iter().find(|p| p.projection == name);
             ProjectionView {
                 paused: controls.paused.contains(&name),
-                halted: halts.iter().filter(|(p, _, _)| *p == name).map(|(_, part, pos)| (*part, *pos)).collect(),
-                dead_letters: parked.iter().find(|(p, _)| *p == name).map_or(0, |(_, n)| *n),
+                halted: halts
+                    .iter()
+                    .filter(|(p, _, _)| *p == name)
+                    .map(|(_, part, pos)| (*part, *pos))
+                    .collect(),
+                dead_letters: parked
+                    .iter()
+                    .find(|(p, _)| *p == name)
+                    .map_or(0, |(_, n)| *n),
                 lowest_checkpoint: stored.map_or(0, |p| p.lowest_checkpoint),
                 lag_positions: stored.map_or(db.head, |p| p.lag_positions),
                 last_commit: stored.and_then(|p| p.last_commit),
@@ -264,8 +271,18 @@ struct DeadLetterFilter {
     projection: Option<String>,
 }
 
-async fn list_dead_letters(State(state): State<AppState>, Query(filter): Query<DeadLetterFilter>) -> Result<Json<Vec<DeadLetter>>, ApiError> {
-    Ok(Json(dead_letters::list(&state.pool, &state.replica_set, filter.projection.as_deref()).await?))
+async fn list_dead_letters(
+    State(state): State<AppState>,
+    Query(filter): Query<DeadLetterFilter>,
+) -> Result<Json<Vec<DeadLetter>>, ApiError> {
+    Ok(Json(
+        dead_letters::list(
+            &state.pool,
+            &state.replica_set,
+            filter.projection.as_deref(),
+        )
+        .await?,
+    ))
 }
 
 #[derive(Debug, Deserialize)]
@@ -282,8 +299,17 @@ pub struct RetryResult {
     pub events: u64,
 }
 
-async fn retry_dead_letters(State(state): State<AppState>, Json(request): Json<RetryRequest>) -> Result<Json<RetryResult>, ApiError> {
-    let events = dead_letters::request_retry(&state.pool, &state.replica_set, &request.projection, &request.aggregate_id).await?;
+async fn retry_dead_letters(
+    State(state): State<AppState>,
+    Json(request): Json<RetryRequest>,
+) -> Result<Json<RetryResult>, ApiError> {
+    let events = dead_letters::request_retry(
+        &state.pool,
+        &state.replica_set,
+        &request.projection,
+        &request.aggregate_id,
+    )
+    .await?;
     if events == 0 {
         return Err(ApiError::NotFound(format!(
             "no parked events of aggregate '{}' in projection '{}'",
@@ -298,7 +324,10 @@ async fn retry_dead_letters(State(state): State<AppState>, Json(request): Json<R
     }))
 }
 
-async fn skip_dead_letter(State(state): State<AppState>, Path(id): Path<i64>) -> Result<Json<DeadLetter>, ApiError> {
+async fn skip_dead_letter(
+    State(state): State<AppState>,
+    Path(id): Path<i64>,
+) -> Result<Json<DeadLetter>, ApiError> {
     let skipped = dead_letters::skip(&state.pool, &state.replica_set, id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no parked event with id {id}")))?;

@@ -34,7 +34,12 @@ pub struct ToPark<'a> {
 
 /// Parks events, inside the batch transaction (so parking and the checkpoint commit together).
 /// A follower of an aggregate whose retry was requested joins that retry.
-pub async fn park(conn: &mut PgConnection, replica_set: &str, projection: &str, events: &[ToPark<'_>]) -> Result<(), sqlx::Error> {
+pub async fn park(
+    conn: &mut PgConnection,
+    replica_set: &str,
+    projection: &str,
+    events: &[ToPark<'_>],
+) -> Result<(), sqlx::Error> {
     if events.is_empty() {
         return Ok(());
     }
@@ -65,7 +70,12 @@ pub async fn park(conn: &mut PgConnection, replica_set: &str, projection: &str, 
 }
 
 /// Aggregates with parked events in the given partitions.
-pub async fn parked_aggregates(pool: &PgPool, replica_set: &str, projection: &str, partitions: &[i32]) -> Result<HashSet<String>, sqlx::Error> {
+pub async fn parked_aggregates(
+    pool: &PgPool,
+    replica_set: &str,
+    projection: &str,
+    partitions: &[i32],
+) -> Result<HashSet<String>, sqlx::Error> {
     let rows: Vec<String> = sqlx::query_scalar(
         "SELECT DISTINCT aggregate_id FROM projection_host.dead_letters
           WHERE replica_set = $1 AND projection = $2 AND partition = ANY($3)",
@@ -78,7 +88,11 @@ pub async fn parked_aggregates(pool: &PgPool, replica_set: &str, projection: &st
     Ok(rows.into_iter().collect())
 }
 
-pub async fn list(pool: &PgPool, replica_set: &str, projection: Option<&str>) -> Result<Vec<DeadLetter>, sqlx::Error> {
+pub async fn list(
+    pool: &PgPool,
+    replica_set: &str,
+    projection: Option<&str>,
+) -> Result<Vec<DeadLetter>, sqlx::Error> {
     sqlx::query_as(
         "SELECT id, projection, partition, position, aggregate_id, event_type, error, parked_at, retry_requested, attempts
            FROM projection_host.dead_letters
@@ -100,7 +114,12 @@ pub async fn count(pool: &PgPool, replica_set: &str, projection: &str) -> Result
 }
 
 /// Asks the owner of the aggregate's partition to apply all its parked events again, in order.
-pub async fn request_retry(pool: &PgPool, replica_set: &str, projection: &str, aggregate_id: &str) -> Result<u64, sqlx::Error> {
+pub async fn request_retry(
+    pool: &PgPool,
+    replica_set: &str,
+    projection: &str,
+    aggregate_id: &str,
+) -> Result<u64, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let n = sqlx::query(
         "UPDATE projection_host.dead_letters SET retry_requested = true
@@ -118,7 +137,11 @@ pub async fn request_retry(pool: &PgPool, replica_set: &str, projection: &str, a
 }
 
 /// Drops one parked event without applying it.
-pub async fn skip(pool: &PgPool, replica_set: &str, id: i64) -> Result<Option<DeadLetter>, sqlx::Error> {
+pub async fn skip(
+    pool: &PgPool,
+    replica_set: &str,
+    id: i64,
+) -> Result<Option<DeadLetter>, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let row: Option<DeadLetter> = sqlx::query_as(
         "DELETE FROM projection_host.dead_letters WHERE replica_set = $1 AND id = $2
@@ -134,7 +157,12 @@ pub async fn skip(pool: &PgPool, replica_set: &str, id: i64) -> Result<Option<De
 }
 
 /// Parked events whose retry was requested, in the given partitions, in position order.
-pub async fn retry_requests(pool: &PgPool, replica_set: &str, projection: &str, partitions: &[i32]) -> Result<Vec<DeadLetter>, sqlx::Error> {
+pub async fn retry_requests(
+    pool: &PgPool,
+    replica_set: &str,
+    projection: &str,
+    partitions: &[i32],
+) -> Result<Vec<DeadLetter>, sqlx::Error> {
     sqlx::query_as(
         "SELECT id, projection, partition, position, aggregate_id, event_type, error, parked_at, retry_requested, attempts
            FROM projection_host.dead_letters
@@ -150,7 +178,10 @@ pub async fn retry_requests(pool: &PgPool, replica_set: &str, projection: &str, 
 
 /// Removes replayed events, inside the replay's transaction.
 pub async fn remove(conn: &mut PgConnection, ids: &[i64]) -> Result<(), sqlx::Error> {
-    sqlx::query("DELETE FROM projection_host.dead_letters WHERE id = ANY($1)").bind(ids).execute(&mut *conn).await?;
+    sqlx::query("DELETE FROM projection_host.dead_letters WHERE id = ANY($1)")
+        .bind(ids)
+        .execute(&mut *conn)
+        .await?;
     Ok(())
 }
 
@@ -167,7 +198,10 @@ pub async fn retry_failed(pool: &PgPool, ids: &[i64], error: &str) -> Result<(),
 }
 
 /// Projections with requested retries.
-pub async fn projections_to_retry(pool: &PgPool, replica_set: &str) -> Result<Vec<String>, sqlx::Error> {
+pub async fn projections_to_retry(
+    pool: &PgPool,
+    replica_set: &str,
+) -> Result<Vec<String>, sqlx::Error> {
     sqlx::query_scalar("SELECT DISTINCT projection FROM projection_host.dead_letters WHERE replica_set = $1 AND retry_requested")
         .bind(replica_set)
         .fetch_all(pool)
@@ -175,17 +209,31 @@ pub async fn projections_to_retry(pool: &PgPool, replica_set: &str) -> Result<Ve
 }
 
 /// Halted partitions of a projection, with the position they halted at.
-pub async fn halts(pool: &PgPool, replica_set: &str, projection: &str) -> Result<HashMap<PartitionId, i64>, sqlx::Error> {
+pub async fn halts(
+    pool: &PgPool,
+    replica_set: &str,
+    projection: &str,
+) -> Result<HashMap<PartitionId, i64>, sqlx::Error> {
     let rows: Vec<(i32, i64)> =
         sqlx::query_as("SELECT partition, position FROM projection_host.halts WHERE replica_set = $1 AND projection = $2")
             .bind(replica_set)
             .bind(projection)
             .fetch_all(pool)
             .await?;
-    Ok(rows.into_iter().map(|(p, pos)| (PartitionId(p as u32), pos)).collect())
+    Ok(rows
+        .into_iter()
+        .map(|(p, pos)| (PartitionId(p as u32), pos))
+        .collect())
 }
 
-pub async fn halt(pool: &PgPool, replica_set: &str, projection: &str, partition: PartitionId, position: i64, error: &str) -> Result<(), sqlx::Error> {
+pub async fn halt(
+    pool: &PgPool,
+    replica_set: &str,
+    projection: &str,
+    partition: PartitionId,
+    position: i64,
+    error: &str,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO projection_host.halts (replica_set, projection, partition, position, error)
          VALUES ($1, $2, $3, $4, $5)
@@ -202,13 +250,19 @@ pub async fn halt(pool: &PgPool, replica_set: &str, projection: &str, partition:
 }
 
 /// Clears a projection's halts (an operator resumed it): its partitions try again.
-pub async fn clear_halts(pool: &PgPool, replica_set: &str, projection: &str) -> Result<u64, sqlx::Error> {
-    Ok(sqlx::query("DELETE FROM projection_host.halts WHERE replica_set = $1 AND projection = $2")
-        .bind(replica_set)
-        .bind(projection)
-        .execute(pool)
-        .await?
-        .rows_affected())
+pub async fn clear_halts(
+    pool: &PgPool,
+    replica_set: &str,
+    projection: &str,
+) -> Result<u64, sqlx::Error> {
+    Ok(
+        sqlx::query("DELETE FROM projection_host.halts WHERE replica_set = $1 AND projection = $2")
+            .bind(replica_set)
+            .bind(projection)
+            .execute(pool)
+            .await?
+            .rows_affected(),
+    )
 }
 
 async fn notify(conn: &mut PgConnection, replica_set: &str) -> Result<(), sqlx::Error> {

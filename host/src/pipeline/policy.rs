@@ -38,19 +38,25 @@ pub struct Settings {
 
 impl Settings {
     pub fn for_projection(&self, name: &str) -> ProjectionSettings {
-        self.overrides.get(name).cloned().unwrap_or_else(|| self.defaults.clone())
+        self.overrides
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| self.defaults.clone())
     }
 
     /// Parses `NAME:key=value,key=value` (keys: on_failure, max_retries, memory, timeout,
     /// max_batch_bytes).
     pub fn add_override(&mut self, spec: &str) -> Result<(), String> {
-        let (name, pairs) = spec
-            .split_once(':')
-            .ok_or_else(|| format!("'{spec}' should look like 'name:on_failure=dead-letter,memory=64MiB'"))?;
-        crate::runtime::loader::validate_name(name).map_err(|e| format!("'{name}' is not a projection name: {e}"))?;
+        let (name, pairs) = spec.split_once(':').ok_or_else(|| {
+            format!("'{spec}' should look like 'name:on_failure=dead-letter,memory=64MiB'")
+        })?;
+        crate::runtime::loader::validate_name(name)
+            .map_err(|e| format!("'{name}' is not a projection name: {e}"))?;
         let mut settings = self.for_projection(name);
         for pair in pairs.split(',').filter(|p| !p.trim().is_empty()) {
-            let (key, value) = pair.split_once('=').ok_or_else(|| format!("'{pair}' is not key=value"))?;
+            let (key, value) = pair
+                .split_once('=')
+                .ok_or_else(|| format!("'{pair}' is not key=value"))?;
             let value = value.trim();
             match key.trim() {
                 "on_failure" => {
@@ -95,7 +101,8 @@ mod tests {
     #[test]
     fn overrides_apply_to_one_projection_only() {
         let mut s = settings();
-        s.add_override("orders:on_failure=dead-letter,memory=64MiB,timeout=2s,max_retries=1").unwrap();
+        s.add_override("orders:on_failure=dead-letter,memory=64MiB,timeout=2s,max_retries=1")
+            .unwrap();
         let orders = s.for_projection("orders");
         assert_eq!(orders.on_failure, OnFailure::DeadLetter);
         assert_eq!(orders.memory_limit, 64 << 20);
@@ -107,9 +114,21 @@ mod tests {
     #[test]
     fn bad_overrides_say_what_is_wrong() {
         let mut s = settings();
-        assert!(s.add_override("orders").unwrap_err().contains("should look like"));
-        assert!(s.add_override("orders:colour=red").unwrap_err().contains("unknown setting 'colour'"));
-        assert!(s.add_override("orders:on_failure=explode").unwrap_err().contains("stop or dead-letter"));
-        assert!(s.add_override("Orders:max_retries=1").unwrap_err().contains("not a projection name"));
+        assert!(s
+            .add_override("orders")
+            .unwrap_err()
+            .contains("should look like"));
+        assert!(s
+            .add_override("orders:colour=red")
+            .unwrap_err()
+            .contains("unknown setting 'colour'"));
+        assert!(s
+            .add_override("orders:on_failure=explode")
+            .unwrap_err()
+            .contains("stop or dead-letter"));
+        assert!(s
+            .add_override("Orders:max_retries=1")
+            .unwrap_err()
+            .contains("not a projection name"));
     }
 }

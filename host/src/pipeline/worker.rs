@@ -153,7 +153,12 @@ pub struct ProjectionWorker {
 }
 
 impl ProjectionWorker {
-    pub fn new(plugin: Arc<Plugin>, mut instance: PluginInstance, context: PipelineContext, config: PipelineConfig) -> Self {
+    pub fn new(
+        plugin: Arc<Plugin>,
+        mut instance: PluginInstance,
+        context: PipelineContext,
+        config: PipelineConfig,
+    ) -> Self {
         let PipelineContext {
             runtime,
             pool,
@@ -227,7 +232,10 @@ impl ProjectionWorker {
 
     /// Back to the host's own role after the plugin's part of a transaction, checking that the
     /// plugin did not leave its role.
-    async fn leave_role(role: &Option<String>, tx: &mut Transaction<'static, Postgres>) -> Result<(), BatchError> {
+    async fn leave_role(
+        role: &Option<String>,
+        tx: &mut Transaction<'static, Postgres>,
+    ) -> Result<(), BatchError> {
         if let Some(role) = role {
             if !isolation::still_confined(tx, role).await? {
                 return Err(BatchError::Escaped(role.clone()));
@@ -244,7 +252,11 @@ impl ProjectionWorker {
                 Ok(()) => break,
                 Err(e) => {
                     self.failures += 1;
-                    let delay = backoff(self.failures, Duration::from_millis(200), Duration::from_secs(30));
+                    let delay = backoff(
+                        self.failures,
+                        Duration::from_millis(200),
+                        Duration::from_secs(30),
+                    );
                     tracing::error!(projection = self.name(), error = %e, retry_in = ?delay, "projection setup failed");
                     self.report_error(&e.to_string());
                     tokio::select! {
@@ -255,7 +267,8 @@ impl ProjectionWorker {
             }
         }
         self.failures = 0;
-        self.board.update(self.name(), |s| s.state = ProjectionState::Running);
+        self.board
+            .update(self.name(), |s| s.state = ProjectionState::Running);
         let mut ownership_changed = self.ownership.subscribe();
         let mut progress = Progress::new();
         let mut controls_seen: Option<Controls> = None;
@@ -270,13 +283,18 @@ impl ProjectionWorker {
                 controls_seen = Some(controls.clone());
             }
             if controls.paused.contains(self.name()) {
-                self.board.update(&self.plugin.name, |s| s.state = ProjectionState::Paused);
-                tracing::info!(projection = self.name(), "paused by an operator; waiting for resume");
+                self.board
+                    .update(&self.plugin.name, |s| s.state = ProjectionState::Paused);
+                tracing::info!(
+                    projection = self.name(),
+                    "paused by an operator; waiting for resume"
+                );
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     _ = self.controls.changed() => {}
                 }
-                self.board.update(&self.plugin.name, |s| s.state = ProjectionState::Running);
+                self.board
+                    .update(&self.plugin.name, |s| s.state = ProjectionState::Running);
                 continue;
             }
             let lease = self.ownership.lease();
@@ -294,7 +312,12 @@ impl ProjectionWorker {
                 self.retry_after(&stop, BatchError::Database(e)).await;
                 continue;
             }
-            let active: Vec<(PartitionId, Epoch)> = lease.partitions.iter().filter(|(p, _)| !self.halted.contains_key(p)).copied().collect();
+            let active: Vec<(PartitionId, Epoch)> = lease
+                .partitions
+                .iter()
+                .filter(|(p, _)| !self.halted.contains_key(p))
+                .copied()
+                .collect();
             if active.is_empty() {
                 // Every held partition is halted (stop policy): wait for an operator.
                 drop(lease);
@@ -339,7 +362,11 @@ impl ProjectionWorker {
                     drop(lease);
                     self.failures = 0;
                     progress.record(&self.plugin.name, events, to, head.raw);
-                    let state = if self.halted.is_empty() { ProjectionState::Running } else { ProjectionState::Failing };
+                    let state = if self.halted.is_empty() {
+                        ProjectionState::Running
+                    } else {
+                        ProjectionState::Failing
+                    };
                     self.board.update(&self.plugin.name, |s| {
                         s.state = state;
                         s.events_processed += events as u64;
@@ -367,7 +394,8 @@ impl ProjectionWorker {
     }
 
     fn stopped(&self) {
-        self.board.update(self.name(), |s| s.state = ProjectionState::Stopped);
+        self.board
+            .update(self.name(), |s| s.state = ProjectionState::Stopped);
     }
 
     /// Creates the projection's schema (and role) and runs the plugin's `setup` in one
@@ -375,10 +403,12 @@ impl ProjectionWorker {
     /// cannot collide.
     async fn setup(&mut self) -> Result<(), BatchError> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('projection_host.setup'), hashtext($1))")
-            .bind(&*self.plugin.name)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "SELECT pg_advisory_xact_lock(hashtext('projection_host.setup'), hashtext($1))",
+        )
+        .bind(&*self.plugin.name)
+        .execute(&mut *tx)
+        .await?;
         match self.config.isolation {
             SqlIsolation::Role => {
                 let role = isolation::role_name(&mut tx, &self.plugin.name).await?;
@@ -386,7 +416,9 @@ impl ProjectionWorker {
                 self.role = Some(role);
             }
             SqlIsolation::Schema => {
-                sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {}", self.schema)).execute(&mut *tx).await?;
+                sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {}", self.schema))
+                    .execute(&mut *tx)
+                    .await?;
             }
         }
         let prelude = self.prelude();
@@ -406,7 +438,9 @@ impl ProjectionWorker {
                 single: None,
             });
         }
-        let mut tx = outcome.tx.ok_or_else(|| BatchError::Instantiate("setup lost its transaction".into()))?;
+        let mut tx = outcome
+            .tx
+            .ok_or_else(|| BatchError::Instantiate("setup lost its transaction".into()))?;
         Self::leave_role(&self.role, &mut tx).await?;
         tx.commit().await?;
         tracing::info!(
@@ -424,7 +458,10 @@ impl ProjectionWorker {
             let mut instance = PluginInstance::instantiate(&self.runtime, &self.plugin)
                 .await
                 .map_err(|e| BatchError::Instantiate(format!("{e:#}")))?;
-            instance.set_limits(self.config.settings.memory_limit, self.config.settings.call_timeout);
+            instance.set_limits(
+                self.config.settings.memory_limit,
+                self.config.settings.call_timeout,
+            );
             self.instance = Some(instance);
         }
         Ok(self.instance.as_mut().expect("set above"))
@@ -454,20 +491,36 @@ impl ProjectionWorker {
         let found: HashMap<i32, i64> = rows.into_iter().collect();
         for (p, e) in &lease.partitions {
             if stale.contains(&p.as_i32()) {
-                self.checkpoints.insert(*p, (*e, found.get(&p.as_i32()).copied().unwrap_or(0)));
+                self.checkpoints
+                    .insert(*p, (*e, found.get(&p.as_i32()).copied().unwrap_or(0)));
             }
         }
-        self.parked
-            .extend(dead_letters::parked_aggregates(&self.pool, &self.config.replica_set, &self.plugin.name, &stale).await?);
+        self.parked.extend(
+            dead_letters::parked_aggregates(
+                &self.pool,
+                &self.config.replica_set,
+                &self.plugin.name,
+                &stale,
+            )
+            .await?,
+        );
         Ok(())
     }
 
     /// Re-reads halts and parked aggregates after an operator acted.
     async fn reload_failures(&mut self) -> Result<(), sqlx::Error> {
-        self.halted = dead_letters::halts(&self.pool, &self.config.replica_set, &self.plugin.name).await?;
+        self.halted =
+            dead_letters::halts(&self.pool, &self.config.replica_set, &self.plugin.name).await?;
         let held: Vec<i32> = self.checkpoints.keys().map(|p| p.as_i32()).collect();
-        self.parked = dead_letters::parked_aggregates(&self.pool, &self.config.replica_set, &self.plugin.name, &held).await?;
-        let count = dead_letters::count(&self.pool, &self.config.replica_set, &self.plugin.name).await?;
+        self.parked = dead_letters::parked_aggregates(
+            &self.pool,
+            &self.config.replica_set,
+            &self.plugin.name,
+            &held,
+        )
+        .await?;
+        let count =
+            dead_letters::count(&self.pool, &self.config.replica_set, &self.plugin.name).await?;
         self.metrics.set_dead_letters(self.name(), count);
         if self.halted.is_empty() {
             self.attempts = None;
@@ -480,18 +533,34 @@ impl ProjectionWorker {
     }
 
     fn lowest_checkpoint(&self, partitions: &[(PartitionId, Epoch)]) -> i64 {
-        partitions.iter().map(|(p, _)| self.checkpoint(*p)).min().unwrap_or(0)
+        partitions
+            .iter()
+            .map(|(p, _)| self.checkpoint(*p))
+            .min()
+            .unwrap_or(0)
     }
 
-    fn report_position(&self, active: &[(PartitionId, Epoch)], held: usize, lowest: i64, raw_head: i64) {
-        let gap: i64 = active.iter().map(|(p, _)| (raw_head - self.checkpoint(*p)).max(0)).sum::<i64>()
-            + self.halted.values().map(|pos| (raw_head - pos + 1).max(0)).sum::<i64>();
+    fn report_position(
+        &self,
+        active: &[(PartitionId, Epoch)],
+        held: usize,
+        lowest: i64,
+        raw_head: i64,
+    ) {
+        let gap: i64 = active
+            .iter()
+            .map(|(p, _)| (raw_head - self.checkpoint(*p)).max(0))
+            .sum::<i64>()
+            + self
+                .halted
+                .values()
+                .map(|pos| (raw_head - pos + 1).max(0))
+                .sum::<i64>();
         let lag = gap as f64 / f64::from(self.config.partitions.max(1));
         self.metrics.set_lag(self.name(), lag, lowest);
-        let caught_up = self
-            .config
-            .once_target
-            .is_some_and(|target| held as u32 == self.config.partitions && self.halted.is_empty() && lowest >= target);
+        let caught_up = self.config.once_target.is_some_and(|target| {
+            held as u32 == self.config.partitions && self.halted.is_empty() && lowest >= target
+        });
         self.board.update(self.name(), |s| {
             s.lowest_checkpoint = lowest;
             s.lag_events = lag;
@@ -500,7 +569,12 @@ impl ProjectionWorker {
     }
 
     /// One batch over the active partitions. Returns the events applied and the position covered.
-    async fn process(&mut self, active: &[(PartitionId, Epoch)], from: i64, safe_head: i64) -> Result<(usize, i64), BatchError> {
+    async fn process(
+        &mut self,
+        active: &[(PartitionId, Epoch)],
+        from: i64,
+        safe_head: i64,
+    ) -> Result<(usize, i64), BatchError> {
         let started = Instant::now();
         let (mut events, safe_head) = self.read(from, safe_head).await?;
         self.stages.read += started.elapsed();
@@ -515,7 +589,11 @@ impl ProjectionWorker {
             full = true;
         }
         // A full page covers only up to its last event; otherwise everything up to the head.
-        let covered_to = if full { events.last().map_or(safe_head, |e| e.global_position) } else { safe_head };
+        let covered_to = if full {
+            events.last().map_or(safe_head, |e| e.global_position)
+        } else {
+            safe_head
+        };
         if full && self.read_cap.is_none() {
             self.start_prefetch(covered_to, self.head.current().safe, self.next_limit(true));
         }
@@ -530,12 +608,30 @@ impl ProjectionWorker {
             if !active_set.contains(&p) || e.global_position <= self.checkpoint(p) {
                 continue;
             }
-            if let Some((position, error)) = park_next.as_ref().filter(|(pos, _)| *pos == e.global_position) {
+            if let Some((position, error)) = park_next
+                .as_ref()
+                .filter(|(pos, _)| *pos == e.global_position)
+            {
                 self.parked.insert(e.aggregate_id.clone());
-                park.push((p, e, format!("failed {} times: {error}", self.config.settings.max_retries + 1)));
-                tracing::debug!(projection = self.name(), position, "parking the failing event");
+                park.push((
+                    p,
+                    e,
+                    format!(
+                        "failed {} times: {error}",
+                        self.config.settings.max_retries + 1
+                    ),
+                ));
+                tracing::debug!(
+                    projection = self.name(),
+                    position,
+                    "parking the failing event"
+                );
             } else if self.parked.contains(&e.aggregate_id) {
-                park.push((p, e, "follows a parked event of the same aggregate".to_string()));
+                park.push((
+                    p,
+                    e,
+                    "follows a parked event of the same aggregate".to_string(),
+                ));
             } else {
                 mine.push(e);
             }
@@ -563,7 +659,13 @@ impl ProjectionWorker {
                 error,
             })
             .collect();
-        dead_letters::park(&mut tx, &self.config.replica_set, &self.plugin.name, &parked_now).await?;
+        dead_letters::park(
+            &mut tx,
+            &self.config.replica_set,
+            &self.plugin.name,
+            &parked_now,
+        )
+        .await?;
         let outcome = record_batch(
             &mut tx,
             &BatchCommit {
@@ -604,14 +706,21 @@ impl ProjectionWorker {
                 self.park_next = None;
                 self.attempts = None;
             }
-            let count = dead_letters::count(&self.pool, &self.config.replica_set, &self.plugin.name).await?;
+            let count =
+                dead_letters::count(&self.pool, &self.config.replica_set, &self.plugin.name)
+                    .await?;
             self.metrics.set_dead_letters(self.name(), count);
         }
         self.limit = self.next_limit(full);
         if self.read_cap.is_some_and(|cap| covered_to >= cap) {
             self.read_cap = None;
         }
-        self.metrics.batch_committed(self.name(), handed, started.elapsed().as_secs_f64(), plugin_seconds);
+        self.metrics.batch_committed(
+            self.name(),
+            handed,
+            started.elapsed().as_secs_f64(),
+            plugin_seconds,
+        );
         Ok((handed, covered_to))
     }
 
@@ -619,7 +728,13 @@ impl ProjectionWorker {
     /// aggregate's order is kept); they leave the list only if the plugin accepts them.
     async fn replay(&mut self, active: &[(PartitionId, Epoch)]) -> Result<(), BatchError> {
         let partitions: Vec<i32> = active.iter().map(|(p, _)| p.as_i32()).collect();
-        let requested = dead_letters::retry_requests(&self.pool, &self.config.replica_set, &self.plugin.name, &partitions).await?;
+        let requested = dead_letters::retry_requests(
+            &self.pool,
+            &self.config.replica_set,
+            &self.plugin.name,
+            &partitions,
+        )
+        .await?;
         if requested.is_empty() {
             return Ok(());
         }
@@ -645,7 +760,8 @@ impl ProjectionWorker {
             Err(e) => {
                 dead_letters::retry_failed(&self.pool, &ids, &e.to_string()).await?;
                 tracing::error!(projection = self.name(), events = count, error = %e, "retrying parked events failed; they stay parked");
-                self.board.record_error(self.name(), &format!("retrying parked events failed: {e}"));
+                self.board
+                    .record_error(self.name(), &format!("retrying parked events failed: {e}"));
                 self.reload_failures().await?;
                 return Ok(());
             }
@@ -672,7 +788,11 @@ impl ProjectionWorker {
             return Err(BatchError::Fenced);
         }
         tx.commit().await?;
-        tracing::info!(projection = self.name(), events = count, "applied parked events on an operator's request");
+        tracing::info!(
+            projection = self.name(),
+            events = count,
+            "applied parked events on an operator's request"
+        );
         self.reload_failures().await?;
         Ok(())
     }
@@ -688,9 +808,14 @@ impl ProjectionWorker {
 
     /// Subscribed events after `from`, from the prefetched page when it matches (returning the
     /// head that page was read up to), else read now.
-    async fn read(&mut self, from: i64, safe_head: i64) -> Result<(Vec<StoredEvent>, i64), sqlx::Error> {
+    async fn read(
+        &mut self,
+        from: i64,
+        safe_head: i64,
+    ) -> Result<(Vec<StoredEvent>, i64), sqlx::Error> {
         if let Some(prefetch) = self.prefetch.take() {
-            if prefetch.after == from && prefetch.limit == self.limit && prefetch.up_to <= safe_head {
+            if prefetch.after == from && prefetch.limit == self.limit && prefetch.up_to <= safe_head
+            {
                 match prefetch.events.await {
                     Ok(Ok(events)) => return Ok((events, prefetch.up_to)),
                     Ok(Err(e)) => return Err(e),
@@ -701,7 +826,12 @@ impl ProjectionWorker {
             }
         }
         let mut conn = self.pool.acquire().await?;
-        Ok((self.reader.read(&mut conn, from, safe_head, self.limit).await?, safe_head))
+        Ok((
+            self.reader
+                .read(&mut conn, from, safe_head, self.limit)
+                .await?,
+            safe_head,
+        ))
     }
 
     fn start_prefetch(&mut self, after: i64, up_to: i64, limit: u32) {
@@ -714,17 +844,33 @@ impl ProjectionWorker {
             let mut conn = pool.acquire().await?;
             reader.read(&mut conn, after, up_to, limit).await
         });
-        if let Some(old) = self.prefetch.replace(Prefetch { after, up_to, limit, events }) {
+        if let Some(old) = self.prefetch.replace(Prefetch {
+            after,
+            up_to,
+            limit,
+            events,
+        }) {
             old.events.abort();
         }
     }
 
-    async fn handle(&mut self, tx: Transaction<'static, Postgres>, events: Vec<StoredEvent>) -> Result<Transaction<'static, Postgres>, BatchError> {
+    async fn handle(
+        &mut self,
+        tx: Transaction<'static, Postgres>,
+        events: Vec<StoredEvent>,
+    ) -> Result<Transaction<'static, Postgres>, BatchError> {
         let first = events.first().map_or(0, |e| e.global_position);
         let last = events.last().map_or(0, |e| e.global_position);
         let count = events.len();
-        tracing::debug!(projection = self.name(), events = count, first, last, "calling the plugin");
-        let middle = events[(count / 2).saturating_sub(1).min(count.saturating_sub(1))].global_position;
+        tracing::debug!(
+            projection = self.name(),
+            events = count,
+            first,
+            last,
+            "calling the plugin"
+        );
+        let middle =
+            events[(count / 2).saturating_sub(1).min(count.saturating_sub(1))].global_position;
         let single = (count == 1).then(|| EventRef {
             position: events[0].global_position,
             partition: PartitionId::of(&events[0].aggregate_id, self.config.partitions),
@@ -732,10 +878,23 @@ impl ProjectionWorker {
         });
         let instance = self.instance().await?;
         let outcome = instance.handle_batch(tx, events).await;
-        match outcome.result {
-            Ok(()) => outcome
-                .tx
-                .ok_or_else(|| BatchError::Instantiate("the plugin call lost its transaction".into())),
+        let mut tx = outcome.tx;
+        let mut result = outcome.result;
+        if let (Ok(()), Some(role), Some(t)) = (&result, &self.role, tx.as_mut()) {
+            // Defence in depth: statements that could change the role are refused before they
+            // reach PostgreSQL, so this should never trip.
+            if !isolation::still_confined(t, role).await? {
+                result = Err(PluginFailure::Sql(crate::sink::EffectError {
+                    kind: crate::sink::EffectErrorKind::PermissionDenied,
+                    message: format!("the plugin's SQL left its database role {role}"),
+                    database: None,
+                }));
+            }
+        }
+        match result {
+            Ok(()) => tx.ok_or_else(|| {
+                BatchError::Instantiate("the plugin call lost its transaction".into())
+            }),
             Err(failure) => {
                 if failure.poisons_instance() {
                     // A trapped instance cannot be entered again; the next batch gets a new one.
@@ -762,16 +921,29 @@ impl ProjectionWorker {
             return;
         }
         self.failures += 1;
-        let mut delay = backoff(self.failures, Duration::from_millis(100), Duration::from_secs(30));
+        let mut delay = backoff(
+            self.failures,
+            Duration::from_millis(100),
+            Duration::from_secs(30),
+        );
         let reason = match &error {
             BatchError::Plugin { failure, .. } if failure.is_transient() => "database",
-            BatchError::Plugin { .. } | BatchError::Instantiate(_) | BatchError::Escaped(_) => "plugin",
+            BatchError::Plugin { .. } | BatchError::Instantiate(_) | BatchError::Escaped(_) => {
+                "plugin"
+            }
             _ => "database",
         };
         self.metrics.batch_failed(self.name(), reason);
         self.limit = self.config.batch_size;
         let message = match &error {
-            BatchError::Plugin { failure, first, middle, last, events, single } => {
+            BatchError::Plugin {
+                failure,
+                first,
+                middle,
+                last,
+                events,
+                single,
+            } => {
                 if let PluginFailure::Limit { breach, .. } = failure {
                     self.metrics.limit_tripped(
                         self.name(),
@@ -792,7 +964,9 @@ impl ProjectionWorker {
                 }
                 let at = match failure.position() {
                     Some(p) => format!("event at position {p}"),
-                    None if *events > 1 => format!("events at positions {first}..={last} ({events} events)"),
+                    None if *events > 1 => {
+                        format!("events at positions {first}..={last} ({events} events)")
+                    }
                     None if *events == 1 => format!("event at position {first}"),
                     None => "setup".to_string(),
                 };
@@ -834,7 +1008,16 @@ impl ProjectionWorker {
                 self.read_cap = Some(event.position);
             }
             OnFailure::Stop => {
-                match dead_letters::halt(&self.pool, &self.config.replica_set, &self.plugin.name, event.partition, event.position, message).await {
+                match dead_letters::halt(
+                    &self.pool,
+                    &self.config.replica_set,
+                    &self.plugin.name,
+                    event.partition,
+                    event.position,
+                    message,
+                )
+                .await
+                {
                     Ok(()) => {
                         self.halted.insert(event.partition, event.position);
                         self.read_cap = None;
@@ -848,7 +1031,9 @@ impl ProjectionWorker {
                             self.name()
                         );
                     }
-                    Err(e) => tracing::warn!(projection = self.name(), error = %e, "could not record the halt; retrying"),
+                    Err(e) => {
+                        tracing::warn!(projection = self.name(), error = %e, "could not record the halt; retrying")
+                    }
                 }
             }
         }

@@ -18,7 +18,9 @@ use crate::db::quote_ident;
 
 /// The role of a projection in the current database.
 pub async fn role_name(conn: &mut PgConnection, projection: &str) -> Result<String, sqlx::Error> {
-    let database: String = sqlx::query_scalar("SELECT current_database()").fetch_one(&mut *conn).await?;
+    let database: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&mut *conn)
+        .await?;
     // Roles are per cluster; the database hash keeps two databases' projections apart.
     let hash = hex::encode(&Sha256::digest(database.as_bytes())[..4]);
     Ok(format!("ph_{projection}_{hash}"))
@@ -37,23 +39,37 @@ pub enum IsolationError {
 
 /// Creates the projection's role and schema (idempotent) and gives the schema and its tables
 /// to the role. Runs inside the setup transaction.
-pub async fn prepare(conn: &mut PgConnection, schema: &str, role: &str) -> Result<(), IsolationError> {
-    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)")
-        .bind(role)
-        .fetch_one(&mut *conn)
-        .await?;
+pub async fn prepare(
+    conn: &mut PgConnection,
+    schema: &str,
+    role: &str,
+) -> Result<(), IsolationError> {
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)")
+            .bind(role)
+            .fetch_one(&mut *conn)
+            .await?;
     let r = quote_ident(role);
     let s = quote_ident(schema);
     if !exists {
-        sqlx::query("SAVEPOINT create_role").execute(&mut *conn).await?;
-        match sqlx::query(&format!("CREATE ROLE {r} NOLOGIN")).execute(&mut *conn).await {
+        sqlx::query("SAVEPOINT create_role")
+            .execute(&mut *conn)
+            .await?;
+        match sqlx::query(&format!("CREATE ROLE {r} NOLOGIN"))
+            .execute(&mut *conn)
+            .await
+        {
             Ok(_) => {}
             // Another host created it a moment ago.
             Err(e) if crate::db::sqlstate(&e).as_deref() == Some("42710") => {
-                sqlx::query("ROLLBACK TO SAVEPOINT create_role").execute(&mut *conn).await?;
+                sqlx::query("ROLLBACK TO SAVEPOINT create_role")
+                    .execute(&mut *conn)
+                    .await?;
             }
             Err(e) if crate::db::sqlstate(&e).as_deref() == Some("42501") => {
-                return Err(IsolationError::CannotCreateRole { role: role.to_string() })
+                return Err(IsolationError::CannotCreateRole {
+                    role: role.to_string(),
+                })
             }
             Err(e) => return Err(e.into()),
         }
@@ -64,11 +80,21 @@ pub async fn prepare(conn: &mut PgConnection, schema: &str, role: &str) -> Resul
         .fetch_one(&mut *conn)
         .await?;
     if !member {
-        sqlx::query(&format!("GRANT {r} TO CURRENT_USER")).execute(&mut *conn).await?;
+        sqlx::query(&format!("GRANT {r} TO CURRENT_USER"))
+            .execute(&mut *conn)
+            .await?;
     }
-    sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {s} AUTHORIZATION {r}")).execute(&mut *conn).await?;
-    sqlx::query(&format!("ALTER SCHEMA {s} OWNER TO {r}")).execute(&mut *conn).await?;
-    sqlx::query(&format!("REVOKE ALL ON SCHEMA {s} FROM PUBLIC")).execute(&mut *conn).await?;
+    sqlx::query(&format!(
+        "CREATE SCHEMA IF NOT EXISTS {s} AUTHORIZATION {r}"
+    ))
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(&format!("ALTER SCHEMA {s} OWNER TO {r}"))
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query(&format!("REVOKE ALL ON SCHEMA {s} FROM PUBLIC"))
+        .execute(&mut *conn)
+        .await?;
     // Tables created before isolation was on belong to the host's user: hand them over.
     let foreign: Vec<String> = sqlx::query_scalar(
         "SELECT quote_ident(c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -79,14 +105,19 @@ pub async fn prepare(conn: &mut PgConnection, schema: &str, role: &str) -> Resul
     .fetch_all(&mut *conn)
     .await?;
     for table in foreign {
-        sqlx::query(&format!("ALTER TABLE {s}.{table} OWNER TO {r}")).execute(&mut *conn).await?;
+        sqlx::query(&format!("ALTER TABLE {s}.{table} OWNER TO {r}"))
+            .execute(&mut *conn)
+            .await?;
     }
     Ok(())
 }
 
 /// Whether the transaction still runs as `role`.
 pub async fn still_confined(conn: &mut PgConnection, role: &str) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar("SELECT current_user = $1").bind(role).fetch_one(&mut *conn).await
+    sqlx::query_scalar("SELECT current_user = $1")
+        .bind(role)
+        .fetch_one(&mut *conn)
+        .await
 }
 
 /// Statement kinds a plugin may run: data and its own schema's objects. Everything that could
@@ -96,12 +127,24 @@ pub fn check_statement(sql: &str) -> Result<(), EffectError> {
     let words = leading_words(sql, 4);
     let first = words.first().map(String::as_str).unwrap_or("");
     let allowed = match first {
-        "select" | "insert" | "update" | "delete" | "merge" | "with" | "values" | "table" | "truncate" | "comment" => true,
+        "select" | "insert" | "update" | "delete" | "merge" | "with" | "values" | "table"
+        | "truncate" | "comment" => true,
         "create" | "alter" | "drop" => {
             // CREATE [UNIQUE] INDEX, CREATE [UNLOGGED] TABLE, CREATE [OR REPLACE] VIEW ...
             let object = words[1..]
                 .iter()
-                .find(|w| !matches!(w.as_str(), "unique" | "unlogged" | "or" | "replace" | "temporary" | "temp" | "materialized"))
+                .find(|w| {
+                    !matches!(
+                        w.as_str(),
+                        "unique"
+                            | "unlogged"
+                            | "or"
+                            | "replace"
+                            | "temporary"
+                            | "temp"
+                            | "materialized"
+                    )
+                })
                 .map(String::as_str)
                 .unwrap_or("");
             matches!(object, "table" | "index" | "view" | "sequence" | "type")
@@ -117,9 +160,19 @@ pub fn check_statement(sql: &str) -> Result<(), EffectError> {
     }
     let lowered = sql.to_ascii_lowercase();
     // set_config('role', ...) switches roles like SET ROLE; U&"..." could spell it in escapes.
-    for forbidden in ["set_config", "u&\"", "u&'", "dblink", "pg_read", "lo_import", "lo_export"] {
+    for forbidden in [
+        "set_config",
+        "u&\"",
+        "u&'",
+        "dblink",
+        "pg_read",
+        "lo_import",
+        "lo_export",
+    ] {
         if lowered.contains(forbidden) {
-            return Err(EffectError::invalid(format!("plugins may not use {forbidden} in SQL")));
+            return Err(EffectError::invalid(format!(
+                "plugins may not use {forbidden} in SQL"
+            )));
         }
     }
     Ok(())
@@ -139,7 +192,9 @@ fn leading_words(sql: &str, n: usize) -> Vec<String> {
             text = rest.split_once("*/").map_or("", |(_, r)| r);
             continue;
         }
-        let end = text.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(text.len());
+        let end = text
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(text.len());
         if end == 0 {
             break;
         }

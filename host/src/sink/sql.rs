@@ -17,6 +17,7 @@ pub async fn execute(
     sql: &str,
     params: Vec<PluginValue>,
 ) -> Result<u64, EffectError> {
+    super::isolation::check_statement(sql)?;
     let types = parameter_types(conn, sql, params.len()).await?;
     let query = bind_all(sqlx::query(sql), &types, params)?;
     let done = query

@@ -83,7 +83,14 @@ impl EventReader {
     }
 
     /// The events at the given positions, in order (replaying parked events).
-    pub async fn read_positions(&self, conn: &mut PgConnection, positions: &[i64]) -> Result<Vec<StoredEvent>, sqlx::Error> {
-        sqlx::query_as::<_, StoredEvent>(&self.by_position).bind(positions).fetch_all(&mut *conn).await
+    pub async fn read_positions(
+        &self,
+        conn: &mut PgConnection,
+        positions: &[i64],
+    ) -> Result<Vec<StoredEvent>, sqlx::Error> {
+        sqlx::query_as::<_, StoredEvent>(&self.by_position)
+            .bind(positions)
+            .fetch_all(&mut *conn)
+            .await
     }
 }

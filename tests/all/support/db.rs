@@ -94,6 +94,16 @@ impl TestDb {
             .unwrap_or(0)
     }
 
+    /// Like `scalar_i64`, but 0 while the host has not created its tables yet.
+    pub async fn scalar_i64_or_zero(&self, sql: &str) -> i64 {
+        sqlx::query_scalar::<_, Option<i64>>(sql)
+            .fetch_one(&self.pool)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+    }
+
     /// Lowest checkpoint of a projection over all partitions (0 when none was written, or the
     /// host has not created its tables yet).
     pub async fn lowest_checkpoint(&self, projection: &str) -> i64 {

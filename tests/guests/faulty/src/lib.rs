@@ -1,6 +1,7 @@
 //! A projection that misbehaves on command, for sandbox and failure tests. It counts events
-//! per aggregate in `seen`; the event types `Trap`, `Loop`, `Hog` and `Reject` make it panic,
-//! spin forever, allocate without bound, or return an error.
+//! per aggregate in `seen` (with the last position applied, to check order); the event types
+//! `Trap`, `Loop`, `Hog` and `Reject` make it panic, spin forever, allocate without bound, or
+//! return an error; `RejectUntilFixed` fails until the aggregate is listed in `fixed`.
 
 use projection_sdk::prelude::*;
 
@@ -13,7 +14,11 @@ impl Projection for Faulty {
 
     fn setup() -> Result<(), Error> {
         sql::execute(
-            "CREATE TABLE IF NOT EXISTS seen (aggregate_id TEXT PRIMARY KEY, n BIGINT NOT NULL)",
+            "CREATE TABLE IF NOT EXISTS seen (aggregate_id TEXT PRIMARY KEY, n BIGINT NOT NULL, last_position BIGINT)",
+            &[],
+        )?;
+        sql::execute(
+            "CREATE TABLE IF NOT EXISTS fixed (aggregate_id TEXT PRIMARY KEY)",
             &[],
         )?;
         Ok(())
@@ -37,9 +42,25 @@ impl Projection for Faulty {
                 }
             }
             "Reject" => return Err(HandlerError::new("this event is rejected on purpose")),
+            "RejectUntilFixed" => {
+                let fixed = sql::query(
+                    "SELECT 1 FROM fixed WHERE aggregate_id = $1",
+                    &[event.aggregate_id().into()],
+                )?;
+                if fixed.is_empty() {
+                    return Err(HandlerError::new(format!(
+                        "aggregate {} is not fixed yet",
+                        event.aggregate_id()
+                    )));
+                }
+            }
             _ => {}
         }
-        read_model::upsert("seen", &[event.aggregate_id().into()], &[add("n", 1)])?;
+        read_model::upsert(
+            "seen",
+            &[event.aggregate_id().into()],
+            &[add("n", 1), set("last_position", event.position())],
+        )?;
         Ok(())
     }
 }

@@ -1,7 +1,8 @@
 //! `run`: wires the parts together, and owns the shutdown order.
 //!
-//! Start: connect and migrate, load and check every plugin, start the wake-up listener and the
-//! safe-head tracker, join the replica set, start one pipeline per projection, serve HTTP.
+//! Start: connect and migrate, register the mounted plugin files (each checked and compiled),
+//! start the wake-up listener and the safe-head tracker, join the replica set, run one pipeline
+//! per read model the registry lists, serve HTTP.
 //!
 //! Shutdown (SIGTERM/SIGINT, or caught up with `--once`): readiness turns false; the coordinator
 //! stops rebalancing but keeps heartbeating; pipelines take no new batch and finish the
@@ -13,15 +14,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RunConfig;
 use crate::coordination::{Coordinator, Member, Ownership, COORDINATION_CHANNEL};
 use crate::http::AppState;
 use crate::ids::WorkerId;
+use crate::lifecycle::PluginCache;
 use crate::metrics::HostMetrics;
-use crate::pipeline::{PipelineConfig, PipelineContext, ProjectionWorker, StatusBoard};
+use crate::pipeline::{MountedPlugins, PipelineConfig, PipelineContext, StatusBoard, Supervisor};
 use crate::runtime::Runtime;
 use crate::source::safe_head::SafeHeadTracker;
 use crate::source::wakeup::{self, Wakeup};
@@ -42,31 +43,22 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let metrics = HostMetrics::new(&replica_set, worker.as_str());
     let runtime =
         Arc::new(Runtime::new(config.runtime.clone()).context("starting the WebAssembly runtime")?);
+    let cache = Arc::new(PluginCache::new(
+        runtime.clone(),
+        pool.clone(),
+        replica_set.clone(),
+    ));
 
-    let mut loaded = Vec::new();
-    for file in &config.plugin_files {
-        let (plugin, instance) = runtime.load_file(file).await?;
-        if let Some((other, _)) = loaded
-            .iter()
-            .find(|(p, _): &&(Arc<crate::runtime::Plugin>, _)| p.name == plugin.name)
-        {
-            anyhow::bail!(
-                "two plugins are both named '{}': {} and {}; projection names must be unique",
-                plugin.name,
-                other.source.display(),
-                plugin.source.display()
-            );
-        }
-        tracing::info!(
-            projection = %plugin.name,
-            version = %plugin.version,
-            sha256 = %plugin.sha256,
-            file = %plugin.source.display(),
-            subscription = ?plugin.subscription,
-            "loaded plugin"
-        );
-        loaded.push((plugin, instance));
-    }
+    // The replica set must exist before plugins are registered under it.
+    crate::coordination::membership::ensure_replica_set(
+        &pool,
+        &replica_set,
+        config.coordination.partitions,
+        config.coordination.strategy,
+    )
+    .await?;
+    let mut mounted = MountedPlugins::new(config.plugin_files.clone(), config.plugin_dirs.clone());
+    mounted.scan(&cache, &pool, &replica_set, true).await?;
 
     let background = CancellationToken::new();
     let events_wakeup = Wakeup::default();
@@ -117,7 +109,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         hostname: gethostname::gethostname().to_string_lossy().into_owned(),
         pod_namespace: config.pod_namespace.clone(),
     };
-    let (coordinator, coordination, controls) = Coordinator::join(
+    let joined = Coordinator::join(
         pool.clone(),
         config.coordination.clone(),
         member,
@@ -126,15 +118,16 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         metrics.clone(),
     )
     .await?;
-    let partitions = coordinator.partitions();
+    let partitions = joined.coordinator.partitions();
     let stop_rebalancing = CancellationToken::new();
     let leave = CancellationToken::new();
-    let mut coordinator_task =
-        tokio::spawn(coordinator.run(stop_rebalancing.clone(), leave.clone()));
+    let mut coordinator_task = tokio::spawn(
+        joined
+            .coordinator
+            .run(stop_rebalancing.clone(), leave.clone()),
+    );
 
     let board = StatusBoard::default();
-    let stop_pipelines = CancellationToken::new();
-    let mut pipelines: Vec<JoinHandle<()>> = Vec::new();
     let context = PipelineContext {
         runtime: runtime.clone(),
         pool: pool.clone(),
@@ -143,29 +136,35 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         board: board.clone(),
         coordinator: coordination_wakeup.clone(),
-        controls,
+        controls: joined.controls,
+        registry: joined.registry.clone(),
+        cache: cache.clone(),
     };
-    for (plugin, instance) in loaded {
-        let settings = config.settings.for_projection(&plugin.name);
-        let pipeline = ProjectionWorker::new(
-            plugin,
-            instance,
-            context.clone(),
-            PipelineConfig {
-                replica_set: replica_set.clone(),
-                worker: worker.clone(),
-                partitions,
-                batch_size: config.batch_size,
-                max_batch_size: config.max_batch_size,
-                poll_interval: config.poll_interval,
-                events_table: config.events_table.clone(),
-                once_target,
-                settings,
-                isolation: config.isolation,
-            },
-        );
-        pipelines.push(tokio::spawn(pipeline.run(stop_pipelines.clone())));
-    }
+    let supervisor = Supervisor {
+        context,
+        template: PipelineConfig {
+            replica_set: replica_set.clone(),
+            worker: worker.clone(),
+            partitions,
+            batch_size: config.batch_size,
+            max_batch_size: config.max_batch_size,
+            poll_interval: config.poll_interval,
+            events_table: config.events_table.clone(),
+            once_target,
+            settings: config.settings.defaults.clone(),
+            isolation: config.isolation,
+            track: String::new(),
+            namespace: String::new(),
+            build_generation: 0,
+        },
+        settings: config.settings.clone(),
+        cache: cache.clone(),
+        mounted,
+        scan_interval: config.plugin_scan_interval,
+    };
+    let stop_pipelines = CancellationToken::new();
+    let mut supervisor_task =
+        tokio::spawn(supervisor.run(stop_pipelines.clone(), config.shutdown_timeout));
 
     let shutting_down = Arc::new(AtomicBool::new(false));
     let http_stop = CancellationToken::new();
@@ -176,12 +175,13 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             events_table: config.events_table.clone(),
             admin_token: http.admin_token.clone(),
             pool: pool.clone(),
-            coordination: coordination.clone(),
+            coordination: joined.status.clone(),
             board: board.clone(),
             metrics: metrics.clone(),
             shutting_down: shutting_down.clone(),
             worker: worker.clone(),
             head: head.clone(),
+            runtime: runtime.clone(),
         };
         http_tasks = crate::http::serve(http, state, http_stop.clone()).await?;
     }
@@ -205,13 +205,14 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     stop_rebalancing.cancel();
     ownership.close();
     stop_pipelines.cancel();
-    let drain = futures::future::join_all(pipelines.iter_mut());
-    if tokio::time::timeout(config.shutdown_timeout, drain)
-        .await
-        .is_err()
+    if tokio::time::timeout(
+        config.shutdown_timeout + Duration::from_secs(1),
+        &mut supervisor_task,
+    )
+    .await
+    .is_err()
     {
-        tracing::warn!(timeout = ?config.shutdown_timeout, "in-flight batches did not finish within the shutdown timeout; abandoning them (they roll back)");
-        pipelines.iter().for_each(JoinHandle::abort);
+        supervisor_task.abort();
     }
     leave.cancel();
     if !coordinator_task.is_finished() {

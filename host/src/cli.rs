@@ -34,6 +34,9 @@ pub enum Command {
     Pause(ControlArgs),
     /// Resume a paused projection, and lift halts of the stop policy (through the admin API).
     Resume(ControlArgs),
+    /// Plugin versions of the fleet: list, push, promote, rollback (through the admin API).
+    #[command(subcommand)]
+    Plugins(PluginCommand),
     /// Events parked by the dead-letter policy: list, retry, skip (through the admin API).
     #[command(subcommand)]
     DeadLetters(DeadLetterCommand),
@@ -142,6 +145,21 @@ pub struct PluginArgs {
         value_delimiter = ';'
     )]
     pub projection_settings: Vec<String>,
+    /// Where compiled plugins are kept so that restarts and swaps do not compile again (must be
+    /// private to the host). Empty: no cache.
+    #[arg(long, env = "PLUGIN_CACHE_DIR", default_value_os_t = std::env::temp_dir().join("projection-host-cache"))]
+    pub plugin_cache_dir: PathBuf,
+    /// How often mounted plugin files are checked for new versions.
+    #[arg(long, env = "PLUGIN_SCAN_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub plugin_scan_interval: Duration,
+    /// A rebuild (blue/green) is promoted once every partition is at most this many positions
+    /// behind the head.
+    #[arg(long, env = "PROMOTE_LAG", default_value_t = 1000)]
+    pub promote_lag: i64,
+    /// How long the read model of a version replaced by a rebuild is kept (for rollback and
+    /// comparison) before it is dropped.
+    #[arg(long, env = "RETIRED_DATA_GRACE", default_value = "24h", value_parser = parse_duration)]
+    pub retired_data_grace: Duration,
     /// How plugin SQL is confined: `role` runs it under a role of its own that can use the
     /// projection's schema and nothing else (needs CREATEROLE); `schema` only sets the search
     /// path.
@@ -263,6 +281,40 @@ pub struct ControlArgs {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum PluginCommand {
+    /// Registered versions per projection.
+    List {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Upload a component: continue mode swaps it in on every host at the next batch; rebuild
+    /// mode builds its read model from the start beside the active one.
+    Push {
+        #[command(flatten)]
+        admin: AdminArgs,
+        file: PathBuf,
+        #[arg(long, value_enum, default_value_t = crate::lifecycle::Mode::Continue)]
+        mode: crate::lifecycle::Mode,
+        /// Register only; activate later with `promote`.
+        #[arg(long)]
+        no_activate: bool,
+    },
+    /// Make a version active (a finished rebuild, or a pending or retired version).
+    Promote {
+        #[command(flatten)]
+        admin: AdminArgs,
+        projection: String,
+        sha256: String,
+    },
+    /// Switch back to the previously active version.
+    Rollback {
+        #[command(flatten)]
+        admin: AdminArgs,
+        projection: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum DeadLetterCommand {
     /// List parked events.
     List {
@@ -313,6 +365,25 @@ pub enum BenchCommand {
     Live(BenchLiveArgs),
     /// Pauses of partitions when a host joins, leaves gracefully, or is killed.
     Rebalance(BenchRebalanceArgs),
+    /// Time from a continue-mode push to the new build on every partition of a 2-host fleet.
+    Swap(BenchSwapArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchSwapArgs {
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    #[arg(
+        long,
+        default_value = "target/wasm32-wasip2/release/bank_balances.wasm"
+    )]
+    pub plugin: PathBuf,
+    /// The build pushed during the run (same projection, another build).
+    #[arg(
+        long,
+        default_value = "target/wasm32-wasip2/release/guest_bank_balances_v2.wasm"
+    )]
+    pub new_plugin: PathBuf,
 }
 
 #[derive(Debug, Args)]

@@ -38,6 +38,16 @@ impl AdminClient {
             .await
     }
 
+    pub async fn post_bytes(&self, path: &str, bytes: Vec<u8>) -> anyhow::Result<Value> {
+        self.send(
+            self.http
+                .post(format!("{}{path}", self.base))
+                .header(reqwest::header::CONTENT_TYPE, "application/wasm")
+                .body(bytes),
+        )
+        .await
+    }
+
     async fn send(&self, request: reqwest::RequestBuilder) -> anyhow::Result<Value> {
         let response = request
             .bearer_auth(&self.token)
@@ -143,6 +153,76 @@ pub async fn dead_letters(command: crate::cli::DeadLetterCommand) -> anyhow::Res
                 body["aggregate_id"].as_str().unwrap_or(""),
                 body["projection"].as_str().unwrap_or("")
             );
+        }
+    }
+    Ok(())
+}
+
+fn print_plugin(row: &Value) {
+    println!(
+        "{:<24} {:<10} {:<10} {:<9} {}  track {}  schema {}  ({})",
+        row["projection"].as_str().unwrap_or(""),
+        row["state"].as_str().unwrap_or(""),
+        row["version"].as_str().unwrap_or(""),
+        row["mode"].as_str().unwrap_or(""),
+        row["sha256"].as_str().unwrap_or(""),
+        row["track"].as_str().unwrap_or(""),
+        row["namespace"].as_str().unwrap_or(""),
+        row["source"].as_str().unwrap_or("")
+    );
+}
+
+/// `projection-host plugins ...`.
+pub async fn plugins(command: crate::cli::PluginCommand) -> anyhow::Result<()> {
+    use crate::cli::PluginCommand as C;
+    match command {
+        C::List { admin } => {
+            let rows = AdminClient::new(&admin)?.get("/admin/plugins").await?;
+            for row in rows.as_array().cloned().unwrap_or_default() {
+                print_plugin(&row);
+            }
+        }
+        C::Push {
+            admin,
+            file,
+            mode,
+            no_activate,
+        } => {
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let mode = match mode {
+                crate::lifecycle::Mode::Continue => "continue",
+                crate::lifecycle::Mode::Rebuild => "rebuild",
+            };
+            let row = AdminClient::new(&admin)?
+                .post_bytes(
+                    &format!("/admin/plugins?mode={mode}&activate={}", !no_activate),
+                    bytes,
+                )
+                .await?;
+            print_plugin(&row);
+        }
+        C::Promote {
+            admin,
+            projection,
+            sha256,
+        } => {
+            let row = AdminClient::new(&admin)?
+                .post(
+                    &format!("/admin/plugins/{projection}/promote"),
+                    serde_json::json!({ "sha256": sha256 }),
+                )
+                .await?;
+            print_plugin(&row);
+        }
+        C::Rollback { admin, projection } => {
+            let row = AdminClient::new(&admin)?
+                .post(
+                    &format!("/admin/plugins/{projection}/rollback"),
+                    serde_json::json!({}),
+                )
+                .await?;
+            print_plugin(&row);
         }
     }
     Ok(())

@@ -44,6 +44,8 @@ pub struct RunConfig {
     pub poll_interval: Duration,
     pub notify_channels: Vec<String>,
     pub plugin_files: Vec<PathBuf>,
+    pub plugin_dirs: Vec<PathBuf>,
+    pub plugin_scan_interval: Duration,
     pub runtime: RuntimeConfig,
     /// Failure policy and limits, per projection.
     pub settings: Settings,
@@ -146,7 +148,7 @@ impl RunConfig {
                 "must be at least 10ms",
             ));
         }
-        let plugin_files = collect_plugins(&p.plugins, p.plugins_dir.as_ref())?;
+        let (plugin_files, plugin_dirs) = collect_plugins(&p.plugins, p.plugins_dir.as_ref())?;
         if p.max_batch_bytes < 1024 {
             return Err(invalid(
                 "MAX_BATCH_BYTES",
@@ -250,15 +252,19 @@ impl RunConfig {
         };
         Ok(RunConfig {
             database,
-            events_table,
+            events_table: events_table.clone(),
             batch_size: s.batch_size,
             max_batch_size: s.max_batch_size,
             poll_interval: s.poll_interval,
             notify_channels: s.notify_channels.clone(),
             plugin_files,
+            plugin_dirs,
+            plugin_scan_interval: p.plugin_scan_interval,
             runtime: RuntimeConfig {
                 memory_limit: p.plugin_memory_limit,
                 call_timeout: p.plugin_call_timeout,
+                cache_dir: (!p.plugin_cache_dir.as_os_str().is_empty())
+                    .then(|| p.plugin_cache_dir.clone()),
             },
             settings,
             isolation: p.sql_isolation,
@@ -270,6 +276,9 @@ impl RunConfig {
                 coordination_timeout: c.coordination_timeout,
                 strategy: c.strategy,
                 revoke_timeout: p.plugin_call_timeout + Duration::from_secs(10),
+                events_table: events_table.clone(),
+                promote_lag: p.promote_lag,
+                retired_grace: p.retired_data_grace,
             },
             pod_name: c.pod_name.clone(),
             pod_namespace: c.pod_namespace.clone(),
@@ -292,35 +301,20 @@ impl RunConfig {
     }
 }
 
-fn collect_plugins(files: &[PathBuf], dir: Option<&PathBuf>) -> Result<Vec<PathBuf>, ConfigError> {
-    let mut all: Vec<PathBuf> = files.to_vec();
-    if let Some(dir) = dir {
-        let entries = std::fs::read_dir(dir).map_err(|e| {
-            invalid(
-                "PLUGINS_DIR",
-                "plugins",
-                format!("cannot read directory {}: {e}", dir.display()),
-            )
-        })?;
-        let mut found: Vec<PathBuf> = entries
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|x| x == "wasm"))
-            .collect();
-        found.sort();
-        if found.is_empty() {
-            tracing::warn!(dir = %dir.display(), "the plugins directory holds no .wasm files");
-        }
-        all.extend(found);
-    }
-    if all.is_empty() {
+/// Checks the plugin files and directories. An empty directory is fine (the host then runs
+/// what the registry holds, e.g. uploads); giving neither is a configuration error.
+fn collect_plugins(
+    files: &[PathBuf],
+    dir: Option<&PathBuf>,
+) -> Result<(Vec<PathBuf>, Vec<PathBuf>), ConfigError> {
+    if files.is_empty() && dir.is_none() {
         return Err(ConfigError::Missing {
             env: "PLUGINS",
             flag: "plugin",
             hint: "give at least one projection component with --plugin FILE.wasm or a directory with --plugins DIR",
         });
     }
-    for file in &all {
+    for file in files {
         if !file.is_file() {
             return Err(invalid(
                 "PLUGINS",
@@ -329,8 +323,20 @@ fn collect_plugins(files: &[PathBuf], dir: Option<&PathBuf>) -> Result<Vec<PathB
             ));
         }
     }
-    all.dedup();
-    Ok(all)
+    let mut dirs = Vec::new();
+    if let Some(dir) = dir {
+        if !dir.is_dir() {
+            return Err(invalid(
+                "PLUGINS_DIR",
+                "plugins",
+                format!("{} is not a directory", dir.display()),
+            ));
+        }
+        dirs.push(dir.clone());
+    }
+    let mut files = files.to_vec();
+    files.dedup();
+    Ok((files, dirs))
 }
 
 #[cfg(test)]

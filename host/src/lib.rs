@@ -16,6 +16,7 @@ pub mod db;
 pub mod devdb;
 pub mod http;
 pub mod ids;
+pub mod lifecycle;
 pub mod metrics;
 pub mod pipeline;
 pub mod runtime;

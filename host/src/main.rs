@@ -52,6 +52,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             )
             .await
         }
+        Command::Plugins(command) => projection_host::client::plugins(command).await,
         Command::DeadLetters(command) => projection_host::client::dead_letters(command).await,
         Command::Resume(args) => {
             projection_host::client::set_paused(&args.admin, &args.projection, false, None).await
@@ -62,6 +63,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Rebalance(args)) => {
             projection_host::bench::rebalance(args).await
         }
+        Command::Bench(BenchCommand::Swap(args)) => projection_host::bench::swap(args).await,
     }
 }
 

@@ -384,6 +384,16 @@ impl HostMetrics {
             .set(1);
     }
 
+    /// A projection now runs another plugin build.
+    pub fn plugin_swapped(&self, projection: &str, from: (&str, &str), to: (&str, &str)) {
+        let _ = self
+            .plugin_info
+            .remove_label_values(&[projection, from.0, from.1]);
+        self.plugin_info
+            .with_label_values(&[projection, to.0, to.1])
+            .set(1);
+    }
+
     pub fn set_worker_state(&self, worker_id: &str, state: &str) {
         for s in WORKER_STATES {
             self.worker_state

@@ -8,6 +8,8 @@ mod support;
 
 mod faults;
 mod fleet;
+pub use fleet::support as fleet_support;
 mod foundation;
 mod gaps;
+mod lifecycle;
 mod operations;

@@ -4,10 +4,12 @@
 
 mod live;
 mod rebalance;
+mod swap;
 mod w1;
 
 pub use live::live;
 pub use rebalance::rebalance;
+pub use swap::swap;
 pub use w1::{demo, w1};
 
 use std::path::{Path, PathBuf};

@@ -33,7 +33,12 @@ async fn run(url: &str, plugin: &Path, args: &BenchRebalanceArgs) -> anyhow::Res
     super::seed_w1(url, 10_000, accounts).await?;
     let pool = PgPool::connect(url).await?;
     let stop = Arc::new(AtomicBool::new(false));
-    let writer = tokio::spawn(write(pool.clone(), stop.clone(), 10_000, accounts));
+    let writer = tokio::spawn(super::swap::write(
+        pool.clone(),
+        stop.clone(),
+        10_000,
+        accounts,
+    ));
     let stale = format!("{}ms", args.stale_timeout_ms);
     let heartbeat = format!("{}ms", args.heartbeat_ms);
     let host = |id: &str| {
@@ -128,26 +133,6 @@ async fn run(url: &str, plugin: &Path, args: &BenchRebalanceArgs) -> anyhow::Res
         ));
     }
     Ok(lines)
-}
-
-/// Keeps appending 20 W1 events every 10 ms.
-async fn write(
-    pool: PgPool,
-    stop: Arc<AtomicBool>,
-    mut g: u64,
-    accounts: u64,
-) -> anyhow::Result<()> {
-    let sql = include_str!("../../../bench/w1/w1-append.sql");
-    while !stop.load(Ordering::SeqCst) {
-        let statement = sql
-            .replace(":from", &g.to_string())
-            .replace(":to", &(g + 19).to_string())
-            .replace(":k", &accounts.to_string());
-        sqlx::raw_sql(&statement).execute(&pool).await?;
-        g += 20;
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    Ok(())
 }
 
 /// Lets a couple of seconds of steady commits pass.

@@ -55,6 +55,20 @@ pub struct CoordinationConfig {
     pub strategy: Strategy,
     /// Longest wait for an in-flight batch when a partition is handed over.
     pub revoke_timeout: Duration,
+    /// The events table (the leader measures rebuild lag against its head).
+    pub events_table: crate::db::QualifiedName,
+    /// A rebuild is promoted once every partition is at most this many positions behind.
+    pub promote_lag: i64,
+    /// Retired versions' read models are dropped after this long.
+    pub retired_grace: Duration,
+}
+
+/// A joined coordinator and what it publishes.
+pub struct Joined {
+    pub coordinator: Coordinator,
+    pub status: watch::Receiver<CoordinationStatus>,
+    pub controls: watch::Receiver<controls::Shared>,
+    pub registry: watch::Receiver<Arc<crate::lifecycle::Registry>>,
 }
 
 /// What the coordinator last saw; read by probes, status and metrics.
@@ -82,6 +96,7 @@ pub struct Coordinator {
     metrics: HostMetrics,
     status: watch::Sender<CoordinationStatus>,
     controls: watch::Sender<controls::Shared>,
+    registry: watch::Sender<Arc<crate::lifecycle::Registry>>,
     releasing: Arc<Mutex<HashSet<PartitionId>>>,
     last_generation: Option<Generation>,
     last_assigned: Vec<PartitionId>,
@@ -113,14 +128,7 @@ impl Coordinator {
         ownership: Arc<Ownership>,
         wakeup: Wakeup,
         metrics: HostMetrics,
-    ) -> Result<
-        (
-            Coordinator,
-            watch::Receiver<CoordinationStatus>,
-            watch::Receiver<controls::Shared>,
-        ),
-        CoordinationError,
-    > {
+    ) -> Result<Joined, CoordinationError> {
         let started = Instant::now();
         let partitions = membership::ensure_replica_set(
             &pool,
@@ -144,6 +152,8 @@ impl Coordinator {
         );
         let (controls, controls_rx) =
             watch::channel(controls::load(&pool, &config.replica_set).await?);
+        let (registry, registry_rx) =
+            watch::channel(crate::lifecycle::registry::load(&pool, &config.replica_set).await?);
         let (status, rx) = watch::channel(CoordinationStatus {
             registered: true,
             partitions,
@@ -152,8 +162,8 @@ impl Coordinator {
         metrics
             .coordination_duration_seconds
             .observe(started.elapsed().as_secs_f64());
-        Ok((
-            Coordinator {
+        Ok(Joined {
+            coordinator: Coordinator {
                 pool,
                 config,
                 member,
@@ -163,14 +173,16 @@ impl Coordinator {
                 metrics,
                 status,
                 controls,
+                registry,
                 releasing: Arc::default(),
                 last_generation: None,
                 last_assigned: Vec::new(),
                 waiting_since: None,
             },
-            rx,
-            controls_rx,
-        ))
+            status: rx,
+            controls: controls_rx,
+            registry: registry_rx,
+        })
     }
 
     pub fn partitions(&self) -> u32 {
@@ -314,6 +326,13 @@ impl Coordinator {
             &self.controls,
             controls::load(&self.pool, &self.config.replica_set).await?,
         );
+        let registry =
+            crate::lifecycle::registry::load(&self.pool, &self.config.replica_set).await?;
+        self.registry.send_if_modified(|current| {
+            let changed = **current != *registry;
+            *current = registry;
+            changed
+        });
         self.metrics
             .coordination_duration_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -403,6 +422,7 @@ impl Coordinator {
                 .await?;
         }
         self.lift_recreate_barrier(&workers).await?;
+        self.plugin_duties().await;
         // Next stale check: when the oldest heartbeat would expire.
         let oldest_ms: Option<f64> = sqlx::query_scalar(
             "SELECT (extract(epoch FROM min(heartbeat_at) + $2 * interval '1 millisecond' - now()) * 1000)::float8
@@ -494,6 +514,42 @@ impl Coordinator {
             "new generation: partitions reassigned"
         );
         Ok(())
+    }
+
+    /// Promotes rebuilds that caught up and drops the data of long-retired versions. Failures
+    /// are logged; the next round tries again.
+    async fn plugin_duties(&self) {
+        let head: Result<i64, sqlx::Error> = sqlx::query_scalar(&format!(
+            "SELECT coalesce(max(global_position), 0) FROM {}",
+            self.config.events_table
+        ))
+        .fetch_one(&self.pool)
+        .await;
+        let result = match head {
+            Ok(head) => crate::lifecycle::registry::promote_caught_up(
+                &self.pool,
+                &self.config.replica_set,
+                self.partitions,
+                self.config.promote_lag,
+                head,
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "promoting caught-up rebuilds failed");
+        }
+        if let Err(e) = crate::lifecycle::registry::drop_retired_data(
+            &self.pool,
+            &self.config.replica_set,
+            self.config.retired_grace,
+        )
+        .await
+        {
+            tracing::warn!(error = %e, "dropping the data of retired plugin versions failed");
+        }
     }
 
     /// Recreate strategy: the new generation starts only once every owner of the previous one

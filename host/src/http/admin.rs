@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::error::ApiError;
 use super::AppState;
 use crate::coordination::controls;
+use crate::lifecycle::registry;
 use crate::pipeline::dead_letters::{self, DeadLetter};
 use crate::pipeline::status::RecentError;
 use crate::pipeline::ProjectionStatus;
@@ -26,6 +27,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/admin/dead-letters"),
     ("post", "/admin/dead-letters/retry"),
     ("post", "/admin/dead-letters/{id}/skip"),
+    ("get", "/admin/plugins"),
+    ("post", "/admin/plugins"),
+    ("post", "/admin/plugins/{projection}/promote"),
+    ("post", "/admin/plugins/{projection}/rollback"),
     ("get", "/admin/openapi.json"),
 ];
 
@@ -39,6 +44,17 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/admin/dead-letters", get(list_dead_letters))
         .route("/admin/dead-letters/retry", post(retry_dead_letters))
         .route("/admin/dead-letters/{id}/skip", post(skip_dead_letter))
+        .route(
+            "/admin/plugins",
+            get(list_plugins)
+                .post(push_plugin)
+                .layer(axum::extract::DefaultBodyLimit::max(64 << 20)),
+        )
+        .route("/admin/plugins/{projection}/promote", post(promote_plugin))
+        .route(
+            "/admin/plugins/{projection}/rollback",
+            post(rollback_plugin),
+        )
         .route("/admin/openapi.json", get(openapi))
         .layer(axum::middleware::from_fn_with_state(state, require_token))
 }
@@ -333,6 +349,85 @@ async fn skip_dead_letter(
         .ok_or_else(|| ApiError::NotFound(format!("no parked event with id {id}")))?;
     tracing::warn!(projection = %skipped.projection, position = skipped.position, aggregate = %skipped.aggregate_id, "parked event skipped through the admin API: it will never be applied");
     Ok(Json(skipped))
+}
+
+async fn list_plugins(
+    State(state): State<AppState>,
+) -> Result<Json<Vec<registry::PluginRow>>, ApiError> {
+    Ok(Json(registry::list(&state.pool, &state.replica_set).await?))
+}
+
+#[derive(Debug, Deserialize)]
+struct PushOptions {
+    mode: Option<registry::Mode>,
+    activate: Option<bool>,
+}
+
+/// Registers an uploaded component after the same checks as a mounted one (a valid component,
+/// the right contract version, a valid name).
+async fn push_plugin(
+    State(state): State<AppState>,
+    Query(options): Query<PushOptions>,
+    body: axum::body::Bytes,
+) -> Result<Json<registry::PluginRow>, ApiError> {
+    let label = std::path::PathBuf::from("upload");
+    let (plugin, _) = state
+        .runtime
+        .load_bytes(&label, &body)
+        .await
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let mode = options.mode.unwrap_or(registry::Mode::Continue);
+    let row = registry::push(
+        &state.pool,
+        &state.replica_set,
+        &plugin,
+        &body,
+        mode,
+        options.activate.unwrap_or(true),
+    )
+    .await
+    .map_err(registry_error)?;
+    tracing::info!(projection = %row.projection, version = %row.version, sha256 = %row.sha256, state = %row.state, mode = %row.mode, "plugin pushed through the admin API");
+    Ok(Json(row))
+}
+
+#[derive(Debug, Deserialize)]
+struct PromoteRequest {
+    sha256: String,
+}
+
+async fn promote_plugin(
+    State(state): State<AppState>,
+    Path(projection): Path<String>,
+    Json(request): Json<PromoteRequest>,
+) -> Result<Json<registry::PluginRow>, ApiError> {
+    let row = registry::promote(
+        &state.pool,
+        &state.replica_set,
+        &projection,
+        &request.sha256,
+    )
+    .await
+    .map_err(registry_error)?;
+    Ok(Json(row))
+}
+
+async fn rollback_plugin(
+    State(state): State<AppState>,
+    Path(projection): Path<String>,
+) -> Result<Json<registry::PluginRow>, ApiError> {
+    Ok(Json(
+        registry::rollback(&state.pool, &state.replica_set, &projection)
+            .await
+            .map_err(registry_error)?,
+    ))
+}
+
+fn registry_error(e: registry::RegistryError) -> ApiError {
+    match e {
+        registry::RegistryError::Refused(message) => ApiError::BadRequest(message),
+        registry::RegistryError::Sql(e) => ApiError::Database(e),
+    }
 }
 
 async fn openapi() -> ([(header::HeaderName, &'static str); 1], &'static str) {

@@ -37,6 +37,8 @@ pub struct AppState {
     pub shutting_down: Arc<AtomicBool>,
     pub worker: WorkerId,
     pub head: SafeHead,
+    /// For checking uploaded plugins.
+    pub runtime: std::sync::Arc<crate::runtime::Runtime>,
 }
 
 /// The router of the health port: probes, the admin API and the status page.

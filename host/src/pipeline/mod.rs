@@ -6,7 +6,9 @@ pub mod policy;
 mod progress;
 pub mod retry;
 pub mod status;
+pub mod supervisor;
 mod worker;
 
 pub use status::{ProjectionState, ProjectionStatus, StatusBoard};
+pub use supervisor::{MountedPlugins, Supervisor};
 pub use worker::{PipelineConfig, PipelineContext, ProjectionWorker};

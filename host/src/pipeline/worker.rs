@@ -28,6 +28,7 @@ use crate::coordination::controls::Shared as Controls;
 use crate::coordination::{Lease, Ownership};
 use crate::db::quote_ident;
 use crate::ids::{Epoch, PartitionId, WorkerId};
+use crate::lifecycle::{PluginCache, Registry};
 use crate::metrics::HostMetrics;
 use crate::runtime::limits::Breach;
 use crate::runtime::{Plugin, PluginFailure, PluginInstance, Runtime};
@@ -49,6 +50,9 @@ pub struct PipelineContext {
     pub coordinator: Wakeup,
     /// Operator controls: pauses, halts, dead-letter retries.
     pub controls: tokio::sync::watch::Receiver<Controls>,
+    /// The plugin versions the fleet runs.
+    pub registry: tokio::sync::watch::Receiver<Arc<Registry>>,
+    pub cache: Arc<PluginCache>,
 }
 
 #[derive(Debug, Clone)]
@@ -66,6 +70,12 @@ pub struct PipelineConfig {
     pub once_target: Option<i64>,
     pub settings: ProjectionSettings,
     pub isolation: SqlIsolation,
+    /// The read model this worker writes: its checkpoint key ...
+    pub track: String,
+    /// ... and its schema.
+    pub namespace: String,
+    /// The generation that activated the build this pipeline starts with.
+    pub build_generation: i64,
 }
 
 /// Why a batch did not commit.
@@ -86,6 +96,8 @@ enum BatchError {
     },
     #[error("this worker no longer owns every partition of the batch (fenced); the batch was rolled back")]
     Fenced,
+    #[error("another plugin build took over this read model (swap); the batch was rolled back and is handled by the new build")]
+    Superseded,
     #[error("cannot create a plugin instance: {0}")]
     Instantiate(String),
     #[error("setting up the projection's database role failed: {0}")]
@@ -110,6 +122,13 @@ struct Prefetch {
     events: tokio::task::JoinHandle<Result<Vec<StoredEvent>, sqlx::Error>>,
 }
 
+/// A build being prepared for a swap.
+struct NextBuild {
+    sha256: String,
+    generation: i64,
+    ready: tokio::task::JoinHandle<anyhow::Result<(Arc<Plugin>, PluginInstance)>>,
+}
+
 /// Where batch time went, summed over the run (logged when the projection stops).
 #[derive(Debug, Default)]
 struct StageTimes {
@@ -127,8 +146,17 @@ pub struct ProjectionWorker {
     ownership: Arc<Ownership>,
     head: SafeHead,
     controls: tokio::sync::watch::Receiver<Controls>,
+    registry: tokio::sync::watch::Receiver<Arc<Registry>>,
+    cache: Arc<PluginCache>,
     config: PipelineConfig,
+    /// Quoted `config.namespace`.
     schema: String,
+    /// A new plugin build was swapped in and still has to run its setup.
+    needs_setup: bool,
+    /// The generation that activated the running build.
+    build_generation: i64,
+    /// The next build, being compiled in the background while the current one keeps working.
+    next: Option<NextBuild>,
     /// The projection's role (`SQL_ISOLATION=role`), known after setup.
     role: Option<String>,
     checkpoints: HashMap<PartitionId, (Epoch, i64)>,
@@ -168,12 +196,15 @@ impl ProjectionWorker {
             board,
             coordinator,
             controls,
+            registry,
+            cache,
         } = context;
-        let schema = quote_ident(&plugin.name);
+        let schema = quote_ident(&config.namespace);
+        let build_generation = config.build_generation;
         instance.set_limits(config.settings.memory_limit, config.settings.call_timeout);
-        metrics.register_projection(&plugin.name, &plugin.version, &plugin.sha256);
+        metrics.register_projection(&config.track, &plugin.version, &plugin.sha256);
         board.insert(ProjectionStatus {
-            name: plugin.name.to_string(),
+            name: config.track.clone(),
             plugin_version: plugin.version.clone(),
             plugin_sha256: plugin.sha256.clone(),
             state: ProjectionState::Starting,
@@ -195,8 +226,13 @@ impl ProjectionWorker {
             ownership,
             head,
             controls,
+            registry,
+            cache,
             config,
             schema,
+            needs_setup: true,
+            build_generation,
+            next: None,
             role: None,
             checkpoints: HashMap::new(),
             parked: HashSet::new(),
@@ -213,8 +249,9 @@ impl ProjectionWorker {
         }
     }
 
+    /// The read model's name: the projection, or `projection@sha` while a rebuild builds.
     fn name(&self) -> &str {
-        &self.plugin.name
+        &self.config.track
     }
 
     /// `SET LOCAL` statements that start every transaction touching the read model.
@@ -249,7 +286,10 @@ impl ProjectionWorker {
     pub async fn run(mut self, stop: CancellationToken) {
         while !stop.is_cancelled() {
             match self.setup().await {
-                Ok(()) => break,
+                Ok(()) => {
+                    self.needs_setup = false;
+                    break;
+                }
                 Err(e) => {
                     self.failures += 1;
                     let delay = backoff(
@@ -273,6 +313,14 @@ impl ProjectionWorker {
         let mut progress = Progress::new();
         let mut controls_seen: Option<Controls> = None;
         while !stop.is_cancelled() {
+            match self.follow_registry().await {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(e) => {
+                    self.retry_after(&stop, e).await;
+                    continue;
+                }
+            }
             let controls = self.controls.borrow_and_update().clone();
             if controls_seen.as_ref() != Some(&controls) {
                 // Halts and parked events may have changed (resume, skip, retry).
@@ -284,7 +332,7 @@ impl ProjectionWorker {
             }
             if controls.paused.contains(self.name()) {
                 self.board
-                    .update(&self.plugin.name, |s| s.state = ProjectionState::Paused);
+                    .update(&self.config.track, |s| s.state = ProjectionState::Paused);
                 tracing::info!(
                     projection = self.name(),
                     "paused by an operator; waiting for resume"
@@ -294,7 +342,7 @@ impl ProjectionWorker {
                     _ = self.controls.changed() => {}
                 }
                 self.board
-                    .update(&self.plugin.name, |s| s.state = ProjectionState::Running);
+                    .update(&self.config.track, |s| s.state = ProjectionState::Running);
                 continue;
             }
             let lease = self.ownership.lease();
@@ -352,6 +400,7 @@ impl ProjectionWorker {
                     _ = stop.cancelled() => break,
                     _ = ownership_changed.changed() => {}
                     _ = self.controls.changed() => {}
+                    _ = self.registry.changed() => {}
                     _ = head_rx.wait_past(from, self.config.poll_interval) => {}
                 }
                 continue;
@@ -361,13 +410,13 @@ impl ProjectionWorker {
                 Ok((events, to)) => {
                     drop(lease);
                     self.failures = 0;
-                    progress.record(&self.plugin.name, events, to, head.raw);
+                    progress.record(&self.config.track, events, to, head.raw);
                     let state = if self.halted.is_empty() {
                         ProjectionState::Running
                     } else {
                         ProjectionState::Failing
                     };
-                    self.board.update(&self.plugin.name, |s| {
+                    self.board.update(&self.config.track, |s| {
                         s.state = state;
                         s.events_processed += events as u64;
                         s.last_commit_at = Some(chrono::Utc::now());
@@ -406,13 +455,13 @@ impl ProjectionWorker {
         sqlx::query(
             "SELECT pg_advisory_xact_lock(hashtext('projection_host.setup'), hashtext($1))",
         )
-        .bind(&*self.plugin.name)
+        .bind(&self.config.namespace)
         .execute(&mut *tx)
         .await?;
         match self.config.isolation {
             SqlIsolation::Role => {
                 let role = isolation::role_name(&mut tx, &self.plugin.name).await?;
-                isolation::prepare(&mut tx, &self.plugin.name, &role).await?;
+                isolation::prepare(&mut tx, &self.config.namespace, &role).await?;
                 self.role = Some(role);
             }
             SqlIsolation::Schema => {
@@ -453,6 +502,87 @@ impl ProjectionWorker {
         Ok(())
     }
 
+    /// Follows the registry: swaps in another build of this read model at this batch boundary
+    /// (continue mode), moves along when its schema was renamed (a rebuild was promoted), and
+    /// returns false when the read model is no longer run (retired).
+    async fn follow_registry(&mut self) -> Result<bool, BatchError> {
+        let registry = self.registry.borrow_and_update().clone();
+        let Some(wanted) = registry.track(&self.config.track).cloned() else {
+            tracing::info!(
+                projection = self.name(),
+                "this read model is no longer run (its plugin was retired); stopping its pipeline"
+            );
+            return Ok(false);
+        };
+        if wanted.namespace != self.config.namespace {
+            tracing::info!(projection = self.name(), from = %self.config.namespace, to = %wanted.namespace, "the read model's schema was renamed");
+            self.config.namespace = wanted.namespace.clone();
+            self.schema = quote_ident(&wanted.namespace);
+        }
+        if wanted.sha256 != self.plugin.sha256 {
+            // Compile the new build in the background; the current one keeps committing until
+            // it is ready (the commit guard stops it once the new build wrote a partition).
+            if self.next.as_ref().is_none_or(|n| n.sha256 != wanted.sha256) {
+                let (cache, projection, sha) = (
+                    self.cache.clone(),
+                    wanted.projection.clone(),
+                    wanted.sha256.clone(),
+                );
+                self.next = Some(NextBuild {
+                    sha256: wanted.sha256.clone(),
+                    generation: wanted.activated_generation,
+                    ready: tokio::spawn(async move { cache.get(&projection, &sha).await }),
+                });
+            }
+            if self.next.as_ref().is_some_and(|n| n.ready.is_finished()) {
+                let next = self.next.take().expect("checked above");
+                let (plugin, mut instance) = next
+                    .ready
+                    .await
+                    .map_err(|e| BatchError::Instantiate(e.to_string()))?
+                    .map_err(|e| BatchError::Instantiate(format!("{e:#}")))?;
+                instance.set_limits(
+                    self.config.settings.memory_limit,
+                    self.config.settings.call_timeout,
+                );
+                tracing::info!(
+                    projection = self.name(),
+                    from = %format!("{} {}", self.plugin.version, &self.plugin.sha256[..12]),
+                    to = %format!("{} {}", plugin.version, &plugin.sha256[..12]),
+                    "swapping the plugin at this batch boundary"
+                );
+                self.metrics.plugin_swapped(
+                    self.name(),
+                    (&self.plugin.version, &self.plugin.sha256),
+                    (&plugin.version, &plugin.sha256),
+                );
+                self.reader = Arc::new(EventReader::new(
+                    &self.config.events_table,
+                    &plugin.subscription,
+                ));
+                self.plugin = plugin;
+                self.instance = Some(instance);
+                self.build_generation = next.generation;
+                self.prefetch = None;
+                self.read_cap = None;
+                self.attempts = None;
+                self.needs_setup = true;
+                self.board.update(&self.config.track, |s| {
+                    s.plugin_version = self.plugin.version.clone();
+                    s.plugin_sha256 = self.plugin.sha256.clone();
+                });
+            }
+        } else if self.next.is_some() {
+            // Swapped back before the other build was ready.
+            self.next = None;
+        }
+        if self.needs_setup {
+            self.setup().await?;
+            self.needs_setup = false;
+        }
+        Ok(true)
+    }
+
     async fn instance(&mut self) -> Result<&mut PluginInstance, BatchError> {
         if self.instance.is_none() {
             let mut instance = PluginInstance::instantiate(&self.runtime, &self.plugin)
@@ -484,7 +614,7 @@ impl ProjectionWorker {
               WHERE replica_set = $1 AND projection = $2 AND partition = ANY($3)",
         )
         .bind(&self.config.replica_set)
-        .bind(&*self.plugin.name)
+        .bind(&self.config.track)
         .bind(&stale)
         .fetch_all(&self.pool)
         .await?;
@@ -499,7 +629,7 @@ impl ProjectionWorker {
             dead_letters::parked_aggregates(
                 &self.pool,
                 &self.config.replica_set,
-                &self.plugin.name,
+                &self.config.track,
                 &stale,
             )
             .await?,
@@ -510,17 +640,17 @@ impl ProjectionWorker {
     /// Re-reads halts and parked aggregates after an operator acted.
     async fn reload_failures(&mut self) -> Result<(), sqlx::Error> {
         self.halted =
-            dead_letters::halts(&self.pool, &self.config.replica_set, &self.plugin.name).await?;
+            dead_letters::halts(&self.pool, &self.config.replica_set, &self.config.track).await?;
         let held: Vec<i32> = self.checkpoints.keys().map(|p| p.as_i32()).collect();
         self.parked = dead_letters::parked_aggregates(
             &self.pool,
             &self.config.replica_set,
-            &self.plugin.name,
+            &self.config.track,
             &held,
         )
         .await?;
         let count =
-            dead_letters::count(&self.pool, &self.config.replica_set, &self.plugin.name).await?;
+            dead_letters::count(&self.pool, &self.config.replica_set, &self.config.track).await?;
         self.metrics.set_dead_letters(self.name(), count);
         if self.halted.is_empty() {
             self.attempts = None;
@@ -662,7 +792,7 @@ impl ProjectionWorker {
         dead_letters::park(
             &mut tx,
             &self.config.replica_set,
-            &self.plugin.name,
+            &self.config.track,
             &parked_now,
         )
         .await?;
@@ -670,7 +800,7 @@ impl ProjectionWorker {
             &mut tx,
             &BatchCommit {
                 replica_set: &self.config.replica_set,
-                projection: &self.plugin.name,
+                projection: &self.config.track,
                 worker: &self.config.worker,
                 partitions: active,
                 from_position: from,
@@ -678,6 +808,7 @@ impl ProjectionWorker {
                 events: handed,
                 plugin_version: &self.plugin.version,
                 plugin_sha256: &self.plugin.sha256,
+                build_generation: self.build_generation,
             },
         )
         .await?;
@@ -689,6 +820,11 @@ impl ProjectionWorker {
                 self.ownership.forfeit(&lost);
                 self.coordinator.wake();
                 return Err(BatchError::Fenced);
+            }
+            CommitOutcome::Superseded => {
+                tx.rollback().await?;
+                self.coordinator.wake();
+                return Err(BatchError::Superseded);
             }
         }
         self.stages.commit += commit_started.elapsed();
@@ -707,7 +843,7 @@ impl ProjectionWorker {
                 self.attempts = None;
             }
             let count =
-                dead_letters::count(&self.pool, &self.config.replica_set, &self.plugin.name)
+                dead_letters::count(&self.pool, &self.config.replica_set, &self.config.track)
                     .await?;
             self.metrics.set_dead_letters(self.name(), count);
         }
@@ -731,7 +867,7 @@ impl ProjectionWorker {
         let requested = dead_letters::retry_requests(
             &self.pool,
             &self.config.replica_set,
-            &self.plugin.name,
+            &self.config.track,
             &partitions,
         )
         .await?;
@@ -772,7 +908,7 @@ impl ProjectionWorker {
             &mut tx,
             &BatchCommit {
                 replica_set: &self.config.replica_set,
-                projection: &self.plugin.name,
+                projection: &self.config.track,
                 worker: &self.config.worker,
                 partitions: active,
                 from_position: lowest,
@@ -780,12 +916,20 @@ impl ProjectionWorker {
                 events: count,
                 plugin_version: &self.plugin.version,
                 plugin_sha256: &self.plugin.sha256,
+                build_generation: self.build_generation,
             },
         )
         .await?;
-        if outcome == CommitOutcome::Fenced {
-            tx.rollback().await?;
-            return Err(BatchError::Fenced);
+        match outcome {
+            CommitOutcome::Recorded => {}
+            CommitOutcome::Fenced => {
+                tx.rollback().await?;
+                return Err(BatchError::Fenced);
+            }
+            CommitOutcome::Superseded => {
+                tx.rollback().await?;
+                return Err(BatchError::Superseded);
+            }
         }
         tx.commit().await?;
         tracing::info!(
@@ -915,10 +1059,24 @@ impl ProjectionWorker {
     /// Reports a failed batch and decides what happens next: retry (narrowed down), or the
     /// failure policy once a single event failed too often.
     async fn retry_after(&mut self, stop: &CancellationToken, error: BatchError) {
-        if let BatchError::Fenced = error {
-            self.metrics.batch_fenced(self.name());
-            tracing::warn!(projection = self.name(), "{error}");
-            return;
+        match error {
+            BatchError::Fenced => {
+                self.metrics.batch_fenced(self.name());
+                tracing::warn!(projection = self.name(), "{error}");
+                return;
+            }
+            BatchError::Superseded => {
+                tracing::info!(projection = self.name(), "{error}");
+                // A newer build already wrote here: wait until it is ready on this host too.
+                let mut registry = self.registry.clone();
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = registry.changed() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                }
+                return;
+            }
+            _ => {}
         }
         self.failures += 1;
         let mut delay = backoff(
@@ -1011,7 +1169,7 @@ impl ProjectionWorker {
                 match dead_letters::halt(
                     &self.pool,
                     &self.config.replica_set,
-                    &self.plugin.name,
+                    &self.config.track,
                     event.partition,
                     event.position,
                     message,

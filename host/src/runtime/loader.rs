@@ -101,10 +101,7 @@ impl Runtime {
             _ => return Err(LoadError::NotWasm { path }),
         }
         let sha256 = hex::encode(Sha256::digest(bytes));
-        let component = Component::new(&self.engine, bytes).map_err(|e| LoadError::Invalid {
-            path: path.clone(),
-            reason: format!("{e:#}"),
-        })?;
+        let component = self.compile(&path, bytes, &sha256)?;
         self.check_interface(&path, &component)?;
         let instance_pre =
             self.linker
@@ -147,6 +144,50 @@ impl Runtime {
             pre,
         };
         Ok((Arc::new(plugin), instance))
+    }
+
+    /// Compiles, or reuses the artifact compiled earlier for the same bytes and engine.
+    fn compile(&self, path: &Path, bytes: &[u8], sha256: &str) -> Result<Component, LoadError> {
+        let started = std::time::Instant::now();
+        let cached = self
+            .config
+            .cache_dir
+            .as_ref()
+            .map(|dir| dir.join(format!("{sha256}-{}.cwasm", self.compatibility())));
+        if let Some(file) = cached.as_ref().filter(|f| f.is_file()) {
+            // SAFETY: the cache directory holds only artifacts this host wrote itself (below),
+            // named by the hash of their source and of the engine that compiled them.
+            match unsafe { Component::deserialize_file(&self.engine, file) } {
+                Ok(component) => {
+                    tracing::debug!(file = %file.display(), ms = started.elapsed().as_millis() as u64, "reused a compiled plugin");
+                    return Ok(component);
+                }
+                Err(e) => {
+                    tracing::warn!(file = %file.display(), error = %e, "ignoring an unusable compiled plugin; compiling again")
+                }
+            }
+        }
+        let component = Component::new(&self.engine, bytes).map_err(|e| LoadError::Invalid {
+            path: path.to_path_buf(),
+            reason: format!("{e:#}"),
+        })?;
+        tracing::debug!(file = %path.display(), ms = started.elapsed().as_millis() as u64, "compiled a plugin");
+        if let Some(file) = cached {
+            let written = component
+                .serialize()
+                .map_err(std::io::Error::other)
+                .and_then(|artifact| {
+                    let dir = file.parent().expect("cache files live in a directory");
+                    std::fs::create_dir_all(dir)?;
+                    let tmp = dir.join(format!(".{}.tmp", rand::random::<u64>()));
+                    std::fs::write(&tmp, artifact)?;
+                    std::fs::rename(&tmp, &file)
+                });
+            if let Err(e) = written {
+                tracing::warn!(file = %file.display(), error = %e, "could not cache the compiled plugin (set PLUGIN_CACHE_DIR to a writable directory)");
+            }
+        }
+        Ok(component)
     }
 
     fn check_interface(&self, path: &Path, component: &Component) -> Result<(), LoadError> {

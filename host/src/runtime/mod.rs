@@ -23,6 +23,8 @@ use state::StoreState;
 pub struct RuntimeConfig {
     pub memory_limit: u64,
     pub call_timeout: Duration,
+    /// Where compiled components are kept between runs (`None`: compile every time).
+    pub cache_dir: Option<std::path::PathBuf>,
 }
 
 /// The engine (one per process), the linker with the host imports, and the epoch ticker.
@@ -56,5 +58,16 @@ impl Runtime {
 
     pub fn config(&self) -> &RuntimeConfig {
         &self.config
+    }
+
+    /// Identifies the engine's code generation settings: compiled artifacts are only reused by
+    /// an identical engine.
+    fn compatibility(&self) -> String {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        self.engine
+            .precompile_compatibility_hash()
+            .hash(&mut hasher);
+        format!("{:016x}", hasher.finish())
     }
 }

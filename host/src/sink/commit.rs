@@ -21,6 +21,8 @@ pub struct BatchCommit<'a> {
     pub events: usize,
     pub plugin_version: &'a str,
     pub plugin_sha256: &'a str,
+    /// The generation that activated this build (orders builds of one read model).
+    pub build_generation: i64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,6 +31,9 @@ pub enum CommitOutcome {
     Recorded,
     /// Some partition is no longer ours at the claimed epoch: roll back everything.
     Fenced,
+    /// The plugin build that handled the batch is no longer the registered one for its read
+    /// model (a swap happened): roll back; the new build handles these events.
+    Superseded,
 }
 
 const RECORD_BATCH: &str = "
@@ -41,13 +46,29 @@ WITH claimed AS (
       JOIN claimed c ON c.partition = p.partition AND c.epoch = p.epoch
      WHERE p.replica_set = $1 AND p.owner = $2
        FOR SHARE OF p
+), track AS (
+    -- The read model is still run (a promoted rebuild retires the old one's whole track) ...
+    SELECT 1 FROM projection_host.plugins
+     WHERE replica_set = $1 AND track = $5 AND state IN ('active', 'building')
+       FOR SHARE
+), current AS (
+    -- ... by this build or a newer one that has not yet written these partitions. Read models
+    -- without a registry entry (library use) are not version-fenced.
+    SELECT NOT EXISTS (SELECT 1 FROM projection_host.plugins WHERE replica_set = $1 AND track = $5)
+        OR (EXISTS (SELECT 1 FROM track)
+            AND EXISTS (SELECT 1 FROM projection_host.plugins WHERE replica_set = $1 AND track = $5 AND sha256 = $10)
+            AND NOT EXISTS (SELECT 1 FROM projection_host.checkpoints
+                             WHERE replica_set = $1 AND projection = $5 AND partition = ANY($3) AND build_generation > $11)) AS ok
 ), guard AS (
-    SELECT count(*) = cardinality($3::int[]) AS held FROM fence
+    SELECT count(*) = cardinality($3::int[]) AND (SELECT ok FROM current) AS held,
+           (SELECT ok FROM current) AS current_build
+      FROM fence
 ), checkpoint AS (
-    INSERT INTO projection_host.checkpoints AS c (replica_set, projection, partition, position, updated_at)
-    SELECT $1, $5, claimed.partition, $7, now() FROM claimed, guard WHERE guard.held
+    INSERT INTO projection_host.checkpoints AS c (replica_set, projection, partition, position, updated_at, build_generation)
+    SELECT $1, $5, claimed.partition, $7, now(), $11 FROM claimed, guard WHERE guard.held
     ON CONFLICT (replica_set, projection, partition)
-    DO UPDATE SET position = GREATEST(c.position, EXCLUDED.position), updated_at = EXCLUDED.updated_at
+    DO UPDATE SET position = GREATEST(c.position, EXCLUDED.position), updated_at = EXCLUDED.updated_at,
+                  build_generation = GREATEST(c.build_generation, EXCLUDED.build_generation)
     RETURNING 1
 ), audit AS (
     INSERT INTO projection_host.batches
@@ -56,8 +77,7 @@ WITH claimed AS (
     SELECT $1, $5, $2, $3, $4, $6, $7, $8, $9, $10 FROM guard WHERE guard.held
     RETURNING 1
 )
-SELECT held, (SELECT count(*) FROM checkpoint) AS written, (SELECT count(*) FROM audit) AS audited
-  FROM guard";
+SELECT held, current_build, (SELECT count(*) FROM checkpoint) AS written FROM guard";
 
 /// Writes checkpoints and the audit row if the fence holds. Runs inside the batch transaction.
 pub async fn record_batch(
@@ -66,7 +86,7 @@ pub async fn record_batch(
 ) -> Result<CommitOutcome, sqlx::Error> {
     let partitions: Vec<i32> = batch.partitions.iter().map(|(p, _)| p.as_i32()).collect();
     let epochs: Vec<i64> = batch.partitions.iter().map(|(_, e)| e.0).collect();
-    let (held, _written, _audited): (bool, i64, i64) = sqlx::query_as(RECORD_BATCH)
+    let (held, current_build, _written): (bool, bool, i64) = sqlx::query_as(RECORD_BATCH)
         .bind(batch.replica_set)
         .bind(batch.worker.as_str())
         .bind(&partitions)
@@ -77,10 +97,13 @@ pub async fn record_batch(
         .bind(i32::try_from(batch.events).unwrap_or(i32::MAX))
         .bind(batch.plugin_version)
         .bind(batch.plugin_sha256)
+        .bind(batch.build_generation)
         .fetch_one(&mut *conn)
         .await?;
     Ok(if held {
         CommitOutcome::Recorded
+    } else if !current_build {
+        CommitOutcome::Superseded
     } else {
         CommitOutcome::Fenced
     })

@@ -35,6 +35,7 @@ fn batch<'a>(
         events: 1,
         plugin_version: "1",
         plugin_sha256: "x",
+        build_generation: 0,
     }
 }
 

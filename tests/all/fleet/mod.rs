@@ -7,5 +7,5 @@ mod pause_and_fence;
 mod recreate;
 mod scale_out;
 mod shutdown_handoff;
-mod support;
+pub mod support;
 mod takeover;

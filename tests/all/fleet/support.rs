@@ -80,7 +80,7 @@ pub async fn caught_up(db: &TestDb) {
         .await;
     eventually("the fleet to catch up", Duration::from_secs(120), || async {
         let rows = db
-            .scalar_i64("SELECT count(*) FROM projection_host.checkpoints WHERE projection = 'bank_balances' AND position >= (SELECT max(global_position) FROM events)")
+            .scalar_i64_or_zero("SELECT count(*) FROM projection_host.checkpoints WHERE projection = 'bank_balances' AND position >= (SELECT max(global_position) FROM events)")
             .await;
         (rows == 32).then_some(())
     })

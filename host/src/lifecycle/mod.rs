@@ -1,0 +1,9 @@
+//! Plugin lifecycle: the registry the fleet agrees on (which bytes run for each projection),
+//! the compiled-component cache, and swaps across generations (continue, rebuild, promote,
+//! rollback).
+
+pub mod cache;
+pub mod registry;
+
+pub use cache::PluginCache;
+pub use registry::{Mode, PluginRow, Registry, State};

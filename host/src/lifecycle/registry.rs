@@ -1,0 +1,678 @@
+//! The registry rows and the operations on them. Every change bumps the replica set's
+//! generation (a swap is a generation change on every host) and is announced with NOTIFY.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use sqlx::{PgConnection, PgPool, Postgres, Transaction};
+
+use crate::coordination::COORDINATION_CHANNEL;
+use crate::db::quote_ident;
+use crate::runtime::bindings::{INTERFACE, INTERFACE_VERSION};
+use crate::runtime::Plugin;
+
+/// How a new version takes over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// At each partition's next batch boundary, from its checkpoint, on the same read model.
+    Continue,
+    /// Builds its own read model from position 0 beside the active one; promoted once caught up.
+    Rebuild,
+}
+
+impl Mode {
+    fn as_str(self) -> &'static str {
+        match self {
+            Mode::Continue => "continue",
+            Mode::Rebuild => "rebuild",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Pending,
+    Building,
+    Active,
+    Retired,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow)]
+pub struct PluginRow {
+    pub projection: String,
+    pub sha256: String,
+    pub version: String,
+    pub interface: String,
+    pub state: String,
+    pub mode: String,
+    pub track: String,
+    pub namespace: String,
+    pub source: String,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    pub activated_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub retired_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// A version that runs: the active one of each projection, and a rebuild in progress.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Running {
+    pub projection: String,
+    pub sha256: String,
+    pub state: String,
+    pub track: String,
+    pub namespace: String,
+    /// The generation that activated it: orders builds of one read model.
+    pub activated_generation: i64,
+}
+
+/// What every host runs, as the coordinator last read it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Registry {
+    pub running: Vec<Running>,
+}
+
+impl Registry {
+    pub fn track(&self, track: &str) -> Option<&Running> {
+        self.running.iter().find(|r| r.track == track)
+    }
+}
+
+const COLUMNS: &str = "projection, sha256, version, interface, state, mode, track, namespace, source, created_at, activated_at, retired_at";
+
+pub async fn load(pool: &PgPool, replica_set: &str) -> Result<Arc<Registry>, sqlx::Error> {
+    let running = sqlx::query_as(
+        "SELECT projection, sha256, state, track, namespace, activated_generation FROM projection_host.plugins
+          WHERE replica_set = $1 AND state IN ('active', 'building') ORDER BY projection, state",
+    )
+    .bind(replica_set)
+    .fetch_all(pool)
+    .await?;
+    Ok(Arc::new(Registry { running }))
+}
+
+pub async fn list(pool: &PgPool, replica_set: &str) -> Result<Vec<PluginRow>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM projection_host.plugins WHERE replica_set = $1 ORDER BY projection, created_at"
+    ))
+    .bind(replica_set)
+    .fetch_all(pool)
+    .await
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("{0}")]
+    Refused(String),
+    #[error(transparent)]
+    Sql(#[from] sqlx::Error),
+}
+
+/// What registering a mounted file did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mounted {
+    /// The projection had no version: this file is now active.
+    FirstVersion,
+    /// A new file for a known projection: activated in continue mode (mounting deploys).
+    Activated,
+    /// The registry already has these bytes; the registered active version runs.
+    Known,
+}
+
+async fn lock(
+    tx: &mut Transaction<'static, Postgres>,
+    replica_set: &str,
+    projection: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('projection_host.plugins'), hashtext($1 || '/' || $2))")
+        .bind(replica_set)
+        .bind(projection)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+async fn active(
+    conn: &mut PgConnection,
+    replica_set: &str,
+    projection: &str,
+) -> Result<Option<PluginRow>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM projection_host.plugins WHERE replica_set = $1 AND projection = $2 AND state = 'active'"
+    ))
+    .bind(replica_set)
+    .bind(projection)
+    .fetch_optional(&mut *conn)
+    .await
+}
+
+async fn find(
+    conn: &mut PgConnection,
+    replica_set: &str,
+    projection: &str,
+    sha256: &str,
+) -> Result<Option<PluginRow>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM projection_host.plugins WHERE replica_set = $1 AND projection = $2 AND sha256 = $3"
+    ))
+    .bind(replica_set)
+    .bind(projection)
+    .bind(sha256)
+    .fetch_optional(&mut *conn)
+    .await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn insert(
+    conn: &mut PgConnection,
+    replica_set: &str,
+    plugin: &Plugin,
+    bytes: &[u8],
+    state: &str,
+    mode: Mode,
+    track: &str,
+    namespace: &str,
+    source: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO projection_host.plugins
+             (replica_set, projection, sha256, version, interface, wasm, state, mode, track, namespace, source, activated_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, CASE WHEN $7 = 'active' THEN now() END)",
+    )
+    .bind(replica_set)
+    .bind(&*plugin.name)
+    .bind(&plugin.sha256)
+    .bind(&plugin.version)
+    .bind(format!("{INTERFACE}@{INTERFACE_VERSION}"))
+    .bind(bytes)
+    .bind(state)
+    .bind(mode.as_str())
+    .bind(track)
+    .bind(namespace)
+    .bind(source)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Bumps the generation, records why, and wakes every host.
+async fn new_generation(
+    tx: &mut Transaction<'static, Postgres>,
+    replica_set: &str,
+    reason: &str,
+) -> Result<i64, sqlx::Error> {
+    let generation: Option<i64> =
+        sqlx::query_scalar("UPDATE projection_host.replica_sets SET generation = generation + 1 WHERE name = $1 RETURNING generation")
+            .bind(replica_set)
+            .fetch_optional(&mut **tx)
+            .await?;
+    if let Some(generation) = generation {
+        sqlx::query(
+            "INSERT INTO projection_host.generations (replica_set, generation, leader, reason, workers, moved)
+             VALUES ($1, $2, '-', $3, (SELECT coalesce(array_agg(worker_id), '{}') FROM projection_host.workers WHERE replica_set = $1), 0)",
+        )
+        .bind(replica_set)
+        .bind(generation)
+        .bind(reason)
+        .execute(&mut **tx)
+        .await?;
+        tracing::info!(replica_set, generation, reason, "new generation");
+    }
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(COORDINATION_CHANNEL)
+        .bind(replica_set)
+        .execute(&mut **tx)
+        .await?;
+    Ok(generation.unwrap_or(0))
+}
+
+/// Records the generation that activated a build.
+async fn stamp(
+    tx: &mut Transaction<'static, Postgres>,
+    replica_set: &str,
+    projection: &str,
+    sha256: &str,
+    generation: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE projection_host.plugins SET activated_generation = $4 WHERE replica_set = $1 AND projection = $2 AND sha256 = $3")
+        .bind(replica_set)
+        .bind(projection)
+        .bind(sha256)
+        .bind(generation)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// Retires the active version and makes `sha256` active on the same read model (continue).
+async fn activate_continue(
+    tx: &mut Transaction<'static, Postgres>,
+    replica_set: &str,
+    projection: &str,
+    sha256: &str,
+) -> Result<(), RegistryError> {
+    let current = active(tx, replica_set, projection).await?;
+    let (track, namespace) = match &current {
+        Some(c) => (c.track.clone(), c.namespace.clone()),
+        None => (projection.to_string(), projection.to_string()),
+    };
+    sqlx::query(
+        "UPDATE projection_host.plugins SET state = 'retired', retired_at = now()
+          WHERE replica_set = $1 AND projection = $2 AND state = 'active'",
+    )
+    .bind(replica_set)
+    .bind(projection)
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query(
+        "UPDATE projection_host.plugins SET state = 'active', mode = 'continue', track = $4, namespace = $5,
+                activated_at = now(), retired_at = NULL
+          WHERE replica_set = $1 AND projection = $2 AND sha256 = $3",
+    )
+    .bind(replica_set)
+    .bind(projection)
+    .bind(sha256)
+    .bind(&track)
+    .bind(&namespace)
+    .execute(&mut **tx)
+    .await?;
+    let from = current.map_or("none".to_string(), |c| c.version + " " + &c.sha256[..12]);
+    let generation = new_generation(
+        tx,
+        replica_set,
+        &format!(
+            "plugin {projection}: {from} -> {} (continue)",
+            &sha256[..12]
+        ),
+    )
+    .await?;
+    stamp(tx, replica_set, projection, sha256, generation).await?;
+    Ok(())
+}
+
+/// A file found in the plugins directory at start (or when it changed).
+pub async fn register_mounted(
+    pool: &PgPool,
+    replica_set: &str,
+    plugin: &Plugin,
+    bytes: &[u8],
+    host: &str,
+) -> Result<Mounted, RegistryError> {
+    let mut tx = pool.begin().await?;
+    lock(&mut tx, replica_set, &plugin.name).await?;
+    if find(&mut tx, replica_set, &plugin.name, &plugin.sha256)
+        .await?
+        .is_some()
+    {
+        return Ok(Mounted::Known);
+    }
+    let source = format!("mounted on {host}: {}", plugin.source.display());
+    let outcome = match active(&mut tx, replica_set, &plugin.name).await? {
+        None => {
+            insert(
+                &mut tx,
+                replica_set,
+                plugin,
+                bytes,
+                "active",
+                Mode::Continue,
+                &plugin.name,
+                &plugin.name,
+                &source,
+            )
+            .await?;
+            let generation = new_generation(
+                &mut tx,
+                replica_set,
+                &format!(
+                    "plugin {}: first version {}",
+                    plugin.name,
+                    &plugin.sha256[..12]
+                ),
+            )
+            .await?;
+            stamp(
+                &mut tx,
+                replica_set,
+                &plugin.name,
+                &plugin.sha256,
+                generation,
+            )
+            .await?;
+            Mounted::FirstVersion
+        }
+        Some(_) => {
+            insert(
+                &mut tx,
+                replica_set,
+                plugin,
+                bytes,
+                "pending",
+                Mode::Continue,
+                &plugin.name,
+                &plugin.name,
+                &source,
+            )
+            .await?;
+            activate_continue(&mut tx, replica_set, &plugin.name, &plugin.sha256).await?;
+            Mounted::Activated
+        }
+    };
+    tx.commit().await?;
+    Ok(outcome)
+}
+
+/// An upload (`plugins push`): continue swaps at once; rebuild starts building beside the
+/// active version; `activate = false` only registers it.
+pub async fn push(
+    pool: &PgPool,
+    replica_set: &str,
+    plugin: &Plugin,
+    bytes: &[u8],
+    mode: Mode,
+    activate: bool,
+) -> Result<PluginRow, RegistryError> {
+    let name = plugin.name.to_string();
+    let mut tx = pool.begin().await?;
+    lock(&mut tx, replica_set, &name).await?;
+    let existing = find(&mut tx, replica_set, &name, &plugin.sha256).await?;
+    if let Some(row) = &existing {
+        if row.state == "active" || row.state == "building" {
+            return Err(RegistryError::Refused(format!(
+                "{name} {} is already {}",
+                &plugin.sha256[..12],
+                row.state
+            )));
+        }
+    } else {
+        insert(
+            &mut tx,
+            replica_set,
+            plugin,
+            bytes,
+            "pending",
+            mode,
+            &name,
+            &name,
+            "upload",
+        )
+        .await?;
+    }
+    let current = active(&mut tx, replica_set, &name).await?;
+    match (mode, activate, current) {
+        (_, false, _) => {}
+        (Mode::Continue, true, _) | (Mode::Rebuild, true, None) => {
+            activate_continue(&mut tx, replica_set, &name, &plugin.sha256).await?
+        }
+        (Mode::Rebuild, true, Some(_)) => {
+            let building: Option<String> = sqlx::query_scalar(
+                "SELECT sha256 FROM projection_host.plugins WHERE replica_set = $1 AND projection = $2 AND state = 'building'",
+            )
+            .bind(replica_set)
+            .bind(&name)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(other) = building {
+                return Err(RegistryError::Refused(format!(
+                    "{name} is already rebuilding {}; promote or retire it first",
+                    &other[..12]
+                )));
+            }
+            let short = &plugin.sha256[..8];
+            sqlx::query(
+                "UPDATE projection_host.plugins SET state = 'building', mode = 'rebuild', track = $4, namespace = $5
+                  WHERE replica_set = $1 AND projection = $2 AND sha256 = $3",
+            )
+            .bind(replica_set)
+            .bind(&name)
+            .bind(&plugin.sha256)
+            .bind(format!("{name}@{short}"))
+            .bind(format!("{name}_{short}"))
+            .execute(&mut *tx)
+            .await?;
+            let generation = new_generation(
+                &mut tx,
+                replica_set,
+                &format!("plugin {name}: rebuilding {}", &plugin.sha256[..12]),
+            )
+            .await?;
+            stamp(&mut tx, replica_set, &name, &plugin.sha256, generation).await?;
+        }
+    }
+    let row = find(&mut tx, replica_set, &name, &plugin.sha256)
+        .await?
+        .expect("inserted or found above");
+    tx.commit().await?;
+    Ok(row)
+}
+
+/// Makes a version active: a rebuild that caught up (its read model replaces the active one's
+/// under the stable schema name, atomically), or a pending/retired version (continue).
+pub async fn promote(
+    pool: &PgPool,
+    replica_set: &str,
+    projection: &str,
+    sha256: &str,
+) -> Result<PluginRow, RegistryError> {
+    let mut tx = pool.begin().await?;
+    lock(&mut tx, replica_set, projection).await?;
+    let row = find(&mut tx, replica_set, projection, sha256)
+        .await?
+        .ok_or_else(|| RegistryError::Refused(format!("{projection} has no version {sha256}")))?;
+    match row.state.as_str() {
+        "active" => {
+            return Err(RegistryError::Refused(format!(
+                "{projection} {} is already active",
+                &sha256[..12]
+            )))
+        }
+        "building" => promote_rebuild(&mut tx, replica_set, projection, &row).await?,
+        _ => activate_continue(&mut tx, replica_set, projection, sha256).await?,
+    }
+    let row = find(&mut tx, replica_set, projection, sha256)
+        .await?
+        .expect("exists");
+    tx.commit().await?;
+    Ok(row)
+}
+
+/// Back to the version that was active before the current one (continue mode).
+pub async fn rollback(
+    pool: &PgPool,
+    replica_set: &str,
+    projection: &str,
+) -> Result<PluginRow, RegistryError> {
+    let previous: Option<String> = sqlx::query_scalar(
+        "SELECT sha256 FROM projection_host.plugins
+          WHERE replica_set = $1 AND projection = $2 AND state = 'retired' AND activated_at IS NOT NULL
+          ORDER BY retired_at DESC LIMIT 1",
+    )
+    .bind(replica_set)
+    .bind(projection)
+    .fetch_optional(pool)
+    .await?;
+    let previous = previous.ok_or_else(|| {
+        RegistryError::Refused(format!(
+            "{projection} has no earlier version to roll back to"
+        ))
+    })?;
+    promote(pool, replica_set, projection, &previous).await
+}
+
+/// The rebuild's read model becomes the stable one: the active version's tables move to a
+/// schema of their own (kept for a grace period), and the stable schema gets views onto the
+/// rebuilt tables; all in the caller's transaction, so readers switch atomically.
+async fn promote_rebuild(
+    tx: &mut Transaction<'static, Postgres>,
+    replica_set: &str,
+    projection: &str,
+    building: &PluginRow,
+) -> Result<(), RegistryError> {
+    let current = active(tx, replica_set, projection).await?;
+    let stable = quote_ident(projection);
+    let owner: String =
+        sqlx::query_scalar("SELECT pg_get_userbyid(nspowner) FROM pg_namespace WHERE nspname = $1")
+            .bind(projection)
+            .fetch_optional(&mut **tx)
+            .await?
+            .unwrap_or_else(|| "CURRENT_USER".into());
+    let owner_sql = if owner == "CURRENT_USER" {
+        owner.clone()
+    } else {
+        quote_ident(&owner)
+    };
+    sqlx::query(&format!(
+        "CREATE SCHEMA IF NOT EXISTS {stable} AUTHORIZATION {owner_sql}"
+    ))
+    .execute(&mut **tx)
+    .await?;
+    if let Some(current) = &current {
+        if current.namespace == projection {
+            // The active version's tables live in the stable schema itself: move them out.
+            let keep = format!("{projection}_{}", &current.sha256[..8]);
+            sqlx::query(&format!(
+                "CREATE SCHEMA IF NOT EXISTS {} AUTHORIZATION {owner_sql}",
+                quote_ident(&keep)
+            ))
+            .execute(&mut **tx)
+            .await?;
+            for (name, kind) in relations(tx, projection).await? {
+                let what = if kind == "v" { "VIEW" } else { "TABLE" };
+                sqlx::query(&format!(
+                    "ALTER {what} {stable}.{} SET SCHEMA {}",
+                    quote_ident(&name),
+                    quote_ident(&keep)
+                ))
+                .execute(&mut **tx)
+                .await?;
+            }
+            sqlx::query("UPDATE projection_host.plugins SET namespace = $3 WHERE replica_set = $1 AND track = $2")
+                .bind(replica_set)
+                .bind(&current.track)
+                .bind(&keep)
+                .execute(&mut **tx)
+                .await?;
+        } else {
+            for (name, _) in relations(tx, projection).await? {
+                sqlx::query(&format!(
+                    "DROP VIEW IF EXISTS {stable}.{}",
+                    quote_ident(&name)
+                ))
+                .execute(&mut **tx)
+                .await?;
+            }
+        }
+    }
+    for (name, kind) in relations(tx, &building.namespace).await? {
+        if kind == "r" || kind == "p" || kind == "v" {
+            let n = quote_ident(&name);
+            sqlx::query(&format!(
+                "CREATE VIEW {stable}.{n} AS SELECT * FROM {}.{n}",
+                quote_ident(&building.namespace)
+            ))
+            .execute(&mut **tx)
+            .await?;
+            sqlx::query(&format!("ALTER VIEW {stable}.{n} OWNER TO {owner_sql}"))
+                .execute(&mut **tx)
+                .await?;
+        }
+    }
+    sqlx::query(
+        "UPDATE projection_host.plugins SET state = 'retired', retired_at = now()
+          WHERE replica_set = $1 AND projection = $2 AND state = 'active'",
+    )
+    .bind(replica_set)
+    .bind(projection)
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query(
+        "UPDATE projection_host.plugins SET state = 'active', activated_at = now()
+          WHERE replica_set = $1 AND projection = $2 AND sha256 = $3",
+    )
+    .bind(replica_set)
+    .bind(projection)
+    .bind(&building.sha256)
+    .execute(&mut **tx)
+    .await?;
+    new_generation(
+        tx,
+        replica_set,
+        &format!(
+            "plugin {projection}: rebuild {} promoted",
+            &building.sha256[..12]
+        ),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Tables and views of a schema (name, relkind).
+async fn relations(
+    conn: &mut PgConnection,
+    schema: &str,
+) -> Result<Vec<(String, String)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT c.relname::text, c.relkind::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+          WHERE n.nspname = $1 AND c.relkind IN ('r', 'p', 'v') ORDER BY c.relname",
+    )
+    .bind(schema)
+    .fetch_all(&mut *conn)
+    .await
+}
+
+/// A rebuild that caught up (lag at most `max_lag` positions over every partition) is promoted.
+/// Run by the leader.
+pub async fn promote_caught_up(
+    pool: &PgPool,
+    replica_set: &str,
+    partitions: u32,
+    max_lag: i64,
+    head: i64,
+) -> Result<Vec<String>, RegistryError> {
+    let ready: Vec<(String, String)> = sqlx::query_as(
+        "SELECT p.projection, p.sha256 FROM projection_host.plugins p
+          WHERE p.replica_set = $1 AND p.state = 'building'
+            AND (SELECT count(*) FROM projection_host.checkpoints c
+                  WHERE c.replica_set = $1 AND c.projection = p.track AND c.position >= $2 - $3) = $4",
+    )
+    .bind(replica_set)
+    .bind(head)
+    .bind(max_lag)
+    .bind(partitions as i64)
+    .fetch_all(pool)
+    .await?;
+    let mut promoted = Vec::new();
+    for (projection, sha) in ready {
+        promote(pool, replica_set, &projection, &sha).await?;
+        tracing::info!(%projection, sha256 = %sha, "rebuild caught up: promoted");
+        promoted.push(projection);
+    }
+    Ok(promoted)
+}
+
+/// Drops the schemas of rebuild-era versions retired longer than `grace` ago. Run by the leader.
+pub async fn drop_retired_data(
+    pool: &PgPool,
+    replica_set: &str,
+    grace: std::time::Duration,
+) -> Result<(), sqlx::Error> {
+    let stale: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT r.namespace FROM projection_host.plugins r
+          WHERE r.replica_set = $1 AND r.state = 'retired' AND r.namespace <> r.projection
+            AND r.retired_at < now() - $2 * interval '1 millisecond'
+            AND NOT EXISTS (SELECT 1 FROM projection_host.plugins a
+                             WHERE a.replica_set = $1 AND a.namespace = r.namespace AND a.state IN ('active', 'building'))
+            AND EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = r.namespace)",
+    )
+    .bind(replica_set)
+    .bind(grace.as_millis() as f64)
+    .fetch_all(pool)
+    .await?;
+    for schema in stale {
+        sqlx::query(&format!("DROP SCHEMA {} CASCADE", quote_ident(&schema)))
+            .execute(pool)
+            .await?;
+        tracing::info!(%schema, "dropped the read model of a retired plugin version after its grace period");
+    }
+    Ok(())
+}

@@ -1,0 +1,170 @@
+//! Runs one pipeline per read model the registry says the fleet runs (the active version of
+//! each projection, plus a rebuild in progress), and keeps the registry fed with the plugin
+//! files mounted on this host.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::policy::Settings;
+use super::worker::{PipelineConfig, PipelineContext, ProjectionWorker};
+use crate::lifecycle::registry::{self, Mounted};
+use crate::lifecycle::PluginCache;
+
+/// Plugin files of this host (`--plugin` files and `--plugins` directories), rescanned for
+/// new or changed components.
+pub struct MountedPlugins {
+    files: Vec<PathBuf>,
+    dirs: Vec<PathBuf>,
+    seen: HashMap<PathBuf, String>,
+    host: String,
+}
+
+impl MountedPlugins {
+    pub fn new(files: Vec<PathBuf>, dirs: Vec<PathBuf>) -> Self {
+        MountedPlugins {
+            files,
+            dirs,
+            seen: HashMap::new(),
+            host: gethostname::gethostname().to_string_lossy().into_owned(),
+        }
+    }
+
+    fn paths(&self) -> Vec<PathBuf> {
+        let mut paths = self.files.clone();
+        for dir in &self.dirs {
+            if let Ok(entries) = std::fs::read_dir(dir) {
+                paths.extend(
+                    entries
+                        .filter_map(Result::ok)
+                        .map(|e| e.path())
+                        .filter(|p| p.extension().is_some_and(|x| x == "wasm")),
+                );
+            }
+        }
+        paths.sort();
+        paths.dedup();
+        paths
+    }
+
+    /// Loads every new or changed file, checks it, and registers it. At start (`strict`) a bad
+    /// file stops the host; later it is logged and skipped.
+    pub async fn scan(
+        &mut self,
+        cache: &PluginCache,
+        pool: &sqlx::PgPool,
+        replica_set: &str,
+        strict: bool,
+    ) -> anyhow::Result<()> {
+        for path in self.paths() {
+            let bytes = match std::fs::read(&path) {
+                Ok(b) => b,
+                Err(e) if strict => anyhow::bail!("cannot read plugin {}: {e}", path.display()),
+                Err(_) => continue,
+            };
+            let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+            if self.seen.get(&path) == Some(&sha) {
+                continue;
+            }
+            let loaded = cache.runtime().load_bytes(&path, &bytes).await;
+            let (plugin, _) = match loaded {
+                Ok(p) => p,
+                Err(e) if strict => return Err(e.into()),
+                Err(e) => {
+                    tracing::error!(file = %path.display(), error = %e, "a mounted plugin file is not usable; keeping the registered version");
+                    self.seen.insert(path, sha);
+                    continue;
+                }
+            };
+            cache.insert(plugin.clone());
+            let outcome =
+                registry::register_mounted(pool, replica_set, &plugin, &bytes, &self.host).await?;
+            match outcome {
+                Mounted::FirstVersion => {
+                    tracing::info!(projection = %plugin.name, version = %plugin.version, sha256 = %plugin.sha256, "registered the first version of a projection")
+                }
+                Mounted::Activated => {
+                    tracing::info!(projection = %plugin.name, version = %plugin.version, sha256 = %plugin.sha256, file = %path.display(), "a new mounted plugin file: activated on every host (continue mode)")
+                }
+                Mounted::Known => {
+                    tracing::debug!(projection = %plugin.name, sha256 = %plugin.sha256, "mounted plugin already registered")
+                }
+            }
+            self.seen.insert(path, sha);
+        }
+        Ok(())
+    }
+}
+
+pub struct Supervisor {
+    pub context: PipelineContext,
+    /// Every field but `track`, `namespace` and `settings`, which come per read model.
+    pub template: PipelineConfig,
+    pub settings: Settings,
+    pub cache: Arc<PluginCache>,
+    pub mounted: MountedPlugins,
+    pub scan_interval: Duration,
+}
+
+impl Supervisor {
+    /// Runs until `stop`, then lets every pipeline finish its batch (up to `drain`).
+    pub async fn run(mut self, stop: CancellationToken, drain: Duration) {
+        let mut running: HashMap<String, JoinHandle<()>> = HashMap::new();
+        let mut registry = self.context.registry.clone();
+        let mut next_scan = tokio::time::Instant::now() + self.scan_interval;
+        loop {
+            let current = registry.borrow_and_update().clone();
+            for version in &current.running {
+                let alive = running
+                    .get(&version.track)
+                    .is_some_and(|h| !h.is_finished());
+                if alive {
+                    continue;
+                }
+                match self.cache.get(&version.projection, &version.sha256).await {
+                    Ok((plugin, instance)) => {
+                        let mut config = self.template.clone();
+                        config.track = version.track.clone();
+                        config.namespace = version.namespace.clone();
+                        config.settings = self.settings.for_projection(&version.projection);
+                        config.build_generation = version.activated_generation;
+                        tracing::info!(projection = %version.track, version = %plugin.version, sha256 = %&plugin.sha256[..12], state = %version.state, "starting the pipeline");
+                        let worker =
+                            ProjectionWorker::new(plugin, instance, self.context.clone(), config);
+                        running.insert(
+                            version.track.clone(),
+                            tokio::spawn(worker.run(stop.clone())),
+                        );
+                    }
+                    Err(e) => {
+                        tracing::error!(projection = %version.track, error = %format!("{e:#}"), "cannot load the registered plugin; retrying")
+                    }
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = registry.changed() => {}
+                _ = tokio::time::sleep_until(next_scan) => {
+                    next_scan = tokio::time::Instant::now() + self.scan_interval;
+                    let pool = self.context.pool.clone();
+                    if let Err(e) = self.mounted.scan(&self.cache, &pool, &self.template.replica_set, false).await {
+                        tracing::warn!(error = %format!("{e:#}"), "scanning the mounted plugins failed");
+                    }
+                }
+            }
+        }
+        let handles: Vec<JoinHandle<()>> = running.into_values().collect();
+        let aborts: Vec<_> = handles.iter().map(JoinHandle::abort_handle).collect();
+        if tokio::time::timeout(drain, futures::future::join_all(handles))
+            .await
+            .is_err()
+        {
+            tracing::warn!(timeout = ?drain, "in-flight batches did not finish within the shutdown timeout; abandoning them (they roll back)");
+            aborts.iter().for_each(|a| a.abort());
+        }
+    }
+}

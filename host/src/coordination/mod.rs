@@ -211,14 +211,7 @@ impl Coordinator {
                         replica_set,
                         worker,
                     }) => {
-                        self.ownership.forfeit(
-                            &self
-                                .ownership
-                                .held()
-                                .iter()
-                                .map(|(p, _)| *p)
-                                .collect::<Vec<_>>(),
-                        );
+                        self.ownership.forfeit_all();
                         return Err(CoordinationError::IdentityTaken {
                             replica_set,
                             worker,
@@ -289,14 +282,7 @@ impl Coordinator {
             membership::Heartbeat::Removed => {
                 tracing::warn!(worker = %self.member.worker, "this worker was removed as stale (paused or cut off?); registering again");
                 // Whatever we held has been reassigned; fencing guards the in-flight batch.
-                self.ownership.forfeit(
-                    &self
-                        .ownership
-                        .held()
-                        .iter()
-                        .map(|(p, _)| *p)
-                        .collect::<Vec<_>>(),
-                );
+                self.ownership.forfeit_all();
                 self.member.register(&self.pool).await?;
                 self.metrics.workers_registered_total.inc();
                 Ok(())

@@ -148,6 +148,12 @@ impl Ownership {
         }
     }
 
+    /// Forgets every partition (this worker was removed, or its identity taken).
+    pub fn forfeit_all(&self) {
+        let held: Vec<PartitionId> = self.state().held.keys().copied().collect();
+        self.forfeit(&held);
+    }
+
     /// Every held partition and its epoch (including those being revoked).
     pub fn held(&self) -> Vec<(PartitionId, Epoch)> {
         self.state()

@@ -796,37 +796,7 @@ impl ProjectionWorker {
             &parked_now,
         )
         .await?;
-        let outcome = record_batch(
-            &mut tx,
-            &BatchCommit {
-                replica_set: &self.config.replica_set,
-                projection: &self.config.track,
-                worker: &self.config.worker,
-                partitions: active,
-                from_position: from,
-                to_position: covered_to,
-                events: handed,
-                plugin_version: &self.plugin.version,
-                plugin_sha256: &self.plugin.sha256,
-                build_generation: self.build_generation,
-            },
-        )
-        .await?;
-        match outcome {
-            CommitOutcome::Recorded => tx.commit().await?,
-            CommitOutcome::Fenced => {
-                tx.rollback().await?;
-                let lost: Vec<PartitionId> = active.iter().map(|(p, _)| *p).collect();
-                self.ownership.forfeit(&lost);
-                self.coordinator.wake();
-                return Err(BatchError::Fenced);
-            }
-            CommitOutcome::Superseded => {
-                tx.rollback().await?;
-                self.coordinator.wake();
-                return Err(BatchError::Superseded);
-            }
-        }
+        self.commit(tx, active, from, covered_to, handed).await?;
         self.stages.commit += commit_started.elapsed();
         for (p, e) in active {
             let entry = self.checkpoints.entry(*p).or_insert((*e, 0));
@@ -904,34 +874,7 @@ impl ProjectionWorker {
         };
         dead_letters::remove(&mut tx, &ids).await?;
         let lowest = self.lowest_checkpoint(active);
-        let outcome = record_batch(
-            &mut tx,
-            &BatchCommit {
-                replica_set: &self.config.replica_set,
-                projection: &self.config.track,
-                worker: &self.config.worker,
-                partitions: active,
-                from_position: lowest,
-                to_position: lowest,
-                events: count,
-                plugin_version: &self.plugin.version,
-                plugin_sha256: &self.plugin.sha256,
-                build_generation: self.build_generation,
-            },
-        )
-        .await?;
-        match outcome {
-            CommitOutcome::Recorded => {}
-            CommitOutcome::Fenced => {
-                tx.rollback().await?;
-                return Err(BatchError::Fenced);
-            }
-            CommitOutcome::Superseded => {
-                tx.rollback().await?;
-                return Err(BatchError::Superseded);
-            }
-        }
-        tx.commit().await?;
+        self.commit(tx, active, lowest, lowest, count).await?;
         tracing::info!(
             projection = self.name(),
             events = count,
@@ -939,6 +882,49 @@ impl ProjectionWorker {
         );
         self.reload_failures().await?;
         Ok(())
+    }
+
+    /// Records checkpoints and the audit row behind the fences, and commits; a fenced or
+    /// superseded batch rolls back whole.
+    async fn commit(
+        &mut self,
+        mut tx: Transaction<'static, Postgres>,
+        active: &[(PartitionId, Epoch)],
+        from: i64,
+        to: i64,
+        events: usize,
+    ) -> Result<(), BatchError> {
+        let outcome = record_batch(
+            &mut tx,
+            &BatchCommit {
+                replica_set: &self.config.replica_set,
+                projection: &self.config.track,
+                worker: &self.config.worker,
+                partitions: active,
+                from_position: from,
+                to_position: to,
+                events,
+                plugin_version: &self.plugin.version,
+                plugin_sha256: &self.plugin.sha256,
+                build_generation: self.build_generation,
+            },
+        )
+        .await?;
+        match outcome {
+            CommitOutcome::Recorded => Ok(tx.commit().await?),
+            CommitOutcome::Fenced => {
+                tx.rollback().await?;
+                let lost: Vec<PartitionId> = active.iter().map(|(p, _)| *p).collect();
+                self.ownership.forfeit(&lost);
+                self.coordinator.wake();
+                Err(BatchError::Fenced)
+            }
+            CommitOutcome::Superseded => {
+                tx.rollback().await?;
+                self.coordinator.wake();
+                Err(BatchError::Superseded)
+            }
+        }
     }
 
     /// Large batches while catching up, small ones when live.

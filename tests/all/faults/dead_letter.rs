@@ -3,21 +3,10 @@ use std::time::Duration;
 use serde_json::json;
 
 use super::ids_in_distinct_partitions;
-use crate::support::{eventually, host::BIN, HttpHost, TestDb, ADMIN_TOKEN};
+use crate::support::{admin_cli, eventually, HttpHost, TestDb};
 
 fn cli(h: &HttpHost, args: &[&str]) -> String {
-    let out = std::process::Command::new(BIN)
-        .args(args)
-        .args(["--admin-url", &h.health])
-        .env("ADMIN_TOKEN", ADMIN_TOKEN)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    admin_cli(&h.health, args)
 }
 
 type Seen = Vec<(String, i64, Option<i64>)>;

@@ -3,7 +3,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use super::ids_in_distinct_partitions;
-use crate::support::{eventually, host::BIN, HttpHost, TestDb, ADMIN_TOKEN};
+use crate::support::{admin_cli, eventually, HttpHost, TestDb, ADMIN_TOKEN};
 
 /// Stop policy (the default): after its retries the failing event's partition halts there and
 /// is reported; other partitions keep going; resume after the fix continues it exactly.
@@ -85,16 +85,7 @@ async fn the_stop_policy_halts_one_partition_until_resumed() {
         .execute(&db.pool)
         .await
         .unwrap();
-    let out = std::process::Command::new(BIN)
-        .args(["resume", "faulty", "--admin-url", &h.health])
-        .env("ADMIN_TOKEN", ADMIN_TOKEN)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    admin_cli(&h.health, &["resume", "faulty"]);
     let head = db
         .scalar_i64("SELECT max(global_position) FROM events")
         .await;

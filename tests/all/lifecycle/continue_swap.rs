@@ -2,7 +2,7 @@ use std::time::Duration;
 
 use super::{builds_per_partition, every_partition_runs, sha};
 use crate::fleet_support::{assert_exactly_once, balanced, caught_up};
-use crate::support::{host::BIN, HttpHost, TestDb, Writer, ADMIN_TOKEN};
+use crate::support::{admin_cli, HttpHost, TestDb, Writer};
 
 fn fleet_host(db: &TestDb, worker: &str) -> HttpHost {
     HttpHost::run(
@@ -24,25 +24,7 @@ fn fleet_host(db: &TestDb, worker: &str) -> HttpHost {
 }
 
 fn push(h: &HttpHost, file: &str, mode: &str) -> String {
-    let out = std::process::Command::new(BIN)
-        .args([
-            "plugins",
-            "push",
-            file,
-            "--mode",
-            mode,
-            "--admin-url",
-            &h.health,
-        ])
-        .env("ADMIN_TOKEN", ADMIN_TOKEN)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    admin_cli(&h.health, &["plugins", "push", file, "--mode", mode])
 }
 
 /// Continue mode on a two-host fleet while a writer appends: each partition switches at a batch
@@ -88,22 +70,7 @@ async fn a_continue_swap_switches_every_partition_once_and_stays_exact() {
     );
 
     // Rollback goes back to v1 the same way.
-    let out = std::process::Command::new(BIN)
-        .args([
-            "plugins",
-            "rollback",
-            "bank_balances",
-            "--admin-url",
-            &a.health,
-        ])
-        .env("ADMIN_TOKEN", ADMIN_TOKEN)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    admin_cli(&a.health, &["plugins", "rollback", "bank_balances"]);
     db.append_w1(1_000_000, 1_000_999, 100).await;
     every_partition_runs(&db, "bank_balances", &v1).await;
     caught_up(&db).await;

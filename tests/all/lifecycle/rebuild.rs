@@ -2,7 +2,7 @@ use std::time::Duration;
 
 use super::{every_partition_runs, sha};
 use crate::fleet_support::caught_up;
-use crate::support::{eventually, host::BIN, HttpHost, TestDb, Writer, ADMIN_TOKEN};
+use crate::support::{admin_cli, eventually, HttpHost, TestDb, Writer};
 
 /// Blue/green: v2 builds its read model from position 0 beside v1, which keeps serving; once
 /// caught up it is promoted, the stable name shows v2's exact read model (with its new column),
@@ -28,25 +28,17 @@ async fn a_rebuild_catches_up_beside_the_old_version_and_is_promoted() {
     caught_up(&db).await;
     let writer = Writer::start(db.pool.clone(), 20_000, 200, 20, Duration::from_millis(15));
 
-    let out = std::process::Command::new(BIN)
-        .args([
+    let out = admin_cli(
+        &h.health,
+        &[
             "plugins",
             "push",
             test_artifacts::GUEST_BANK_BALANCES_V2,
             "--mode",
             "rebuild",
-            "--admin-url",
-            &h.health,
-        ])
-        .env("ADMIN_TOKEN", ADMIN_TOKEN)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("building"));
+    assert!(out.contains("building"), "{out}");
     let track = format!("bank_balances@{}", &v2[..8]);
     let building_schema = format!("bank_balances_{}", &v2[..8]);
 

@@ -89,3 +89,20 @@ pub fn series(scrape: &str, name_and_labels: &str) -> Option<f64> {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
 }
+
+/// Runs a `projection-host` subcommand against the admin API of `health`; panics on failure,
+/// returns stdout.
+pub fn admin_cli(health: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(host::BIN)
+        .args(args)
+        .args(["--admin-url", health])
+        .env("ADMIN_TOKEN", ADMIN_TOKEN)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

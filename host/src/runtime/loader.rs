@@ -101,7 +101,8 @@ impl Runtime {
             _ => return Err(LoadError::NotWasm { path }),
         }
         let sha256 = hex::encode(Sha256::digest(bytes));
-        let component = self.compile(&path, bytes, &sha256)?;
+        // Compiling takes a core for ~100 ms: tell tokio, so that other tasks move away.
+        let component = tokio::task::block_in_place(|| self.compile(&path, bytes, &sha256))?;
         self.check_interface(&path, &component)?;
         let instance_pre =
             self.linker

@@ -42,6 +42,9 @@ impl Runtime {
             .epoch_interruption(true)
             // We do not use the component-model async ABI; leaving it on costs ~1 µs per call.
             .concurrency_support(false)
+            // One core compiles a new plugin build while the others keep projecting (a
+            // parallel compile would starve the running pipelines during a swap).
+            .parallel_compilation(false)
             .max_wasm_stack(1 << 20);
         let engine = Engine::new(&wasm)?;
         limits::start_epoch_ticker(&engine);

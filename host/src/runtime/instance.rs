@@ -251,15 +251,25 @@ fn to_wit_batch(events: Vec<StoredEvent>) -> Batch {
     struct Interner {
         index: HashMap<String, u32>,
         list: Vec<String>,
+        last: Option<u32>,
     }
     impl Interner {
         fn id(&mut self, s: String) -> u32 {
-            if let Some(i) = self.index.get(&s) {
-                return *i;
+            // Neighbouring events mostly repeat the same text; comparing with the last one is
+            // cheaper than hashing.
+            if let Some(last) = self.last.filter(|i| self.list[*i as usize] == s) {
+                return last;
             }
-            let i = self.list.len() as u32;
-            self.list.push(s.clone());
-            self.index.insert(s, i);
+            let i = match self.index.get(&s) {
+                Some(i) => *i,
+                None => {
+                    let i = self.list.len() as u32;
+                    self.list.push(s.clone());
+                    self.index.insert(s, i);
+                    i
+                }
+            };
+            self.last = Some(i);
             i
         }
     }

@@ -2,6 +2,7 @@
 //! only what a projection subscribed to; and waking up when new events arrive.
 
 mod event;
+mod layout;
 mod reader;
 pub mod safe_head;
 pub mod wakeup;

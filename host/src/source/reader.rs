@@ -1,5 +1,7 @@
 //! The read query of one projection: its subscription pushed into SQL.
 
+use futures::{Stream, TryStreamExt};
+use sqlx::postgres::PgRow;
 use sqlx::PgConnection;
 
 use super::StoredEvent;
@@ -60,7 +62,7 @@ impl EventReader {
     ) -> Result<Vec<StoredEvent>, sqlx::Error> {
         // Unused parameters are still bound: PostgreSQL ignores extra ones only if they are
         // typed, which these are.
-        let mut query = sqlx::query_as::<_, StoredEvent>(&self.sql)
+        let mut query = sqlx::query(&self.sql)
             .bind(after)
             .bind(up_to)
             .bind(i64::from(limit));
@@ -79,7 +81,10 @@ impl EventReader {
         } else {
             query = query.bind(None::<Vec<String>>);
         }
-        query.fetch_all(&mut *conn).await
+        // Positions are unique, so the range bounds the row count; reserving up front spares
+        // the copies of a growing page.
+        let most = u64::try_from(up_to.saturating_sub(after)).unwrap_or(0);
+        collect(query.fetch(&mut *conn), most.min(u64::from(limit))).await
     }
 
     /// The events at the given positions, in order (replaying parked events).
@@ -88,9 +93,23 @@ impl EventReader {
         conn: &mut PgConnection,
         positions: &[i64],
     ) -> Result<Vec<StoredEvent>, sqlx::Error> {
-        sqlx::query_as::<_, StoredEvent>(&self.by_position)
-            .bind(positions)
-            .fetch_all(&mut *conn)
-            .await
+        collect(
+            sqlx::query(&self.by_position)
+                .bind(positions)
+                .fetch(&mut *conn),
+            positions.len() as u64,
+        )
+        .await
     }
+}
+
+async fn collect(
+    mut rows: impl Stream<Item = Result<PgRow, sqlx::Error>> + Unpin,
+    capacity: u64,
+) -> Result<Vec<StoredEvent>, sqlx::Error> {
+    let mut events = Vec::with_capacity(usize::try_from(capacity).unwrap_or(0));
+    while let Some(row) = rows.try_next().await? {
+        events.push(StoredEvent::from_result_row(&row, events.is_empty())?);
+    }
+    Ok(events)
 }

@@ -107,6 +107,8 @@ pub struct SafeHeadTracker {
 pub enum SafeHeadError {
     #[error("the events table {table} does not exist (set --events-table / EVENTS_TABLE)")]
     NoEventsTable { table: String },
+    #[error("the events table {table} does not have the pupsourcing layout: {problems}")]
+    Layout { table: String, problems: String },
     #[error(
         "the sequence behind {table}.global_position caches {cache} values per session; \
          positions would then be handed out out of order and gap proofs would be unsound. \
@@ -142,6 +144,13 @@ impl SafeHeadTracker {
                 table: events.to_string(),
             });
         };
+        let problems = super::layout::problems(&mut conn, events_oid).await?;
+        if !problems.is_empty() {
+            return Err(SafeHeadError::Layout {
+                table: events.to_string(),
+                problems: problems.join("; "),
+            });
+        }
         check_sequence(&mut conn, &events).await?;
         let start: i64 = sqlx::query_scalar(
             "SELECT coalesce(max(position), 0) FROM projection_host.checkpoints",

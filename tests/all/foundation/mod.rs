@@ -2,6 +2,7 @@
 //! projections, and the keyed read-model API against a sequential model.
 
 mod crash_recovery;
+mod events_table;
 mod keyed_api;
 mod load_errors;
 mod sandbox;

@@ -34,7 +34,7 @@ pub async fn live(args: BenchLiveArgs) -> anyhow::Result<()> {
 async fn run(url: &str, plugin: &Path, args: &BenchLiveArgs) -> anyhow::Result<String> {
     let accounts = 1_000u64;
     super::seed_w1(url, 1_000, accounts).await?;
-    let pool = sqlx::PgPool::connect(url).await?;
+    let pool = super::connect_pool(url).await?;
     crate::db::migrate(&pool).await?;
     if !args.no_trigger {
         let events = "events".parse().map_err(anyhow::Error::msg)?;

@@ -54,7 +54,24 @@ impl Check {
 pub(crate) async fn connect(url: &str) -> anyhow::Result<PgConnection> {
     let options: sqlx::postgres::PgConnectOptions =
         url.parse().context("parsing the database URL")?;
-    Ok(PgConnection::connect_with(&options.disable_statement_logging()).await?)
+    Ok(PgConnection::connect_with(
+        &options
+            .disable_statement_logging()
+            .log_slow_statements(tracing::log::LevelFilter::Off, std::time::Duration::ZERO),
+    )
+    .await?)
+}
+
+/// A pool for a bench's own queries, which are large by design and must not be logged as slow.
+pub(crate) async fn connect_pool(url: &str) -> anyhow::Result<sqlx::PgPool> {
+    let options: sqlx::postgres::PgConnectOptions =
+        url.parse().context("parsing the database URL")?;
+    Ok(sqlx::PgPool::connect_with(
+        options
+            .disable_statement_logging()
+            .log_slow_statements(tracing::log::LevelFilter::Off, std::time::Duration::ZERO),
+    )
+    .await?)
 }
 
 /// A database created for one run on a given server, dropped on `drop_now`.
@@ -203,9 +220,14 @@ pub(crate) fn ensure_plugin(plugin: &Path) -> anyhow::Result<PathBuf> {
     if plugin.is_file() {
         return Ok(plugin.to_path_buf());
     }
+    // Workspace packages name their component after themselves, with `_` for `-`.
+    let package = plugin.file_stem().map_or_else(
+        || "bank-balances".into(),
+        |s| s.to_string_lossy().replace('_', "-"),
+    );
     bail!(
-        "the bank-balances plugin {} does not exist; build it with \
-         `cargo build --release --target wasm32-wasip2 -p bank-balances` (or pass --plugin)",
+        "the plugin {} does not exist; build it with \
+         `cargo build --release --target wasm32-wasip2 -p {package}` (or pass its path)",
         plugin.display()
     )
 }

@@ -31,7 +31,7 @@ pub async fn rebalance(args: BenchRebalanceArgs) -> anyhow::Result<()> {
 async fn run(url: &str, plugin: &Path, args: &BenchRebalanceArgs) -> anyhow::Result<Vec<String>> {
     let accounts = 500u64;
     super::seed_w1(url, 10_000, accounts).await?;
-    let pool = PgPool::connect(url).await?;
+    let pool = super::connect_pool(url).await?;
     let stop = Arc::new(AtomicBool::new(false));
     let writer = tokio::spawn(super::swap::write(
         pool.clone(),

@@ -29,7 +29,7 @@ pub async fn swap(args: BenchSwapArgs) -> anyhow::Result<()> {
 async fn run(url: &str, old: &Path, new: &Path) -> anyhow::Result<String> {
     let accounts = 500u64;
     super::seed_w1(url, 10_000, accounts).await?;
-    let pool = PgPool::connect(url).await?;
+    let pool = super::connect_pool(url).await?;
     let stop = Arc::new(AtomicBool::new(false));
     let writer = tokio::spawn(write(pool.clone(), stop.clone(), 10_000, accounts));
     let host = |id: &str| {

@@ -159,6 +159,9 @@ pub struct ProjectionWorker {
     next: Option<NextBuild>,
     /// The projection's role (`SQL_ISOLATION=role`), known after setup.
     role: Option<String>,
+    /// The schema and plugin name whose role and grants this worker already prepared; a
+    /// continue-mode swap of the same read model skips that DDL, which would lengthen the pause.
+    prepared: Option<(String, Arc<str>)>,
     checkpoints: HashMap<PartitionId, (Epoch, i64)>,
     /// Aggregates with parked events in the partitions held (dead-letter policy).
     parked: HashSet<String>,
@@ -234,6 +237,7 @@ impl ProjectionWorker {
             build_generation,
             next: None,
             role: None,
+            prepared: None,
             checkpoints: HashMap::new(),
             parked: HashSet::new(),
             halted: HashMap::new(),
@@ -451,6 +455,7 @@ impl ProjectionWorker {
     /// transaction, serialised across hosts so that concurrent `CREATE ... IF NOT EXISTS`
     /// cannot collide.
     async fn setup(&mut self) -> Result<(), BatchError> {
+        let started = Instant::now();
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "SELECT pg_advisory_xact_lock(hashtext('projection_host.setup'), hashtext($1))",
@@ -458,11 +463,16 @@ impl ProjectionWorker {
         .bind(&self.config.namespace)
         .execute(&mut *tx)
         .await?;
+        let mut prepared_now = None;
         match self.config.isolation {
             SqlIsolation::Role => {
-                let role = isolation::role_name(&mut tx, &self.plugin.name).await?;
-                isolation::prepare(&mut tx, &self.config.namespace, &role).await?;
-                self.role = Some(role);
+                let target = (self.config.namespace.clone(), self.plugin.name.clone());
+                if self.role.is_none() || self.prepared.as_ref() != Some(&target) {
+                    let role = isolation::role_name(&mut tx, &self.plugin.name).await?;
+                    isolation::prepare(&mut tx, &self.config.namespace, &role).await?;
+                    self.role = Some(role);
+                    prepared_now = Some(target);
+                }
             }
             SqlIsolation::Schema => {
                 sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {}", self.schema))
@@ -492,11 +502,15 @@ impl ProjectionWorker {
             .ok_or_else(|| BatchError::Instantiate("setup lost its transaction".into()))?;
         Self::leave_role(&self.role, &mut tx).await?;
         tx.commit().await?;
+        if prepared_now.is_some() {
+            self.prepared = prepared_now;
+        }
         tracing::info!(
             projection = self.name(),
             version = %self.plugin.version,
             sha256 = %&self.plugin.sha256[..12],
             role = ?self.role,
+            elapsed = ?started.elapsed(),
             "read model set up"
         );
         Ok(())
@@ -556,14 +570,16 @@ impl ProjectionWorker {
                     (&self.plugin.version, &self.plugin.sha256),
                     (&plugin.version, &plugin.sha256),
                 );
-                self.reader = Arc::new(EventReader::new(
-                    &self.config.events_table,
-                    &plugin.subscription,
-                ));
+                if plugin.subscription != self.plugin.subscription {
+                    self.reader = Arc::new(EventReader::new(
+                        &self.config.events_table,
+                        &plugin.subscription,
+                    ));
+                    self.prefetch = None;
+                }
                 self.plugin = plugin;
                 self.instance = Some(instance);
                 self.build_generation = next.generation;
-                self.prefetch = None;
                 self.read_cap = None;
                 self.attempts = None;
                 self.needs_setup = true;

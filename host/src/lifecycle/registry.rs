@@ -226,14 +226,16 @@ async fn new_generation(
     Ok(generation.unwrap_or(0))
 }
 
-/// Records the generation that activated a build.
-async fn stamp(
+/// A new generation that starts a build, recorded on the build (it orders the builds of one
+/// read model).
+async fn start_build(
     tx: &mut Transaction<'static, Postgres>,
     replica_set: &str,
     projection: &str,
     sha256: &str,
-    generation: i64,
+    reason: &str,
 ) -> Result<(), sqlx::Error> {
+    let generation = new_generation(tx, replica_set, reason).await?;
     sqlx::query("UPDATE projection_host.plugins SET activated_generation = $4 WHERE replica_set = $1 AND projection = $2 AND sha256 = $3")
         .bind(replica_set)
         .bind(projection)
@@ -241,6 +243,24 @@ async fn stamp(
         .bind(generation)
         .execute(&mut **tx)
         .await?;
+    Ok(())
+}
+
+/// Retires the projection's active version (its successor is activated in the same
+/// transaction).
+async fn retire_active(
+    tx: &mut Transaction<'static, Postgres>,
+    replica_set: &str,
+    projection: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE projection_host.plugins SET state = 'retired', retired_at = now()
+          WHERE replica_set = $1 AND projection = $2 AND state = 'active'",
+    )
+    .bind(replica_set)
+    .bind(projection)
+    .execute(&mut **tx)
+    .await?;
     Ok(())
 }
 
@@ -256,14 +276,7 @@ async fn activate_continue(
         Some(c) => (c.track.clone(), c.namespace.clone()),
         None => (projection.to_string(), projection.to_string()),
     };
-    sqlx::query(
-        "UPDATE projection_host.plugins SET state = 'retired', retired_at = now()
-          WHERE replica_set = $1 AND projection = $2 AND state = 'active'",
-    )
-    .bind(replica_set)
-    .bind(projection)
-    .execute(&mut **tx)
-    .await?;
+    retire_active(tx, replica_set, projection).await?;
     sqlx::query(
         "UPDATE projection_host.plugins SET state = 'active', mode = 'continue', track = $4, namespace = $5,
                 activated_at = now(), retired_at = NULL
@@ -277,16 +290,17 @@ async fn activate_continue(
     .execute(&mut **tx)
     .await?;
     let from = current.map_or("none".to_string(), |c| c.version + " " + &c.sha256[..12]);
-    let generation = new_generation(
+    start_build(
         tx,
         replica_set,
+        projection,
+        sha256,
         &format!(
             "plugin {projection}: {from} -> {} (continue)",
             &sha256[..12]
         ),
     )
     .await?;
-    stamp(tx, replica_set, projection, sha256, generation).await?;
     Ok(())
 }
 
@@ -321,22 +335,16 @@ pub async fn register_mounted(
                 &source,
             )
             .await?;
-            let generation = new_generation(
+            start_build(
                 &mut tx,
                 replica_set,
+                &plugin.name,
+                &plugin.sha256,
                 &format!(
                     "plugin {}: first version {}",
                     plugin.name,
                     &plugin.sha256[..12]
                 ),
-            )
-            .await?;
-            stamp(
-                &mut tx,
-                replica_set,
-                &plugin.name,
-                &plugin.sha256,
-                generation,
             )
             .await?;
             Mounted::FirstVersion
@@ -430,13 +438,14 @@ pub async fn push(
             .bind(format!("{name}_{short}"))
             .execute(&mut *tx)
             .await?;
-            let generation = new_generation(
+            start_build(
                 &mut tx,
                 replica_set,
+                &name,
+                &plugin.sha256,
                 &format!("plugin {name}: rebuilding {}", &plugin.sha256[..12]),
             )
             .await?;
-            stamp(&mut tx, replica_set, &name, &plugin.sha256, generation).await?;
         }
     }
     let row = find(&mut tx, replica_set, &name, &plugin.sha256)
@@ -577,14 +586,7 @@ async fn promote_rebuild(
                 .await?;
         }
     }
-    sqlx::query(
-        "UPDATE projection_host.plugins SET state = 'retired', retired_at = now()
-          WHERE replica_set = $1 AND projection = $2 AND state = 'active'",
-    )
-    .bind(replica_set)
-    .bind(projection)
-    .execute(&mut **tx)
-    .await?;
+    retire_active(tx, replica_set, projection).await?;
     sqlx::query(
         "UPDATE projection_host.plugins SET state = 'active', activated_at = now()
           WHERE replica_set = $1 AND projection = $2 AND sha256 = $3",

@@ -467,7 +467,7 @@ impl ProjectionWorker {
         match self.config.isolation {
             SqlIsolation::Role => {
                 let target = (self.config.namespace.clone(), self.plugin.name.clone());
-                if self.role.is_none() || self.prepared.as_ref() != Some(&target) {
+                if self.prepared.as_ref() != Some(&target) {
                     let role = isolation::role_name(&mut tx, &self.plugin.name).await?;
                     isolation::prepare(&mut tx, &self.config.namespace, &role).await?;
                     self.role = Some(role);
@@ -521,7 +521,7 @@ impl ProjectionWorker {
     /// returns false when the read model is no longer run (retired).
     async fn follow_registry(&mut self) -> Result<bool, BatchError> {
         let registry = self.registry.borrow_and_update().clone();
-        let Some(wanted) = registry.track(&self.config.track).cloned() else {
+        let Some(wanted) = registry.track(&self.config.track) else {
             tracing::info!(
                 projection = self.name(),
                 "this read model is no longer run (its plugin was retired); stopping its pipeline"

@@ -83,8 +83,8 @@ impl EventReader {
         }
         // Positions are unique, so the range bounds the row count; reserving up front spares
         // the copies of a growing page.
-        let most = u64::try_from(up_to.saturating_sub(after)).unwrap_or(0);
-        collect(query.fetch(&mut *conn), most.min(u64::from(limit))).await
+        let most = up_to.saturating_sub(after).clamp(0, i64::from(limit));
+        collect(query.fetch(&mut *conn), most as usize).await
     }
 
     /// The events at the given positions, in order (replaying parked events).
@@ -97,7 +97,7 @@ impl EventReader {
             sqlx::query(&self.by_position)
                 .bind(positions)
                 .fetch(&mut *conn),
-            positions.len() as u64,
+            positions.len(),
         )
         .await
     }
@@ -105,9 +105,9 @@ impl EventReader {
 
 async fn collect(
     mut rows: impl Stream<Item = Result<PgRow, sqlx::Error>> + Unpin,
-    capacity: u64,
+    capacity: usize,
 ) -> Result<Vec<StoredEvent>, sqlx::Error> {
-    let mut events = Vec::with_capacity(usize::try_from(capacity).unwrap_or(0));
+    let mut events = Vec::with_capacity(capacity);
     while let Some(row) = rows.try_next().await? {
         events.push(StoredEvent::from_result_row(&row, events.is_empty())?);
     }

@@ -36,6 +36,20 @@ pub async fn every_partition_runs(db: &TestDb, track: &str, sha: &str) {
     .await;
 }
 
+/// Waits until the registry shows the build `sha` as active.
+pub async fn becomes_active(db: &TestDb, sha: &str, what: &str, timeout: Duration) {
+    eventually(what, timeout, || async {
+        let state: Option<String> =
+            sqlx::query_scalar("SELECT state FROM projection_host.plugins WHERE sha256 = $1")
+                .bind(sha)
+                .fetch_optional(&db.pool)
+                .await
+                .unwrap();
+        (state.as_deref() == Some("active")).then_some(())
+    })
+    .await;
+}
+
 /// Per partition, the sequence of builds that committed its batches, with repeats collapsed:
 /// a clean swap reads [v1, v2].
 pub async fn builds_per_partition(db: &TestDb, track: &str) -> BTreeMap<i32, Vec<String>> {

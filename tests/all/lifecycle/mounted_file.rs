@@ -1,6 +1,6 @@
 use std::time::Duration;
 
-use super::{every_partition_runs, sha};
+use super::{becomes_active, every_partition_runs, sha};
 use crate::fleet_support::{assert_exactly_once, balanced, caught_up};
 use crate::support::{Host, TestDb};
 
@@ -52,18 +52,11 @@ async fn a_file_replaced_on_one_host_is_run_by_every_host() {
     std::fs::copy(test_artifacts::GUEST_BANK_BALANCES_V2, &tmp).unwrap();
     std::fs::rename(&tmp, dir_b.join("bank_balances.wasm")).unwrap();
     let v2 = sha(test_artifacts::GUEST_BANK_BALANCES_V2);
-    crate::support::eventually(
+    becomes_active(
+        &db,
+        &v2,
         "b to register the new file",
         Duration::from_secs(30),
-        || async {
-            let state: Option<String> =
-                sqlx::query_scalar("SELECT state FROM projection_host.plugins WHERE sha256 = $1")
-                    .bind(&v2)
-                    .fetch_optional(&db.pool)
-                    .await
-                    .unwrap();
-            (state.as_deref() == Some("active")).then_some(())
-        },
     )
     .await;
     db.append_w1(3_000, 5_999, 100).await;

@@ -1,6 +1,6 @@
 use std::time::Duration;
 
-use super::{every_partition_runs, sha};
+use super::{becomes_active, every_partition_runs, sha};
 use crate::fleet_support::caught_up;
 use crate::support::{admin_cli, eventually, HttpHost, TestDb, Writer};
 
@@ -58,18 +58,11 @@ async fn a_rebuild_catches_up_beside_the_old_version_and_is_promoted() {
     .await;
 
     // Promotion once caught up.
-    eventually(
+    becomes_active(
+        &db,
+        &v2,
         "the rebuild to be promoted",
         Duration::from_secs(120),
-        || async {
-            let state: Option<String> =
-                sqlx::query_scalar("SELECT state FROM projection_host.plugins WHERE sha256 = $1")
-                    .bind(&v2)
-                    .fetch_optional(&db.pool)
-                    .await
-                    .unwrap();
-            (state.as_deref() == Some("active")).then_some(())
-        },
     )
     .await;
     every_partition_runs(&db, &track, &v2).await;

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::RunConfig;
 use crate::coordination::{Coordinator, Member, Ownership, COORDINATION_CHANNEL};
 use crate::http::AppState;
-use crate::ids::WorkerId;
+use crate::ids::{CommitToken, WorkerId};
 use crate::lifecycle::PluginCache;
 use crate::metrics::HostMetrics;
 use crate::pipeline::{MountedPlugins, PipelineConfig, PipelineContext, StatusBoard, Supervisor};
@@ -27,17 +27,26 @@ use crate::runtime::Runtime;
 use crate::source::safe_head::SafeHeadTracker;
 use crate::source::wakeup::{self, Wakeup};
 
-pub async fn run(config: RunConfig) -> anyhow::Result<()> {
+pub async fn run(mut config: RunConfig) -> anyhow::Result<()> {
     let incarnation = uuid::Uuid::new_v4();
     let worker = WorkerId::from_environment(config.pod_name.as_deref());
     let mut db = config.database.clone();
     db.application_name = Member::application_name(&incarnation);
+    // Projection sessions log in with the same target and options, as the projection's role.
+    let session_options = db.connect_options()?;
+    config.events_table = resolve_events_table(&db, &config.events_table).await?;
+    config.coordination.events_table = config.events_table.clone();
+    // From here on every host session sees only the catalog on its search path; everything
+    // else is named with its schema.
+    db.search_path = Some(crate::db::HOST_SEARCH_PATH.to_string());
     let pool = db.connect_pool().await.context(
         "connecting to PostgreSQL (check DATABASE_URL and that the server is reachable)",
     )?;
+    warn_if_superuser(&pool).await;
     crate::db::migrate(&pool)
         .await
         .context("creating the host's tables")?;
+    let token = CommitToken::generate();
 
     let replica_set = config.coordination.replica_set.clone();
     let metrics = HostMetrics::new(&replica_set, worker.as_str());
@@ -58,7 +67,9 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     )
     .await?;
     let mut mounted = MountedPlugins::new(config.plugin_files.clone(), config.plugin_dirs.clone());
-    mounted.scan(&cache, &pool, &replica_set, true).await?;
+    // A bad file (not a component, a describe that traps or loops) is reported and skipped, so
+    // that the other projections start.
+    let unusable = mounted.scan(&cache, &pool, &replica_set).await?;
 
     let background = CancellationToken::new();
     let events_wakeup = Wakeup::default();
@@ -108,6 +119,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         incarnation,
         hostname: gethostname::gethostname().to_string_lossy().into_owned(),
         pod_namespace: config.pod_namespace.clone(),
+        commit_token: token.digest(),
     };
     let joined = Coordinator::join(
         pool.clone(),
@@ -119,6 +131,16 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     )
     .await?;
     let partitions = joined.coordinator.partitions();
+    if joined.registry.borrow().running.is_empty() {
+        anyhow::bail!(
+            "no projection can run: {}",
+            if unusable.is_empty() {
+                "no plugin is mounted and the registry holds none for this replica set".to_string()
+            } else {
+                unusable.join("; ")
+            }
+        );
+    }
     let stop_rebalancing = CancellationToken::new();
     let leave = CancellationToken::new();
     let mut coordinator_task = tokio::spawn(
@@ -139,6 +161,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         controls: joined.controls,
         registry: joined.registry.clone(),
         cache: cache.clone(),
+        session_options,
+        token,
     };
     let supervisor = Supervisor {
         context,
@@ -225,6 +249,43 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     }
     pool.close().await;
     outcome.map(|reason| tracing::info!(%reason, "stopped"))
+}
+
+/// The events table, named with its schema as the server resolves it on the user's search
+/// path; refused (before anything is written) when it does not exist.
+async fn resolve_events_table(
+    db: &crate::db::DbConfig,
+    table: &crate::db::QualifiedName,
+) -> anyhow::Result<crate::db::QualifiedName> {
+    let mut conn = crate::db::connect_one(db).await.context(
+        "connecting to PostgreSQL (check DATABASE_URL and that the server is reachable)",
+    )?;
+    let resolved = table
+        .resolve(&mut conn)
+        .await
+        .context("looking up the events table")?;
+    let _ = sqlx::Connection::close(conn).await;
+    match resolved {
+        Some((qualified, _)) => Ok(qualified),
+        None => anyhow::bail!(
+            "the events table {table} does not exist in the database DATABASE_URL points at \
+             (set EVENTS_TABLE / --events-table, e.g. es.events)"
+        ),
+    }
+}
+
+/// A superuser's session is not confined by privileges; the host does not need one.
+async fn warn_if_superuser(pool: &sqlx::PgPool) {
+    let superuser: Result<bool, sqlx::Error> =
+        sqlx::query_scalar("SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user")
+            .fetch_one(pool)
+            .await;
+    if let Ok(true) = superuser {
+        tracing::warn!(
+            "the host connects as a superuser; it needs far less (docs/operations.md, \"The host's database role\"): \
+             run it as a role with CREATEROLE and the grants listed there"
+        );
+    }
 }
 
 async fn shutdown_signal() -> &'static str {

@@ -129,6 +129,12 @@ pub struct PluginArgs {
     /// Largest sum of payload and metadata bytes handed to one plugin call.
     #[arg(long, env = "MAX_BATCH_BYTES", default_value = "16MiB", value_parser = parse_bytes)]
     pub max_batch_bytes: u64,
+    /// Host memory a plugin's buffered keyed writes may hold in one batch.
+    #[arg(long, env = "MAX_WRITE_BYTES", default_value = "64MiB", value_parser = parse_bytes)]
+    pub max_write_bytes: u64,
+    /// Host memory one result of a plugin's `query` (or one row it reads with `get`) may hold.
+    #[arg(long, env = "MAX_QUERY_BYTES", default_value = "16MiB", value_parser = parse_bytes)]
+    pub max_query_bytes: u64,
     /// What to do once a plugin failed on one event --max-retries times: halt that partition
     /// (stop) or park the event with the later events of its aggregate (dead-letter).
     #[arg(long, env = "ON_FAILURE", value_enum, default_value_t = crate::pipeline::policy::OnFailure::Stop)]
@@ -160,17 +166,19 @@ pub struct PluginArgs {
     /// comparison) before it is dropped.
     #[arg(long, env = "RETIRED_DATA_GRACE", default_value = "24h", value_parser = parse_duration)]
     pub retired_data_grace: Duration,
-    /// How plugin SQL is confined: `role` runs it under a role of its own that can use the
-    /// projection's schema and nothing else (needs CREATEROLE); `schema` only sets the search
-    /// path.
-    #[arg(long, env = "SQL_ISOLATION", value_enum, default_value_t = SqlIsolation::Role)]
-    pub sql_isolation: SqlIsolation,
+    /// How plugin SQL is confined: `role` runs it in sessions of a login role of its own that
+    /// owns the projection's schema and nothing else (the host needs CREATEROLE); `none` runs
+    /// it as the host's own user, for trusted plugins only.
+    #[arg(long, env = "SQL_ISOLATION", value_enum, default_value_t = SqlIsolationArg::Role)]
+    pub sql_isolation: SqlIsolationArg,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum SqlIsolation {
+pub enum SqlIsolationArg {
     Role,
-    Schema,
+    /// No confinement by the database (`schema`, the earlier name, is accepted).
+    #[value(name = "none", alias = "schema")]
+    Unconfined,
 }
 
 #[derive(Debug, Args, Clone)]

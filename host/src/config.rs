@@ -5,11 +5,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::cli::{RunArgs, SqlIsolation, Strategy};
+use crate::cli::{RunArgs, SqlIsolationArg, Strategy};
 use crate::coordination::CoordinationConfig;
 use crate::db::{DbConfig, QualifiedName};
 use crate::pipeline::policy::{ProjectionSettings, Settings};
 use crate::runtime::RuntimeConfig;
+use crate::sink::SqlIsolation;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -149,6 +150,14 @@ impl RunConfig {
             ));
         }
         let (plugin_files, plugin_dirs) = collect_plugins(&p.plugins, p.plugins_dir.as_ref())?;
+        for (env, flag, value) in [
+            ("MAX_WRITE_BYTES", "max-write-bytes", p.max_write_bytes),
+            ("MAX_QUERY_BYTES", "max-query-bytes", p.max_query_bytes),
+        ] {
+            if value < 64 * 1024 {
+                return Err(invalid(env, flag, "must be at least 64KiB"));
+            }
+        }
         if p.max_batch_bytes < 1024 {
             return Err(invalid(
                 "MAX_BATCH_BYTES",
@@ -163,6 +172,8 @@ impl RunConfig {
                 memory_limit: p.plugin_memory_limit,
                 call_timeout: p.plugin_call_timeout,
                 max_batch_bytes: p.max_batch_bytes,
+                max_write_bytes: p.max_write_bytes,
+                max_query_bytes: p.max_query_bytes,
             },
             overrides: Default::default(),
         };
@@ -249,6 +260,7 @@ impl RunConfig {
                 .stale_worker_timeout
                 .max(p.plugin_call_timeout + Duration::from_secs(5)),
             application_name: "projection-host".into(),
+            search_path: None,
         };
         Ok(RunConfig {
             database,
@@ -267,7 +279,10 @@ impl RunConfig {
                     .then(|| p.plugin_cache_dir.clone()),
             },
             settings,
-            isolation: p.sql_isolation,
+            isolation: match p.sql_isolation {
+                SqlIsolationArg::Role => SqlIsolation::Role,
+                SqlIsolationArg::Unconfined => SqlIsolation::Unconfined,
+            },
             coordination: CoordinationConfig {
                 replica_set: c.replica_set.clone(),
                 partitions: c.partitions,

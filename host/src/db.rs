@@ -14,8 +14,13 @@ pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
 /// The schema that holds the host's tables.
 pub const HOST_SCHEMA: &str = "projection_host";
 
-/// Serialises concurrent `migrate` runs of several hosts starting at once.
-const MIGRATION_LOCK: i64 = 0x7072_6f6a_686f_7374; // "projhost"
+/// The schema of the functions a projection's session may call for the host's bookkeeping.
+pub const API_SCHEMA: &str = "projection_host_api";
+
+/// The search path of the host's own sessions: the catalog only. Every relation the host uses is
+/// schema-qualified, and nothing a projection can create (in `public`, say) can then shadow or
+/// overload a function or operator the host's SQL calls.
+pub const HOST_SEARCH_PATH: &str = "pg_catalog";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -43,17 +48,24 @@ pub struct DbConfig {
     pub idle_in_transaction_timeout: Duration,
     /// Identifies this process's sessions in `pg_stat_activity`.
     pub application_name: String,
+    /// `search_path` of every session (`None`: the server's default). `run` pins it to
+    /// [`HOST_SEARCH_PATH`] once the events table is resolved to a qualified name.
+    pub search_path: Option<String>,
 }
 
 impl DbConfig {
-    fn connect_options(&self) -> Result<PgConnectOptions, DbError> {
+    pub fn connect_options(&self) -> Result<PgConnectOptions, DbError> {
         let timeout_ms = self.idle_in_transaction_timeout.as_millis().to_string();
-        Ok(PgConnectOptions::from_str(&self.url)
+        let mut options = PgConnectOptions::from_str(&self.url)
             .map_err(DbError::InvalidUrl)?
             .application_name(&self.application_name)
             .options([("idle_in_transaction_session_timeout", timeout_ms.as_str())])
             .log_statements(tracing::log::LevelFilter::Trace)
-            .log_slow_statements(tracing::log::LevelFilter::Debug, Duration::from_secs(2)))
+            .log_slow_statements(tracing::log::LevelFilter::Debug, Duration::from_secs(2));
+        if let Some(path) = &self.search_path {
+            options = options.options([("search_path", path.as_str())]);
+        }
+        Ok(options)
     }
 
     /// Where the URL points, without credentials, for messages.
@@ -78,35 +90,72 @@ impl DbConfig {
 }
 
 /// Creates the host schema and applies pending migrations; safe to run concurrently and
-/// repeatedly.
+/// repeatedly. Concurrent runs are serialised by a row lock in the host's own schema (not an
+/// advisory lock, which any session could hold to block every host's start).
 pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
     let mut conn = pool.acquire().await?;
-    sqlx::query("SELECT pg_advisory_lock($1)")
-        .bind(MIGRATION_LOCK)
-        .execute(&mut *conn)
-        .await?;
     let result = async {
-        sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {HOST_SCHEMA}"))
-            .execute(&mut *conn)
-            .await?;
+        bootstrap(&mut conn).await?;
+        let mut tx = conn.begin().await?;
+        host_lock(&mut tx, "migrate").await?;
         // Keep sqlx's bookkeeping table in our schema, not in the user's `public`.
-        sqlx::query(&format!("SET search_path TO {HOST_SCHEMA}"))
-            .execute(&mut *conn)
+        sqlx::query(&format!("SET LOCAL search_path TO {HOST_SCHEMA}"))
+            .execute(&mut *tx)
             .await?;
-        MIGRATOR
-            .run_direct(&mut *conn)
+        let mut migrator = sqlx::migrate!("../migrations");
+        migrator.set_locking(false);
+        migrator
+            .run_direct(&mut *tx)
             .await
             .map_err(|e| DbError::Migrate(e.to_string()))?;
+        tx.commit().await?;
         Ok::<_, DbError>(())
     }
     .await;
-    // Never hand a connection with a changed search path back to the pool.
-    let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
-        .bind(MIGRATION_LOCK)
-        .execute(&mut *conn)
-        .await;
+    // Never hand a connection that may have seen a failed migration back to the pool.
     let _ = conn.detach().close().await;
     result
+}
+
+/// The schema and the lock table, created idempotently even when several hosts race for them
+/// (`IF NOT EXISTS` is not atomic against a concurrent creation).
+async fn bootstrap(conn: &mut sqlx::PgConnection) -> Result<(), DbError> {
+    for statement in [
+        format!("CREATE SCHEMA IF NOT EXISTS {HOST_SCHEMA}"),
+        format!("CREATE TABLE IF NOT EXISTS {HOST_SCHEMA}.locks (name TEXT PRIMARY KEY)"),
+    ] {
+        for attempt in 0.. {
+            match sqlx::query(&statement).execute(&mut *conn).await {
+                Ok(_) => break,
+                Err(e) if attempt < 5 && sqlstate(&e).is_some_and(|c| is_creation_race(&c)) => {
+                    continue
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A concurrent `CREATE ... IF NOT EXISTS` won: the object exists now.
+fn is_creation_race(code: &str) -> bool {
+    matches!(
+        code,
+        sqlstate::UNIQUE_VIOLATION | sqlstate::DUPLICATE_SCHEMA | sqlstate::DUPLICATE_TABLE
+    )
+}
+
+/// Takes the named host lock for the rest of the transaction. The lock is a row in
+/// `projection_host.locks`, which only the host's role can touch.
+pub async fn host_lock(conn: &mut sqlx::PgConnection, name: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO projection_host.locks (name) VALUES ($1)
+         ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name",
+    )
+    .bind(name)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// Opens a single connection outside any pool (listeners, the safe-head tracker).
@@ -173,6 +222,33 @@ impl fmt::Display for QualifiedName {
     }
 }
 
+impl QualifiedName {
+    /// The same relation with its schema named, as the server resolves `self` with the
+    /// session's search path; `None` when no such relation exists.
+    pub async fn resolve(
+        &self,
+        conn: &mut sqlx::PgConnection,
+    ) -> Result<Option<(QualifiedName, i64)>, sqlx::Error> {
+        let found: Option<(String, String, i64)> = sqlx::query_as(
+            "SELECT n.nspname::text, c.relname::text, c.oid::int8
+               FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+              WHERE c.oid = pg_catalog.to_regclass($1)",
+        )
+        .bind(self.to_string())
+        .fetch_optional(conn)
+        .await?;
+        Ok(found.map(|(schema, name, oid)| {
+            (
+                QualifiedName {
+                    schema: Some(schema),
+                    name,
+                },
+                oid,
+            )
+        }))
+    }
+}
+
 /// Quotes an identifier for SQL text.
 pub fn quote_ident(ident: &str) -> String {
     format!("\"{}\"", ident.replace('"', "\"\""))
@@ -199,19 +275,45 @@ pub fn is_transient(error: &sqlx::Error) -> bool {
 }
 
 fn is_transient_sqlstate(code: &str) -> bool {
+    use sqlstate::*;
     code.starts_with("08") // connection exception
         || matches!(
             code,
-            "40001" // serialization_failure
-            | "40P01" // deadlock_detected
-            | "55P03" // lock_not_available
-            | "57P01" // admin_shutdown
-            | "57P02" // crash_shutdown
-            | "57P03" // cannot_connect_now
-            | "53300" // too_many_connections
-            | "25P03" // idle_in_transaction_session_timeout
-            | "57014" // query_canceled (statement timeout)
+            SERIALIZATION_FAILURE
+                | DEADLOCK_DETECTED
+                | LOCK_NOT_AVAILABLE
+                | ADMIN_SHUTDOWN
+                | CRASH_SHUTDOWN
+                | CANNOT_CONNECT_NOW
+                | TOO_MANY_CONNECTIONS
+                | IDLE_IN_TRANSACTION_TIMEOUT
+                // A host statement cancelled (by an operator, or a server shutting down). In
+                // plugin SQL the same code means the statement timeout, a plugin failure: see
+                // `sink::EffectError::from_sql`.
+                | QUERY_CANCELED
         )
+}
+
+/// SQLSTATE codes the host acts on, by name.
+pub mod sqlstate {
+    pub const UNIQUE_VIOLATION: &str = "23505";
+    pub const DUPLICATE_SCHEMA: &str = "42P06";
+    pub const DUPLICATE_TABLE: &str = "42P07";
+    pub const DUPLICATE_OBJECT: &str = "42710";
+    pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
+    pub const INVALID_PASSWORD: &str = "28P01";
+    pub const INVALID_AUTHORIZATION: &str = "28000";
+    pub const SERIALIZATION_FAILURE: &str = "40001";
+    pub const DEADLOCK_DETECTED: &str = "40P01";
+    pub const LOCK_NOT_AVAILABLE: &str = "55P03";
+    pub const QUERY_CANCELED: &str = "57014";
+    pub const ADMIN_SHUTDOWN: &str = "57P01";
+    pub const CRASH_SHUTDOWN: &str = "57P02";
+    pub const CANNOT_CONNECT_NOW: &str = "57P03";
+    pub const TOO_MANY_CONNECTIONS: &str = "53300";
+    pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "25P03";
+    pub const INVALID_SQL_STATEMENT_NAME: &str = "26000";
+    pub const PROTOCOL_VIOLATION: &str = "08P01";
 }
 
 /// The SQLSTATE of a database error, if any.

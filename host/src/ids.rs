@@ -82,6 +82,34 @@ impl fmt::Display for WorkerId {
     }
 }
 
+/// A secret of this host process that proves to `projection_host_api` that a call comes from
+/// the host and not from the plugin SQL that shares the batch's session. Only its sha256 is
+/// stored (with the worker row).
+#[derive(Clone)]
+pub struct CommitToken(String);
+
+impl CommitToken {
+    pub fn generate() -> CommitToken {
+        CommitToken(hex::encode(rand::random::<[u8; 32]>()))
+    }
+
+    pub fn secret(&self) -> &str {
+        &self.0
+    }
+
+    /// What the database keeps.
+    pub fn digest(&self) -> Vec<u8> {
+        use sha2::Digest;
+        sha2::Sha256::digest(self.0.as_bytes()).to_vec()
+    }
+}
+
+impl fmt::Debug for CommitToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("CommitToken(..)")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

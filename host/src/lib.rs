@@ -7,6 +7,7 @@
 //! `metrics`.
 
 pub mod app;
+pub mod base;
 pub mod bench;
 pub mod cli;
 pub mod client;

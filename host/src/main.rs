@@ -72,11 +72,12 @@ fn init_tracing(level: &str, format: LogFormat) {
     let directive = if level.contains('=') || level.contains(',') {
         level.to_string()
     } else {
-        format!("warn,projection_host={level},plugin={level}")
+        // Notices come from plugin SQL too (RAISE WARNING): not logged raw.
+        format!("warn,sqlx::postgres::notice=off,projection_host={level},plugin={level}")
     };
     let filter = EnvFilter::try_new(&directive).unwrap_or_else(|e| {
         eprintln!("warning: LOG_LEVEL '{level}' is not a valid filter ({e}); using info");
-        EnvFilter::new("warn,projection_host=info,plugin=info")
+        EnvFilter::new("warn,sqlx::postgres::notice=off,projection_host=info,plugin=info")
     });
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()

@@ -19,6 +19,7 @@ async fn pool(args: &DatabaseArgs) -> anyhow::Result<PgPool> {
         max_connections: 2,
         idle_in_transaction_timeout: std::time::Duration::from_secs(60),
         application_name: "projection-host cli".into(),
+        search_path: None,
     };
     Ok(config.connect_pool().await?)
 }

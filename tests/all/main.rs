@@ -6,6 +6,7 @@
 
 mod support;
 
+mod confinement;
 mod faults;
 mod fleet;
 pub use fleet::support as fleet_support;

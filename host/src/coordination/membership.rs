@@ -23,6 +23,8 @@ pub struct Member {
     pub incarnation: uuid::Uuid,
     pub hostname: String,
     pub pod_namespace: Option<String>,
+    /// sha256 of the process's commit token (`ids::CommitToken`).
+    pub commit_token: Vec<u8>,
 }
 
 impl Member {
@@ -117,10 +119,11 @@ impl Member {
                  SELECT incarnation FROM projection_host.workers WHERE replica_set = $1 AND worker_id = $2
              ), up AS (
                  INSERT INTO projection_host.workers
-                     (replica_set, worker_id, incarnation, hostname, pod_namespace, host_version, started_at, heartbeat_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, now(), now())
+                     (replica_set, worker_id, incarnation, hostname, pod_namespace, host_version, started_at, heartbeat_at, commit_token)
+                 VALUES ($1, $2, $3, $4, $5, $6, now(), now(), $7)
                  ON CONFLICT (replica_set, worker_id) DO UPDATE
                     SET incarnation = EXCLUDED.incarnation, hostname = EXCLUDED.hostname,
+                        commit_token = EXCLUDED.commit_token,
                         pod_namespace = EXCLUDED.pod_namespace, host_version = EXCLUDED.host_version,
                         started_at = CASE WHEN projection_host.workers.incarnation = EXCLUDED.incarnation
                                           THEN projection_host.workers.started_at ELSE now() END,
@@ -135,6 +138,7 @@ impl Member {
         .bind(&self.hostname)
         .bind(&self.pod_namespace)
         .bind(env!("CARGO_PKG_VERSION"))
+        .bind(&self.commit_token)
         .fetch_optional(pool)
         .await?;
         let took_over = matches!(previous, Some(Some(old)) if old != self.incarnation);

@@ -124,12 +124,7 @@ async fn lock(
     replica_set: &str,
     projection: &str,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('projection_host.plugins'), hashtext($1 || '/' || $2))")
-        .bind(replica_set)
-        .bind(projection)
-        .execute(&mut **tx)
-        .await?;
-    Ok(())
+    crate::db::host_lock(tx, &format!("plugins:{replica_set}/{projection}")).await
 }
 
 async fn active(

@@ -7,6 +7,7 @@ use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
 
 use crate::ids::PartitionId;
+use crate::sink::commit::Caller;
 
 /// One parked event.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, sqlx::FromRow)]
@@ -32,12 +33,12 @@ pub struct ToPark<'a> {
     pub error: &'a str,
 }
 
-/// Parks events, inside the batch transaction (so parking and the checkpoint commit together).
-/// A follower of an aggregate whose retry was requested joins that retry.
+/// Parks events, inside the batch transaction (so parking and the checkpoint commit together),
+/// through the host's batch functions. A follower of an aggregate whose retry was requested
+/// joins that retry.
 pub async fn park(
     conn: &mut PgConnection,
-    replica_set: &str,
-    projection: &str,
+    caller: Caller<'_>,
     events: &[ToPark<'_>],
 ) -> Result<(), sqlx::Error> {
     if events.is_empty() {
@@ -48,24 +49,19 @@ pub async fn park(
     let aggregates: Vec<&str> = events.iter().map(|e| e.aggregate_id).collect();
     let types: Vec<&str> = events.iter().map(|e| e.event_type).collect();
     let errors: Vec<&str> = events.iter().map(|e| e.error).collect();
-    sqlx::query(
-        "INSERT INTO projection_host.dead_letters
-             (replica_set, projection, partition, position, aggregate_id, event_type, error, retry_requested)
-         SELECT $1, $2, p, pos, agg, et, err,
-                EXISTS (SELECT 1 FROM projection_host.dead_letters d
-                         WHERE d.replica_set = $1 AND d.projection = $2 AND d.aggregate_id = agg AND d.retry_requested)
-           FROM unnest($3::int[], $4::int8[], $5::text[], $6::text[], $7::text[]) AS x(p, pos, agg, et, err)
-         ON CONFLICT (replica_set, projection, position) DO NOTHING",
-    )
-    .bind(replica_set)
-    .bind(projection)
-    .bind(&partitions)
-    .bind(&positions)
-    .bind(&aggregates)
-    .bind(&types)
-    .bind(&errors)
-    .execute(&mut *conn)
-    .await?;
+    sqlx::query("SELECT projection_host_api.park_dead_letters($1, $2, $3, $4, $5, $6, $7, $8, $9)")
+        .persistent(false)
+        .bind(caller.replica_set)
+        .bind(caller.worker.as_str())
+        .bind(caller.token.secret())
+        .bind(caller.projection)
+        .bind(&partitions)
+        .bind(&positions)
+        .bind(&aggregates)
+        .bind(&types)
+        .bind(&errors)
+        .execute(&mut *conn)
+        .await?;
     Ok(())
 }
 
@@ -177,8 +173,17 @@ pub async fn retry_requests(
 }
 
 /// Removes replayed events, inside the replay's transaction.
-pub async fn remove(conn: &mut PgConnection, ids: &[i64]) -> Result<(), sqlx::Error> {
-    sqlx::query("DELETE FROM projection_host.dead_letters WHERE id = ANY($1)")
+pub async fn remove(
+    conn: &mut PgConnection,
+    caller: Caller<'_>,
+    ids: &[i64],
+) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT projection_host_api.unpark_dead_letters($1, $2, $3, $4, $5)")
+        .persistent(false)
+        .bind(caller.replica_set)
+        .bind(caller.worker.as_str())
+        .bind(caller.token.secret())
+        .bind(caller.projection)
         .bind(ids)
         .execute(&mut *conn)
         .await?;

@@ -27,6 +27,10 @@ pub struct ProjectionSettings {
     pub call_timeout: Duration,
     /// Largest sum of payload and metadata bytes handed to one call.
     pub max_batch_bytes: u64,
+    /// Host memory the keyed writes of one batch may hold.
+    pub max_write_bytes: u64,
+    /// Host memory one `query` result (or one `get` row) may hold.
+    pub max_query_bytes: u64,
 }
 
 /// Defaults plus per-projection overrides.
@@ -69,9 +73,11 @@ impl Settings {
                     settings.call_timeout = humantime::parse_duration(value).map_err(|e| format!("timeout '{value}': {e}"))?
                 }
                 "max_batch_bytes" => settings.max_batch_bytes = crate::cli::parse_bytes(value)?,
+                "max_write_bytes" => settings.max_write_bytes = crate::cli::parse_bytes(value)?,
+                "max_query_bytes" => settings.max_query_bytes = crate::cli::parse_bytes(value)?,
                 other => {
                     return Err(format!(
-                        "unknown setting '{other}' (known: on_failure, max_retries, memory, timeout, max_batch_bytes)"
+                        "unknown setting '{other}' (known: on_failure, max_retries, memory, timeout, max_batch_bytes, max_write_bytes, max_query_bytes)"
                     ))
                 }
             }
@@ -93,6 +99,8 @@ mod tests {
                 memory_limit: 256 << 20,
                 call_timeout: Duration::from_secs(10),
                 max_batch_bytes: 16 << 20,
+                max_write_bytes: 64 << 20,
+                max_query_bytes: 16 << 20,
             },
             overrides: BTreeMap::new(),
         }

@@ -51,20 +51,25 @@ impl MountedPlugins {
         paths
     }
 
-    /// Loads every new or changed file, checks it, and registers it. At start (`strict`) a bad
-    /// file stops the host; later it is logged and skipped.
+    /// Loads every new or changed file, checks it, and registers it. A file that cannot be used
+    /// (unreadable, not a component, a describe that traps or runs past its deadline) is
+    /// reported and skipped, at start as later; the messages are returned.
     pub async fn scan(
         &mut self,
         cache: &PluginCache,
         pool: &sqlx::PgPool,
         replica_set: &str,
-        strict: bool,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Vec<String>> {
+        let mut unusable = Vec::new();
         for path in self.paths() {
             let bytes = match std::fs::read(&path) {
                 Ok(b) => b,
-                Err(e) if strict => anyhow::bail!("cannot read plugin {}: {e}", path.display()),
-                Err(_) => continue,
+                Err(e) => {
+                    let message = format!("cannot read plugin {}: {e}", path.display());
+                    tracing::error!("{message}; skipping it");
+                    unusable.push(message);
+                    continue;
+                }
             };
             let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
             if self.seen.get(&path) == Some(&sha) {
@@ -73,9 +78,9 @@ impl MountedPlugins {
             let loaded = cache.runtime().load_bytes(&path, &bytes).await;
             let (plugin, _) = match loaded {
                 Ok(p) => p,
-                Err(e) if strict => return Err(e.into()),
                 Err(e) => {
-                    tracing::error!(file = %path.display(), error = %e, "a mounted plugin file is not usable; keeping the registered version");
+                    tracing::error!(file = %path.display(), error = %e, "a mounted plugin file is not usable; skipping it (the other projections run, and a registered version of it keeps running)");
+                    unusable.push(e.to_string());
                     self.seen.insert(path, sha);
                     continue;
                 }
@@ -96,7 +101,7 @@ impl MountedPlugins {
             }
             self.seen.insert(path, sha);
         }
-        Ok(())
+        Ok(unusable)
     }
 }
 
@@ -151,7 +156,7 @@ impl Supervisor {
                 _ = tokio::time::sleep_until(next_scan) => {
                     next_scan = tokio::time::Instant::now() + self.scan_interval;
                     let pool = self.context.pool.clone();
-                    if let Err(e) = self.mounted.scan(&self.cache, &pool, &self.template.replica_set, false).await {
+                    if let Err(e) = self.mounted.scan(&self.cache, &pool, &self.template.replica_set).await {
                         tracing::warn!(error = %format!("{e:#}"), "scanning the mounted plugins failed");
                     }
                 }

@@ -15,7 +15,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::postgres::PgConnectOptions;
+use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use super::dead_letters::{self, ToPark};
@@ -23,17 +24,19 @@ use super::policy::{OnFailure, ProjectionSettings};
 use super::progress::Progress;
 use super::retry::backoff;
 use super::status::{ProjectionState, ProjectionStatus, StatusBoard};
-use crate::cli::SqlIsolation;
 use crate::coordination::controls::Shared as Controls;
 use crate::coordination::{Lease, Ownership};
 use crate::db::quote_ident;
-use crate::ids::{Epoch, PartitionId, WorkerId};
+use crate::ids::{CommitToken, Epoch, PartitionId, WorkerId};
 use crate::lifecycle::{PluginCache, Registry};
 use crate::metrics::HostMetrics;
 use crate::runtime::limits::Breach;
+use crate::runtime::state::HostMemoryLimits;
 use crate::runtime::{Plugin, PluginFailure, PluginInstance, Runtime};
-use crate::sink::commit::{record_batch, BatchCommit, CommitOutcome};
-use crate::sink::isolation;
+use crate::sink::commit::{record_batch, BatchCommit, Caller, CommitOutcome};
+use crate::sink::role::{self, RoleError};
+use crate::sink::session::{BatchTx, ProjectionSession, TxSettings};
+use crate::sink::SqlIsolation;
 use crate::source::wakeup::Wakeup;
 use crate::source::{EventReader, SafeHead, StoredEvent};
 
@@ -53,6 +56,11 @@ pub struct PipelineContext {
     /// The plugin versions the fleet runs.
     pub registry: tokio::sync::watch::Receiver<Arc<Registry>>,
     pub cache: Arc<PluginCache>,
+    /// How to reach the database; projection sessions log in with these options and the
+    /// projection's own role.
+    pub session_options: PgConnectOptions,
+    /// Proves to the host's batch functions that a call comes from this process.
+    pub token: CommitToken,
 }
 
 #[derive(Debug, Clone)]
@@ -101,9 +109,9 @@ enum BatchError {
     #[error("cannot create a plugin instance: {0}")]
     Instantiate(String),
     #[error("setting up the projection's database role failed: {0}")]
-    Isolation(#[from] isolation::IsolationError),
-    #[error("the plugin's SQL left its role {0}; the batch was rolled back")]
-    Escaped(String),
+    Role(#[from] RoleError),
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// One event, for the failure policy.
@@ -157,8 +165,10 @@ pub struct ProjectionWorker {
     build_generation: i64,
     /// The next build, being compiled in the background while the current one keeps working.
     next: Option<NextBuild>,
-    /// The projection's role (`SQL_ISOLATION=role`), known after setup.
-    role: Option<String>,
+    /// The projection's own sessions, known after setup.
+    session: Option<ProjectionSession>,
+    session_options: PgConnectOptions,
+    token: CommitToken,
     /// The schema and plugin name whose role and grants this worker already prepared; a
     /// continue-mode swap of the same read model skips that DDL, which would lengthen the pause.
     prepared: Option<(String, Arc<str>)>,
@@ -201,10 +211,12 @@ impl ProjectionWorker {
             controls,
             registry,
             cache,
+            session_options,
+            token,
         } = context;
         let schema = quote_ident(&config.namespace);
         let build_generation = config.build_generation;
-        instance.set_limits(config.settings.memory_limit, config.settings.call_timeout);
+        apply_limits(&mut instance, &config.settings);
         metrics.register_projection(&config.track, &plugin.version, &plugin.sha256);
         board.insert(ProjectionStatus {
             name: config.track.clone(),
@@ -236,7 +248,9 @@ impl ProjectionWorker {
             needs_setup: true,
             build_generation,
             next: None,
-            role: None,
+            session: None,
+            session_options,
+            token,
             prepared: None,
             checkpoints: HashMap::new(),
             parked: HashSet::new(),
@@ -258,32 +272,28 @@ impl ProjectionWorker {
         &self.config.track
     }
 
-    /// `SET LOCAL` statements that start every transaction touching the read model.
-    fn prelude(&self) -> String {
-        let mut sql = format!(
-            "SET LOCAL synchronous_commit = off; SET LOCAL search_path = {}; SET LOCAL statement_timeout = {}",
-            self.schema,
-            self.config.settings.call_timeout.as_millis().max(1)
-        );
-        if let Some(role) = &self.role {
-            sql.push_str(&format!("; SET LOCAL ROLE {}", quote_ident(role)));
+    /// Who records this read model's batches.
+    fn caller(&self) -> Caller<'_> {
+        Caller {
+            replica_set: &self.config.replica_set,
+            worker: &self.config.worker,
+            token: &self.token,
+            projection: &self.config.track,
         }
-        sql
     }
 
-    /// Back to the host's own role after the plugin's part of a transaction, checking that the
-    /// plugin did not leave its role.
-    async fn leave_role(
-        role: &Option<String>,
-        tx: &mut Transaction<'static, Postgres>,
-    ) -> Result<(), BatchError> {
-        if let Some(role) = role {
-            if !isolation::still_confined(tx, role).await? {
-                return Err(BatchError::Escaped(role.clone()));
-            }
-            sqlx::Executor::execute(&mut **tx, "RESET ROLE").await?;
-        }
-        Ok(())
+    /// Starts a transaction on the projection's own session.
+    async fn begin(&mut self) -> Result<BatchTx, BatchError> {
+        let settings = TxSettings {
+            schema: self.config.namespace.clone(),
+            statement_timeout: self.config.settings.call_timeout,
+            // A batch never idles in its transaction for longer than a plugin call.
+            idle_timeout: self.config.settings.call_timeout + Duration::from_secs(30),
+        };
+        let session = self.session.as_mut().ok_or_else(|| {
+            BatchError::Instantiate("the projection's session is not set up".into())
+        })?;
+        Ok(session.begin(&settings).await?)
     }
 
     /// Runs until `stop`: batches already started finish; no new one starts.
@@ -301,8 +311,9 @@ impl ProjectionWorker {
                         Duration::from_millis(200),
                         Duration::from_secs(30),
                     );
-                    tracing::error!(projection = self.name(), error = %e, retry_in = ?delay, "projection setup failed");
-                    self.report_error(&e.to_string());
+                    let error = crate::base::text::plugin_message(&e.to_string());
+                    tracing::error!(projection = self.name(), error = %error, retry_in = ?delay, "projection setup failed");
+                    self.report_error(&error);
                     tokio::select! {
                         _ = stop.cancelled() => return self.stopped(),
                         _ = tokio::time::sleep(delay) => {}
@@ -361,7 +372,7 @@ impl ProjectionWorker {
             }
             if let Err(e) = self.refresh_checkpoints(&lease).await {
                 drop(lease);
-                self.retry_after(&stop, BatchError::Database(e)).await;
+                self.retry_after(&stop, e).await;
                 continue;
             }
             let active: Vec<(PartitionId, Epoch)> = lease
@@ -456,35 +467,58 @@ impl ProjectionWorker {
     /// cannot collide.
     async fn setup(&mut self) -> Result<(), BatchError> {
         let started = Instant::now();
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "SELECT pg_advisory_xact_lock(hashtext('projection_host.setup'), hashtext($1))",
-        )
-        .bind(&self.config.namespace)
-        .execute(&mut *tx)
-        .await?;
-        let mut prepared_now = None;
-        match self.config.isolation {
-            SqlIsolation::Role => {
-                let target = (self.config.namespace.clone(), self.plugin.name.clone());
-                if self.prepared.as_ref() != Some(&target) {
-                    let role = isolation::role_name(&mut tx, &self.plugin.name).await?;
-                    isolation::prepare(&mut tx, &self.config.namespace, &role).await?;
-                    self.role = Some(role);
-                    prepared_now = Some(target);
+        let target = (self.config.namespace.clone(), self.plugin.name.clone());
+        if self.prepared.as_ref() != Some(&target) || self.session.is_none() {
+            let credentials = match self.config.isolation {
+                SqlIsolation::Role => Some(
+                    role::prepare(
+                        &self.pool,
+                        &self.config.replica_set,
+                        &self.plugin.name,
+                        &self.config.namespace,
+                    )
+                    .await?,
+                ),
+                SqlIsolation::Unconfined => {
+                    sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {}", self.schema))
+                        .execute(&self.pool)
+                        .await?;
+                    None
                 }
-            }
-            SqlIsolation::Schema => {
-                sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {}", self.schema))
-                    .execute(&mut *tx)
-                    .await?;
-            }
+            };
+            self.session = Some(ProjectionSession::new(
+                self.session_options.clone(),
+                self.pool.clone(),
+                credentials,
+                &self.config.replica_set,
+                &self.plugin.name,
+            ));
+            self.prepared = Some(target);
         }
-        let prelude = self.prelude();
-        sqlx::Executor::execute(&mut *tx, prelude.as_str()).await?;
+        // Concurrent `CREATE ... IF NOT EXISTS` of several hosts can collide, so setups of one
+        // read model are serialised. The lock is a row of the host's (a projection's session
+        // cannot take it, nor hold it against another projection), held by a host transaction
+        // while the projection's own session runs the plugin's setup.
+        let mut lock = self.pool.begin().await?;
+        sqlx::query(
+            "SELECT pg_catalog.set_config('idle_in_transaction_session_timeout', $1, true)",
+        )
+        .bind(
+            (self.config.settings.call_timeout + Duration::from_secs(60))
+                .as_millis()
+                .to_string(),
+        )
+        .execute(&mut *lock)
+        .await?;
+        crate::db::host_lock(&mut lock, &format!("setup:{}", self.config.namespace)).await?;
+        let mut tx = self.begin().await?;
+        tx.mark_dirty();
         let instance = self.instance().await?;
         let outcome = instance.setup(tx).await;
         if let Err(failure) = outcome.result {
+            if let Some(tx) = outcome.tx {
+                let _ = tx.rollback().await;
+            }
             if failure.poisons_instance() {
                 self.instance = None;
             }
@@ -500,16 +534,15 @@ impl ProjectionWorker {
         let mut tx = outcome
             .tx
             .ok_or_else(|| BatchError::Instantiate("setup lost its transaction".into()))?;
-        Self::leave_role(&self.role, &mut tx).await?;
+        tx.seal(self.config.settings.call_timeout).await?;
+        tx.refuse_large_objects().await?;
         tx.commit().await?;
-        if prepared_now.is_some() {
-            self.prepared = prepared_now;
-        }
+        lock.commit().await?;
         tracing::info!(
             projection = self.name(),
             version = %self.plugin.version,
             sha256 = %&self.plugin.sha256[..12],
-            role = ?self.role,
+            role = self.session.as_ref().and_then(|s| s.role()).unwrap_or("(the host's own: SQL_ISOLATION=none)"),
             elapsed = ?started.elapsed(),
             "read model set up"
         );
@@ -555,10 +588,7 @@ impl ProjectionWorker {
                     .await
                     .map_err(|e| BatchError::Instantiate(e.to_string()))?
                     .map_err(|e| BatchError::Instantiate(format!("{e:#}")))?;
-                instance.set_limits(
-                    self.config.settings.memory_limit,
-                    self.config.settings.call_timeout,
-                );
+                apply_limits(&mut instance, &self.config.settings);
                 tracing::info!(
                     projection = self.name(),
                     from = %format!("{} {}", self.plugin.version, &self.plugin.sha256[..12]),
@@ -604,10 +634,7 @@ impl ProjectionWorker {
             let mut instance = PluginInstance::instantiate(&self.runtime, &self.plugin)
                 .await
                 .map_err(|e| BatchError::Instantiate(format!("{e:#}")))?;
-            instance.set_limits(
-                self.config.settings.memory_limit,
-                self.config.settings.call_timeout,
-            );
+            apply_limits(&mut instance, &self.config.settings);
             self.instance = Some(instance);
         }
         Ok(self.instance.as_mut().expect("set above"))
@@ -615,7 +642,7 @@ impl ProjectionWorker {
 
     /// Loads the checkpoints (and parked aggregates) of partitions claimed since the last batch:
     /// a new epoch means a new claim, and another worker may have advanced them meanwhile.
-    async fn refresh_checkpoints(&mut self, lease: &Lease) -> Result<(), sqlx::Error> {
+    async fn refresh_checkpoints(&mut self, lease: &Lease) -> Result<(), BatchError> {
         let stale: Vec<i32> = lease
             .partitions
             .iter()
@@ -635,6 +662,8 @@ impl ProjectionWorker {
         .fetch_all(&self.pool)
         .await?;
         let found: HashMap<i32, i64> = rows.into_iter().collect();
+        refuse_checkpoints_past_the_head(&self.pool, &self.config, self.head.current().raw, &found)
+            .await?;
         for (p, e) in &lease.partitions {
             if stale.contains(&p.as_i32()) {
                 self.checkpoints
@@ -783,15 +812,12 @@ impl ProjectionWorker {
             }
         }
 
-        let mut tx = self.pool.begin().await?;
-        let prelude = self.prelude();
-        sqlx::Executor::execute(&mut *tx, prelude.as_str()).await?;
+        let mut tx = self.begin().await?;
         let plugin_started = Instant::now();
         let handed = mine.len();
         if !mine.is_empty() {
             tx = self.handle(tx, mine).await?;
         }
-        Self::leave_role(&self.role, &mut tx).await?;
         let plugin_seconds = plugin_started.elapsed().as_secs_f64();
         self.stages.handle += plugin_started.elapsed();
         let commit_started = Instant::now();
@@ -805,13 +831,8 @@ impl ProjectionWorker {
                 error,
             })
             .collect();
-        dead_letters::park(
-            &mut tx,
-            &self.config.replica_set,
-            &self.config.track,
-            &parked_now,
-        )
-        .await?;
+        tx.seal(self.config.settings.call_timeout).await?;
+        dead_letters::park(tx.conn(), self.caller(), &parked_now).await?;
         self.commit(tx, active, from, covered_to, handed).await?;
         self.stages.commit += commit_started.elapsed();
         for (p, e) in active {
@@ -867,16 +888,8 @@ impl ProjectionWorker {
             self.reader.read_positions(&mut conn, &positions).await?
         };
         let count = events.len();
-        let mut tx = self.pool.begin().await?;
-        let prelude = self.prelude();
-        sqlx::Executor::execute(&mut *tx, prelude.as_str()).await?;
-        let result = match self.handle(tx, events).await {
-            Ok(mut tx) => match Self::leave_role(&self.role, &mut tx).await {
-                Ok(()) => Ok(tx),
-                Err(e) => Err(e),
-            },
-            Err(e) => Err(e),
-        };
+        let tx = self.begin().await?;
+        let result = self.handle(tx, events).await;
         let mut tx = match result {
             Ok(tx) => tx,
             Err(e) => {
@@ -888,7 +901,8 @@ impl ProjectionWorker {
                 return Ok(());
             }
         };
-        dead_letters::remove(&mut tx, &ids).await?;
+        tx.seal(self.config.settings.call_timeout).await?;
+        dead_letters::remove(tx.conn(), self.caller(), &ids).await?;
         let lowest = self.lowest_checkpoint(active);
         self.commit(tx, active, lowest, lowest, count).await?;
         tracing::info!(
@@ -900,22 +914,20 @@ impl ProjectionWorker {
         Ok(())
     }
 
-    /// Records checkpoints and the audit row behind the fences, and commits; a fenced or
-    /// superseded batch rolls back whole.
+    /// Records checkpoints and the audit row behind the fences (after [`BatchTx::seal`]), and
+    /// commits; a fenced or superseded batch rolls back whole.
     async fn commit(
         &mut self,
-        mut tx: Transaction<'static, Postgres>,
+        mut tx: BatchTx,
         active: &[(PartitionId, Epoch)],
         from: i64,
         to: i64,
         events: usize,
     ) -> Result<(), BatchError> {
         let outcome = record_batch(
-            &mut tx,
+            tx.conn(),
             &BatchCommit {
-                replica_set: &self.config.replica_set,
-                projection: &self.config.track,
-                worker: &self.config.worker,
+                caller: self.caller(),
                 partitions: active,
                 from_position: from,
                 to_position: to,
@@ -1002,9 +1014,9 @@ impl ProjectionWorker {
 
     async fn handle(
         &mut self,
-        tx: Transaction<'static, Postgres>,
+        tx: BatchTx,
         events: Vec<StoredEvent>,
-    ) -> Result<Transaction<'static, Postgres>, BatchError> {
+    ) -> Result<BatchTx, BatchError> {
         let first = events.first().map_or(0, |e| e.global_position);
         let last = events.last().map_or(0, |e| e.global_position);
         let count = events.len();
@@ -1026,13 +1038,12 @@ impl ProjectionWorker {
         let outcome = instance.handle_batch(tx, events).await;
         let mut tx = outcome.tx;
         let mut result = outcome.result;
-        if let (Ok(()), Some(role), Some(t)) = (&result, &self.role, tx.as_mut()) {
-            // Defence in depth: statements that could change the role are refused before they
-            // reach PostgreSQL, so this should never trip.
-            if !isolation::still_confined(t, role).await? {
+        if let (Ok(()), Some(t)) = (&result, tx.as_mut()) {
+            // Large objects live outside every schema: the plugin's batch may not keep one.
+            if let Err(e) = t.refuse_large_objects().await {
                 result = Err(PluginFailure::Sql(crate::sink::EffectError {
                     kind: crate::sink::EffectErrorKind::PermissionDenied,
-                    message: format!("the plugin's SQL left its database role {role}"),
+                    message: e.to_string(),
                     database: None,
                 }));
             }
@@ -1042,6 +1053,10 @@ impl ProjectionWorker {
                 BatchError::Instantiate("the plugin call lost its transaction".into())
             }),
             Err(failure) => {
+                if let Some(tx) = tx {
+                    // Ends a poisoned session on the server; rolls back a healthy one.
+                    let _ = tx.rollback().await;
+                }
                 if failure.poisons_instance() {
                     // A trapped instance cannot be entered again; the next batch gets a new one.
                     self.instance = None;
@@ -1088,7 +1103,7 @@ impl ProjectionWorker {
         );
         let reason = match &error {
             BatchError::Plugin { failure, .. } if failure.is_transient() => "database",
-            BatchError::Plugin { .. } | BatchError::Instantiate(_) | BatchError::Escaped(_) => {
+            BatchError::Plugin { .. } | BatchError::Instantiate(_) | BatchError::Refused(_) => {
                 "plugin"
             }
             _ => "database",
@@ -1146,6 +1161,8 @@ impl ProjectionWorker {
             }
             other => other.to_string(),
         };
+        // Server messages can carry plugin data (a trigger's RAISE): one bounded line.
+        let message = crate::base::text::plugin_message(&message);
         if reason == "database" {
             tracing::warn!(projection = self.name(), attempt = self.failures, retry_in = ?delay, "batch rolled back: {message}");
         } else {
@@ -1208,4 +1225,58 @@ impl ProjectionWorker {
             s.last_error_at = Some(chrono::Utc::now());
         });
     }
+}
+
+/// Sandbox and host-memory limits of the projection's settings.
+fn apply_limits(instance: &mut PluginInstance, settings: &ProjectionSettings) {
+    instance.set_limits(
+        settings.memory_limit,
+        settings.call_timeout,
+        HostMemoryLimits {
+            write_bytes: settings.max_write_bytes,
+            query_bytes: settings.max_query_bytes,
+        },
+    );
+}
+
+/// A checkpoint can never be above the highest event: one that is (written by hand, or left
+/// from another events table) would make the partition skip every event up to it. The
+/// projection is refused, naming what is wrong, until an operator fixes the checkpoint.
+async fn refuse_checkpoints_past_the_head(
+    pool: &PgPool,
+    config: &PipelineConfig,
+    seen_head: i64,
+    found: &HashMap<i32, i64>,
+) -> Result<(), BatchError> {
+    if found.values().all(|p| *p <= seen_head) {
+        return Ok(());
+    }
+    // This host's view of the head may lag another's: ask the table itself.
+    let head: i64 = sqlx::query_scalar(&format!(
+        "SELECT coalesce(max(global_position), 0) FROM {}",
+        config.events_table
+    ))
+    .fetch_one(pool)
+    .await?;
+    let mut past: Vec<(i32, i64)> = found
+        .iter()
+        .filter(|(_, p)| **p > head)
+        .map(|(k, v)| (*k, *v))
+        .collect();
+    if past.is_empty() {
+        return Ok(());
+    }
+    past.sort();
+    let list: Vec<String> = past
+        .iter()
+        .map(|(p, v)| format!("partition {p} at {v}"))
+        .collect();
+    Err(BatchError::Refused(format!(
+        "projection {} has checkpoints above the highest event position {head} ({}): they would skip events. \
+         Not running it; correct them (UPDATE projection_host.checkpoints SET position = ... WHERE replica_set = '{}' AND projection = '{}')",
+        config.track,
+        list.join(", "),
+        config.replica_set,
+        config.track
+    )))
 }

@@ -6,14 +6,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::{Postgres, Transaction};
 use wasmtime::Store;
 
 use super::bindings::types::{self, Batch, Event};
 use super::bindings::{Projection, ProjectionPre};
 use super::limits::{Breach, Limits};
-use super::state::StoreState;
+use super::state::{HostMemoryLimits, StoreState};
 use super::{Runtime, TransientDatabaseError};
+use crate::sink::session::BatchTx;
 use crate::sink::EffectError;
 use crate::source::StoredEvent;
 
@@ -68,7 +68,7 @@ impl PluginFailure {
 
 /// The transaction handed back after a call, and what happened.
 pub struct CallOutcome {
-    pub tx: Option<Transaction<'static, Postgres>>,
+    pub tx: Option<BatchTx>,
     pub result: Result<(), PluginFailure>,
 }
 
@@ -98,10 +98,17 @@ impl PluginInstance {
     }
 
     /// Applies a projection's own sandbox limits (from its settings).
-    pub fn set_limits(&mut self, memory_bytes: u64, call_timeout: Duration) {
-        let limits = &mut self.store.data_mut().limits;
-        limits.memory_bytes = memory_bytes;
-        limits.call_timeout = call_timeout;
+    pub fn set_limits(
+        &mut self,
+        memory_bytes: u64,
+        call_timeout: Duration,
+        host: HostMemoryLimits,
+    ) {
+        let state = self.store.data_mut();
+        state.limits.memory_bytes = memory_bytes;
+        state.limits.call_timeout = call_timeout;
+        state.batch.memory = host;
+        state.batch.buffer.set_max_bytes(host.write_bytes);
     }
 
     pub(super) fn set_projection(&mut self, name: Arc<str>) {
@@ -120,7 +127,7 @@ impl PluginInstance {
     }
 
     /// Runs `setup` inside `tx`, then flushes its keyed writes.
-    pub async fn setup(&mut self, tx: Transaction<'static, Postgres>) -> CallOutcome {
+    pub async fn setup(&mut self, tx: BatchTx) -> CallOutcome {
         self.begin(tx);
         let budget = self.store_call_budget();
         let call = self
@@ -128,6 +135,7 @@ impl PluginInstance {
             .pupsourcing_projection_handler()
             .call_setup(&mut self.store);
         let result = timed(call, budget).await;
+        self.poison_if_abandoned(&result);
         let result = self.classify(result.map(|r| {
             r.map(|inner| {
                 inner.map_err(|e| types::HandlerError {
@@ -140,11 +148,7 @@ impl PluginInstance {
     }
 
     /// Runs `handle-batch` inside `tx`, then flushes its keyed writes.
-    pub async fn handle_batch(
-        &mut self,
-        tx: Transaction<'static, Postgres>,
-        events: Vec<StoredEvent>,
-    ) -> CallOutcome {
+    pub async fn handle_batch(&mut self, tx: BatchTx, events: Vec<StoredEvent>) -> CallOutcome {
         let batch = to_wit_batch(events);
         self.begin(tx);
         let budget = self.store_call_budget();
@@ -153,6 +157,7 @@ impl PluginInstance {
             .pupsourcing_projection_handler()
             .call_handle_batch(&mut self.store, &batch);
         let result = timed(call, budget).await;
+        self.poison_if_abandoned(&result);
         let result = self.classify(result);
         self.finish(result).await
     }
@@ -161,7 +166,17 @@ impl PluginInstance {
         self.store.data().limits.call_timeout + WALL_CLOCK_GRACE
     }
 
-    fn begin(&mut self, tx: Transaction<'static, Postgres>) {
+    /// A call cut off by the wall clock may have left a statement running on the batch's
+    /// session: it is ended on the server instead of reused.
+    fn poison_if_abandoned<T>(&mut self, result: &Result<T, tokio::time::error::Elapsed>) {
+        if result.is_err() {
+            if let Some(tx) = self.store.data_mut().batch.tx.as_mut() {
+                tx.poison();
+            }
+        }
+    }
+
+    fn begin(&mut self, tx: BatchTx) {
         let state = self.store.data_mut();
         state.batch.tx = Some(tx);
         state.batch.buffer.clear();
@@ -205,10 +220,23 @@ impl PluginInstance {
             }),
             Ok(Ok(Ok(value))) => Ok(value),
             Ok(Ok(Err(e))) => Err(PluginFailure::Rejected {
-                message: e.message,
+                message: crate::base::text::plugin_message(&e.message),
                 position: e.position,
             }),
             Ok(Err(trap)) => {
+                if let Some(failed) = state
+                    .batch
+                    .failed
+                    .as_ref()
+                    .filter(|f| f.kind == crate::sink::EffectErrorKind::LimitExceeded && f.database.is_some())
+                {
+                    // The statement timeout ended the plugin's SQL; the deadline that fired as
+                    // the guest resumed is the same limit seen twice. Name the statement.
+                    return Err(PluginFailure::Limit {
+                        breach: Breach::Deadline(state.limits.call_timeout),
+                        message: failed.message.clone(),
+                    });
+                }
                 if let Some(breach) = state.limits.breach {
                     let message = match breach {
                         Breach::Deadline(limit) => format!("plugin call exceeded its CPU deadline of {limit:?} (limit plugin_call_timeout)"),

@@ -47,6 +47,54 @@ pub enum LoadError {
         name: String,
         reason: String,
     },
+    #[error("plugin {path} describes itself with {reason}")]
+    InvalidDescriptor { path: PathBuf, reason: String },
+}
+
+/// Longest plugin version string (it becomes a metric label and appears in every log line).
+pub const MAX_VERSION_BYTES: usize = 64;
+/// Most entries per subscription list, and longest entry.
+pub const MAX_SUBSCRIPTION_ENTRIES: usize = 256;
+pub const MAX_SUBSCRIPTION_ENTRY_BYTES: usize = 255;
+
+/// The descriptor's other strings are bounded: they reach metric labels, logs and SQL
+/// parameters on every batch.
+fn validate_descriptor(d: &super::bindings::types::Descriptor) -> Result<(), String> {
+    if d.version.len() > MAX_VERSION_BYTES {
+        return Err(format!(
+            "a version string of {} bytes; at most {MAX_VERSION_BYTES} are allowed",
+            d.version.len()
+        ));
+    }
+    if d.version.is_empty() || d.version.chars().any(|c| c.is_control() || c == '"') {
+        return Err(format!(
+            "the version '{}'; use printable characters without quotes (e.g. 1.2.0)",
+            crate::base::text::bounded(&d.version, 80)
+        ));
+    }
+    let s = &d.subscription;
+    for (list, entries) in [
+        ("bounded contexts", &s.bounded_contexts),
+        ("aggregate types", &s.aggregate_types),
+        ("event types", &s.event_types),
+    ] {
+        if entries.len() > MAX_SUBSCRIPTION_ENTRIES {
+            return Err(format!(
+                "{} subscribed {list}; at most {MAX_SUBSCRIPTION_ENTRIES} are allowed",
+                entries.len()
+            ));
+        }
+        if let Some(long) = entries
+            .iter()
+            .find(|e| e.len() > MAX_SUBSCRIPTION_ENTRY_BYTES)
+        {
+            return Err(format!(
+                "a subscribed entry of {} bytes among its {list}; at most {MAX_SUBSCRIPTION_ENTRY_BYTES} are allowed",
+                long.len()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A projection component that passed every check: compiled, linked, and described.
@@ -142,7 +190,11 @@ impl Runtime {
         })?;
         validate_name(&descriptor.name).map_err(|reason| LoadError::InvalidName {
             path: path.clone(),
-            name: descriptor.name.clone(),
+            name: crate::base::text::bounded(&descriptor.name, 64),
+            reason,
+        })?;
+        validate_descriptor(&descriptor).map_err(|reason| LoadError::InvalidDescriptor {
+            path: path.clone(),
             reason,
         })?;
         let name: Arc<str> = Arc::from(descriptor.name.as_str());
@@ -159,6 +211,7 @@ impl Runtime {
             source: path,
             pre,
         };
+        tracing::debug!(projection = %plugin.name, version = %plugin.version, sha256 = %&plugin.sha256[..12], "plugin loaded and described");
         Ok((Arc::new(plugin), instance))
     }
 
@@ -263,6 +316,63 @@ pub fn validate_name(name: &str) -> Result<(), String> {
                 .into(),
         )
     }
+}
+
+/// The compiled-component cache holds native code the host runs without checking it again, so
+/// it must be private to the host's user: created with mode 0700 when missing, refused when it
+/// belongs to another user or other users may write it.
+pub fn prepare_cache_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    match std::fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "cannot create the compiled-plugin cache {} (PLUGIN_CACHE_DIR): {e};                          point PLUGIN_CACHE_DIR at a writable private directory, or set it empty to disable the cache",
+                        dir.display()
+                    )
+                })?;
+            Ok(())
+        }
+        Err(e) => anyhow::bail!(
+            "cannot read the compiled-plugin cache {} (PLUGIN_CACHE_DIR): {e}",
+            dir.display()
+        ),
+        Ok(meta) => {
+            let me = effective_uid();
+            if !meta.is_dir() {
+                anyhow::bail!(
+                    "the compiled-plugin cache {} (PLUGIN_CACHE_DIR) is not a directory (a symbolic link or a file);                      the host runs the native code kept there, so it must be a private directory of its own",
+                    dir.display()
+                );
+            }
+            if meta.uid() != me {
+                anyhow::bail!(
+                    "the compiled-plugin cache {} (PLUGIN_CACHE_DIR) belongs to user {}, not to the host's user {me};                      the host runs the native code kept there, so another user must not control it: use a directory of the host's own",
+                    dir.display(),
+                    meta.uid()
+                );
+            }
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o022 != 0 {
+                anyhow::bail!(
+                    "the compiled-plugin cache {} (PLUGIN_CACHE_DIR) can be written by other users (mode {mode:o});                      the host runs the native code kept there: chmod 700 {}, or use a private directory",
+                    dir.display(),
+                    dir.display()
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The effective user id of this process.
+fn effective_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
 }
 
 /// Raises the calling thread's nice value (a per-thread attribute on Linux). Best effort: a

@@ -36,6 +36,9 @@ pub struct Runtime {
 
 impl Runtime {
     pub fn new(config: RuntimeConfig) -> anyhow::Result<Runtime> {
+        if let Some(dir) = &config.cache_dir {
+            loader::prepare_cache_dir(dir)?;
+        }
         let mut wasm = Config::new();
         wasm.wasm_component_model(true)
             // CPU deadlines: the guest checks the epoch at function entries and loop heads.

@@ -3,12 +3,12 @@
 
 use std::sync::Arc;
 
-use sqlx::{Postgres, Transaction};
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::limits::Limits;
+use crate::sink::session::BatchTx;
 use crate::sink::EffectError;
 use crate::sink::{EffectBuffer, SchemaCache};
 
@@ -21,9 +21,28 @@ pub const MAX_PENDING_ROWS: usize = 1_000_000;
 /// Most rows a plugin query may return.
 pub const MAX_QUERY_ROWS: usize = 100_000;
 
+/// Host memory a plugin can make grow within one call, in bytes (per-projection settings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostMemoryLimits {
+    /// Keys and values buffered by the keyed API (limit max_write_bytes).
+    pub write_bytes: u64,
+    /// The rows of one `query` result (limit max_query_bytes).
+    pub query_bytes: u64,
+}
+
+impl Default for HostMemoryLimits {
+    fn default() -> Self {
+        HostMemoryLimits {
+            write_bytes: 64 << 20,
+            query_bytes: 16 << 20,
+        }
+    }
+}
+
 /// Read-model access for the batch in progress.
 pub struct BatchContext {
-    pub tx: Option<Transaction<'static, Postgres>>,
+    pub tx: Option<BatchTx>,
+    pub memory: HostMemoryLimits,
     pub buffer: EffectBuffer,
     pub schemas: SchemaCache,
     /// A SQL error the plugin saw: the transaction is aborted, so the batch must fail even if
@@ -56,7 +75,11 @@ impl StoreState {
             limits,
             batch: BatchContext {
                 tx: None,
-                buffer: EffectBuffer::new(MAX_PENDING_ROWS),
+                memory: HostMemoryLimits::default(),
+                buffer: EffectBuffer::new(
+                    MAX_PENDING_ROWS,
+                    HostMemoryLimits::default().write_bytes,
+                ),
                 schemas: SchemaCache::default(),
                 failed: None,
                 logged: 0,
@@ -83,7 +106,7 @@ impl StoreState {
         text.push_str(&String::from_utf8_lossy(
             err.get(self.output_mark.1..).unwrap_or_default(),
         ));
-        text.split_whitespace().collect::<Vec<_>>().join(" ")
+        crate::base::text::plugin_message(&text.split_whitespace().collect::<Vec<_>>().join(" "))
     }
 }
 

@@ -71,7 +71,29 @@ impl RowState {
     pub fn has_writes(&self) -> bool {
         self.ops.iter().any(Option::is_some)
     }
+
+    /// Host memory held for this row and its key (for the byte limit).
+    fn size(&self, key: &Key) -> u64 {
+        let known = match &self.known {
+            Known::Present(values) => values.iter().map(SqlValue::size).sum(),
+            _ => 0,
+        };
+        ROW_OVERHEAD
+            + key.iter().map(KeyPart::size).sum::<u64>()
+            + self
+                .ops
+                .iter()
+                .map(|op| {
+                    std::mem::size_of::<Option<Pending>>() as u64
+                        + op.as_ref().map_or(0, |p| p.value.size())
+                })
+                .sum::<u64>()
+            + known
+    }
 }
+
+/// Bookkeeping per buffered row beyond its values (hash table entry, row state).
+const ROW_OVERHEAD: u64 = 96;
 
 /// The outcome of a buffered operation that may need the database first.
 #[derive(Debug, PartialEq)]
@@ -90,22 +112,59 @@ pub struct TableBuffer {
     pub rows: HashMap<Key, RowState, RandomState>,
 }
 
-/// All keyed writes of one batch.
+/// All keyed writes of one batch, bounded in rows and in bytes of host memory.
 pub struct EffectBuffer {
     tables: Vec<TableBuffer>,
     by_table: HashMap<String, usize, RandomState>,
     rows: usize,
     max_rows: usize,
+    bytes: u64,
+    max_bytes: u64,
 }
 
 impl EffectBuffer {
-    pub fn new(max_rows: usize) -> Self {
+    pub fn new(max_rows: usize, max_bytes: u64) -> Self {
         EffectBuffer {
             tables: Vec::new(),
             by_table: HashMap::default(),
             rows: 0,
             max_rows,
+            bytes: 0,
+            max_bytes,
         }
+    }
+
+    /// Changes the byte limit (a projection's own setting).
+    pub fn set_max_bytes(&mut self, max_bytes: u64) {
+        self.max_bytes = max_bytes;
+    }
+
+    /// Host memory the buffered rows hold.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Runs `change` on a row and keeps the byte count; refuses once the buffer holds more than
+    /// its limit (the change stays: the batch fails as a whole).
+    fn account<T>(
+        &mut self,
+        schema: &Arc<TableSchema>,
+        key: &Key,
+        change: impl FnOnce(&mut RowState) -> Result<T, EffectError>,
+    ) -> Result<T, EffectError> {
+        let max_bytes = self.max_bytes;
+        let row = self.row_mut(schema, key)?;
+        let before = row.size(key);
+        let result = change(row);
+        let after = row.size(key);
+        self.bytes = (self.bytes + after).saturating_sub(before);
+        if self.bytes > max_bytes {
+            return Err(EffectError::limit(format!(
+                "the batch's buffered writes hold {} bytes, over the limit of {max_bytes} bytes (limit max_write_bytes)",
+                self.bytes
+            )));
+        }
+        result
     }
 
     pub fn is_empty(&self) -> bool {
@@ -121,6 +180,7 @@ impl EffectBuffer {
     pub fn take(&mut self) -> Vec<TableBuffer> {
         self.by_table.clear();
         self.rows = 0;
+        self.bytes = 0;
         std::mem::take(&mut self.tables)
     }
 
@@ -133,6 +193,7 @@ impl EffectBuffer {
         let index = *self.by_table.get(&schema.qualified)?;
         let row = self.tables[index].rows.remove(key)?;
         self.rows -= 1;
+        self.bytes = self.bytes.saturating_sub(row.size(key));
         Some(row)
     }
 
@@ -185,7 +246,13 @@ impl EffectBuffer {
         for (column, merge, value) in assignments {
             validate_assignment(schema, *column, *merge, value)?;
         }
-        let row = self.row_mut(schema, key)?;
+        self.account(schema, key, |row| Self::upsert_row(row, assignments))
+    }
+
+    fn upsert_row(
+        row: &mut RowState,
+        assignments: &[(usize, Merge, SqlValue)],
+    ) -> Result<Need, EffectError> {
         // Plan first, so that a row is never left half-updated.
         let mut planned: Vec<(usize, Option<Pending>)> = Vec::with_capacity(assignments.len());
         for (column, merge, value) in assignments {
@@ -251,16 +318,17 @@ impl EffectBuffer {
 
     /// Buffers a delete.
     pub fn delete(&mut self, schema: &Arc<TableSchema>, key: &Key) -> Result<(), EffectError> {
-        let row = self.row_mut(schema, key)?;
-        let may_be_stored = match row.known {
-            Known::Unknown | Known::Present(_) => true,
-            Known::Absent | Known::Inserted => false,
-        };
-        row.delete_first |= may_be_stored;
-        row.known = Known::Absent;
-        row.ops.iter_mut().for_each(|op| *op = None);
-        row.upserted = false;
-        Ok(())
+        self.account(schema, key, |row| {
+            let may_be_stored = match row.known {
+                Known::Unknown | Known::Present(_) => true,
+                Known::Absent | Known::Inserted => false,
+            };
+            row.delete_first |= may_be_stored;
+            row.known = Known::Absent;
+            row.ops.iter_mut().for_each(|op| *op = None);
+            row.upserted = false;
+            Ok(())
+        })
     }
 
     /// The row as this batch sees it, if that is known without the database.
@@ -284,17 +352,18 @@ impl EffectBuffer {
         key: &Key,
         stored: Option<Vec<SqlValue>>,
     ) -> Result<(), EffectError> {
-        let row = self.row_mut(schema, key)?;
-        debug_assert!(
-            !row.has_writes() && !row.delete_first,
-            "flush the row before providing it"
-        );
-        row.known = match stored {
-            Some(values) => Known::Present(values),
-            None => Known::Absent,
-        };
-        row.upserted = false;
-        Ok(())
+        self.account(schema, key, |row| {
+            debug_assert!(
+                !row.has_writes() && !row.delete_first,
+                "flush the row before providing it"
+            );
+            row.known = match stored {
+                Some(values) => Known::Present(values),
+                None => Known::Absent,
+            };
+            row.upserted = false;
+            Ok(())
+        })
     }
 }
 
@@ -453,7 +522,7 @@ mod tests {
     #[test]
     fn adds_to_one_row_coalesce_into_one_write() {
         let schema = test_schema();
-        let mut buf = EffectBuffer::new(100);
+        let mut buf = EffectBuffer::new(100, u64::MAX);
         for amount in [5, -2, 10] {
             assert_eq!(
                 upsert(
@@ -486,7 +555,7 @@ mod tests {
     #[test]
     fn set_then_add_becomes_a_set_and_max_keeps_the_greatest() {
         let schema = test_schema();
-        let mut buf = EffectBuffer::new(100);
+        let mut buf = EffectBuffer::new(100, u64::MAX);
         upsert(
             &mut buf,
             &schema,
@@ -520,7 +589,7 @@ mod tests {
     #[test]
     fn an_inexpressible_combination_asks_for_materialization_and_changes_nothing() {
         let schema = test_schema();
-        let mut buf = EffectBuffer::new(100);
+        let mut buf = EffectBuffer::new(100, u64::MAX);
         upsert(&mut buf, &schema, "a", &[(1, Merge::Add, 5)]);
         let need = upsert(
             &mut buf,
@@ -546,7 +615,7 @@ mod tests {
     #[test]
     fn set_if_absent_after_an_upsert_of_the_same_row_does_nothing() {
         let schema = test_schema();
-        let mut buf = EffectBuffer::new(100);
+        let mut buf = EffectBuffer::new(100, u64::MAX);
         upsert(
             &mut buf,
             &schema,
@@ -578,7 +647,7 @@ mod tests {
     #[test]
     fn delete_then_upsert_reinserts_from_scratch() {
         let schema = test_schema();
-        let mut buf = EffectBuffer::new(100);
+        let mut buf = EffectBuffer::new(100, u64::MAX);
         upsert(&mut buf, &schema, "a", &[(1, Merge::Add, 5)]);
         buf.delete(&schema, &key("a")).unwrap();
         assert_eq!(buf.get(&schema, &key("a")), Ok(None));
@@ -618,7 +687,7 @@ mod tests {
     #[test]
     fn reads_see_the_batch_s_own_writes_once_the_row_is_known() {
         let schema = test_schema();
-        let mut buf = EffectBuffer::new(100);
+        let mut buf = EffectBuffer::new(100, u64::MAX);
         assert_eq!(buf.get(&schema, &key("a")), Err(Need::Fetch));
         let stored = vec![
             SqlValue::Text("a".into()),
@@ -654,7 +723,7 @@ mod tests {
     #[test]
     fn key_columns_and_non_numeric_adds_are_refused() {
         let schema = test_schema();
-        let mut buf = EffectBuffer::new(100);
+        let mut buf = EffectBuffer::new(100, u64::MAX);
         let err = buf
             .upsert(
                 &schema,
@@ -676,12 +745,49 @@ mod tests {
     #[test]
     fn the_row_limit_is_reported_with_its_name() {
         let schema = test_schema();
-        let mut buf = EffectBuffer::new(2);
+        let mut buf = EffectBuffer::new(2, u64::MAX);
         upsert(&mut buf, &schema, "a", &[(2, Merge::Add, 1)]);
         upsert(&mut buf, &schema, "b", &[(2, Merge::Add, 1)]);
         let err = buf
             .upsert(&schema, &key("c"), &[(2, Merge::Add, SqlValue::Int(1))])
             .unwrap_err();
         assert!(err.message.contains("max_pending_rows"), "{}", err.message);
+    }
+
+    #[test]
+    fn the_byte_limit_counts_what_the_buffer_holds_not_how_often_a_row_was_written() {
+        let schema = test_schema();
+        let mut buf = EffectBuffer::new(100, 10_000);
+        for _ in 0..1_000 {
+            upsert(
+                &mut buf,
+                &schema,
+                "a",
+                &[(1, Merge::Add, 1), (2, Merge::Add, 1)],
+            );
+        }
+        let one_row = buf.bytes();
+        assert!(one_row > 0 && one_row < 1_000, "{one_row}");
+        let big = SqlValue::Text("x".repeat(20_000));
+        let err = buf
+            .upsert(&schema, &key("b"), &[(5, Merge::Set, big)])
+            .unwrap_err();
+        assert!(err.message.contains("max_write_bytes"), "{}", err.message);
+        assert!(err.message.contains("10000 bytes"), "{}", err.message);
+    }
+
+    #[test]
+    fn flushing_a_row_alone_gives_its_bytes_back() {
+        let schema = test_schema();
+        let mut buf = EffectBuffer::new(100, u64::MAX);
+        buf.upsert(
+            &schema,
+            &key("a"),
+            &[(5, Merge::Set, SqlValue::Text("x".repeat(5_000)))],
+        )
+        .unwrap();
+        assert!(buf.bytes() > 5_000);
+        buf.take_row(&schema, &key("a")).unwrap();
+        assert_eq!(buf.bytes(), 0);
     }
 }

@@ -252,20 +252,46 @@ fn bind_column<'q>(
     }
 }
 
-/// Reads one stored row (locking it for the rest of the batch), in column order.
+/// Reads one stored row (locking it for the rest of the batch), in column order. A row whose
+/// values hold more than `max_bytes` is refused by the server's own measure before any value
+/// is sent, so a plugin cannot make the host read a huge row through the keyed API.
 pub async fn fetch_row(
     conn: &mut PgConnection,
     schema: &TableSchema,
     key: &Key,
+    max_bytes: u64,
 ) -> Result<Option<Vec<SqlValue>>, EffectError> {
-    let mut sql = String::from("SELECT ");
-    for (i, col) in schema.columns.iter().enumerate() {
-        if i > 0 {
-            sql.push_str(", ");
-        }
-        sql.push_str(&col.kind.read_expr(&col.quoted));
+    let sized: Vec<String> = schema
+        .columns
+        .iter()
+        .filter_map(|col| match col.kind {
+            ColumnKind::Int | ColumnKind::Float | ColumnKind::Bool => None,
+            ColumnKind::Bytes => Some(format!("coalesce(octet_length(t.{}), 0)::int8", col.quoted)),
+            _ => Some(format!(
+                "coalesce(octet_length(t.{}::text), 0)::int8",
+                col.quoted
+            )),
+        })
+        .collect();
+    let size = if sized.is_empty() {
+        "0".to_string()
+    } else {
+        sized.join(" + ")
+    };
+    let cap_param = schema.key.len() + 1;
+    let mut sql = String::from("SELECT s.size::int8");
+    for col in &schema.columns {
+        let _ = write!(
+            sql,
+            ", CASE WHEN s.size <= ${cap_param} THEN {} END",
+            col.kind.read_expr(&format!("t.{}", col.quoted))
+        );
     }
-    let _ = write!(sql, " FROM {} WHERE ", schema.qualified);
+    let _ = write!(
+        sql,
+        " FROM {} AS t, LATERAL (SELECT {size} AS size) AS s WHERE ",
+        schema.qualified
+    );
     for (i, c) in schema.key.iter().enumerate() {
         let col = &schema.columns[*c];
         if i > 0 {
@@ -273,14 +299,14 @@ pub async fn fetch_row(
         }
         let _ = write!(
             sql,
-            "{} = (${}::{})[1]::{}",
+            "t.{} = (${}::{})[1]::{}",
             col.quoted,
             i + 1,
             col.kind.bind_array_type(),
             col.sql_type
         );
     }
-    sql.push_str(" FOR UPDATE");
+    sql.push_str(" FOR UPDATE OF t");
     let mut query = sqlx::query(&sql);
     for (i, c) in schema.key.iter().enumerate() {
         query = bind_column(
@@ -290,12 +316,21 @@ pub async fn fetch_row(
         );
     }
     let row = query
+        .bind(i64::try_from(max_bytes).unwrap_or(i64::MAX))
         .fetch_optional(&mut *conn)
         .await
         .map_err(|e| EffectError::from_sql(&e))?;
     let Some(row) = row else { return Ok(None) };
+    let size: i64 = row.try_get(0).map_err(|e| EffectError::from_sql(&e))?;
+    if size as u64 > max_bytes {
+        return Err(EffectError::limit(format!(
+            "the row of '{}' holds {size} bytes, over the limit of {max_bytes} bytes for one read (limit max_query_bytes)",
+            schema.name
+        )));
+    }
     let mut values = Vec::with_capacity(schema.columns.len());
-    for (i, col) in schema.columns.iter().enumerate() {
+    for (column, col) in schema.columns.iter().enumerate() {
+        let i = column + 1;
         let value = match col.kind {
             ColumnKind::Int => row
                 .try_get::<Option<i64>, _>(i)

@@ -4,8 +4,9 @@
 pub mod buffer;
 pub mod commit;
 pub mod flush;
-pub mod isolation;
+pub mod role;
 pub mod schema;
+pub mod session;
 pub mod sql;
 pub mod values;
 
@@ -13,6 +14,15 @@ pub use buffer::EffectBuffer;
 pub use commit::{BatchCommit, CommitOutcome};
 pub use schema::{SchemaCache, TableSchema};
 pub use values::SqlValue;
+
+/// How plugin SQL is confined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SqlIsolation {
+    /// In sessions of the projection's own login role (`role`).
+    Role,
+    /// As the host's own user: trusted plugins only (`none`).
+    Unconfined,
+}
 
 /// An error a plugin can act on (returned through WIT), as opposed to a host failure (a trap).
 #[derive(Debug, Clone, thiserror::Error)]
@@ -56,11 +66,15 @@ impl EffectError {
         }
     }
 
-    /// Classifies a PostgreSQL error by SQLSTATE class.
+    /// Classifies a PostgreSQL error raised by a statement of the plugin's batch (its own SQL
+    /// or the host's SQL on its behalf) by SQLSTATE class.
     pub fn from_sql(error: &sqlx::Error) -> Self {
+        use crate::db::sqlstate::{INSUFFICIENT_PRIVILEGE, QUERY_CANCELED};
         let code = crate::db::sqlstate(error).unwrap_or_default();
-        let kind = if code == "42501" {
+        let kind = if code == INSUFFICIENT_PRIVILEGE {
             EffectErrorKind::PermissionDenied
+        } else if code == QUERY_CANCELED {
+            EffectErrorKind::LimitExceeded
         } else if code.starts_with("23") {
             EffectErrorKind::Conflict
         } else if code.starts_with("42") || code.starts_with("22") {
@@ -68,15 +82,30 @@ impl EffectError {
         } else {
             EffectErrorKind::Database
         };
-        let message = match error {
+        // The server's text can carry plugin data (RAISE EXCEPTION, a value in a message).
+        let message = crate::base::text::plugin_message(&match error {
+            sqlx::Error::Database(db) if code == QUERY_CANCELED => format!(
+                "{} (SQLSTATE {code}): the statement ran past its statement timeout (limit plugin_call_timeout)",
+                db.message()
+            ),
             sqlx::Error::Database(db) => format!("{} (SQLSTATE {code})", db.message()),
             other => other.to_string(),
-        };
+        });
         EffectError {
             kind,
             message,
             database: Some(DatabaseFailure {
-                transient: crate::db::is_transient(error),
+                // In a plugin's batch a cancelled statement is its statement timeout, and a
+                // missing or mismatched prepared statement is the plugin's own DEALLOCATE or
+                // PREPARE on its session: retrying the same batch would fail the same way, so
+                // these are plugin failures (the session is reset after the batch).
+                transient: crate::db::is_transient(error)
+                    && !matches!(
+                        code.as_str(),
+                        QUERY_CANCELED
+                            | crate::db::sqlstate::INVALID_SQL_STATEMENT_NAME
+                            | crate::db::sqlstate::PROTOCOL_VIOLATION
+                    ),
             }),
         }
     }

@@ -119,11 +119,13 @@ impl TableSchema {
             "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname) AS qualified,
                     a.attname::text AS column_name,
                     format_type(a.atttypid, a.atttypmod) AS sql_type,
+                    (t.typnamespace = 'pg_catalog'::regnamespace) AS builtin,
                     COALESCE((SELECT k.ord FROM unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
                                WHERE k.attnum = a.attnum), 0)::int4 AS key_position
                FROM pg_class c
                JOIN pg_namespace n ON n.oid = c.relnamespace
                JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+               JOIN pg_type t ON t.oid = a.atttypid
                LEFT JOIN pg_index i ON i.indrelid = c.oid AND i.indisprimary
               WHERE c.oid = to_regclass($1)
               ORDER BY a.attnum",
@@ -144,6 +146,15 @@ impl TableSchema {
             let column_name: String = row.get("column_name");
             let sql_type: String = row.get("sql_type");
             let key_position: i32 = row.get("key_position");
+            let builtin: bool = row.get("builtin");
+            if !builtin {
+                // Its casts to and from text are the plugin's own functions, which could make
+                // what the host measures differ from what it reads.
+                return Err(EffectError::invalid(format!(
+                    "column '{column_name}' of table '{name}' has the type {sql_type} defined in the database; \
+                     the keyed API reads and writes only built-in types (use execute/query for this table)"
+                )));
+            }
             if key_position > 0 {
                 keyed.push((key_position, index));
             }
@@ -175,6 +186,9 @@ impl TableSchema {
     }
 }
 
+/// Most table shapes kept per projection.
+const MAX_CACHED_TABLES: usize = 256;
+
 /// Table shapes of one projection, loaded on first use. Cleared whenever the projection runs
 /// its own SQL, since that may change a table.
 #[derive(Default)]
@@ -192,6 +206,10 @@ impl SchemaCache {
             return Ok(schema.clone());
         }
         let schema = Arc::new(TableSchema::load(conn, name).await?);
+        if self.tables.len() >= MAX_CACHED_TABLES {
+            // Names that resolve to the same table ("t", " t") must not grow it without bound.
+            self.tables.clear();
+        }
         self.tables.insert(name.to_string(), schema.clone());
         Ok(schema)
     }

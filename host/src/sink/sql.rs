@@ -1,9 +1,13 @@
 //! Plain SQL from plugins (`execute` / `query`), inside the batch's transaction.
 //!
+//! The statement text is not inspected: it runs in the projection's own session, as its own
+//! role, so PostgreSQL's privileges decide what it may do (`sink::role`).
+//!
 //! Parameters are bound with the types PostgreSQL infers for them (the statement is prepared
 //! first; sqlx caches it per connection), so `WHERE id = $1` works for a uuid column with a text
 //! value and a NULL fits any column, as with literals.
 
+use futures::TryStreamExt;
 use sqlx::postgres::{PgArguments, PgRow, PgTypeInfo};
 use sqlx::query::Query;
 use sqlx::{Column, Either, Executor, PgConnection, Postgres, Row, TypeInfo, ValueRef};
@@ -17,7 +21,6 @@ pub async fn execute(
     sql: &str,
     params: Vec<PluginValue>,
 ) -> Result<u64, EffectError> {
-    super::isolation::check_statement(sql)?;
     let types = parameter_types(conn, sql, params.len()).await?;
     let query = bind_all(sqlx::query(sql), &types, params)?;
     let done = query
@@ -27,34 +30,74 @@ pub async fn execute(
     Ok(done.rows_affected())
 }
 
-/// Runs a query; returns at most `max_rows` rows.
+/// What stopped a query's result.
+#[derive(Debug)]
+pub enum QueryError {
+    /// The statement failed; the session is in a known state.
+    Failed(EffectError),
+    /// The result went past a limit and was abandoned half-read: the session must not be
+    /// used again.
+    Abandoned(EffectError),
+}
+
+impl From<EffectError> for QueryError {
+    fn from(e: EffectError) -> Self {
+        QueryError::Failed(e)
+    }
+}
+
+/// Runs a query; returns at most `max_rows` rows holding at most `max_bytes` bytes. Rows are
+/// decoded as they arrive, so an oversized result stops at the limit instead of being read
+/// whole first.
 pub async fn query(
     conn: &mut PgConnection,
     sql: &str,
     params: Vec<PluginValue>,
     max_rows: usize,
-) -> Result<Vec<Vec<PluginValue>>, EffectError> {
-    super::isolation::check_statement(sql)?;
+    max_bytes: u64,
+) -> Result<Vec<Vec<PluginValue>>, QueryError> {
     let types = parameter_types(conn, sql, params.len()).await?;
     let query = bind_all(sqlx::query(sql), &types, params)?;
-    let rows = query
-        .fetch_all(&mut *conn)
+    let mut stream = query.fetch(&mut *conn);
+    let mut rows = Vec::new();
+    let mut bytes = 0u64;
+    while let Some(row) = stream
+        .try_next()
         .await
-        .map_err(|e| EffectError::from_sql(&e))?;
-    if rows.len() > max_rows {
-        return Err(EffectError::limit(format!(
-            "query returned {} rows; a plugin query may return at most {max_rows} (limit max_query_rows)",
-            rows.len()
-        )));
+        .map_err(|e| QueryError::Failed(EffectError::from_sql(&e)))?
+    {
+        let values = decode_row(&row)?;
+        bytes += values.iter().map(PluginValue::size).sum::<u64>();
+        if bytes > max_bytes {
+            return Err(QueryError::Abandoned(EffectError::limit(format!(
+                "the query's result holds more than {max_bytes} bytes after {} rows (limit max_query_bytes)",
+                rows.len() + 1
+            ))));
+        }
+        if rows.len() == max_rows {
+            return Err(QueryError::Abandoned(EffectError::limit(format!(
+                "the query returned more than {max_rows} rows (limit max_query_rows)"
+            ))));
+        }
+        rows.push(values);
     }
-    rows.iter().map(decode_row).collect()
+    Ok(rows)
 }
+
+/// Longest statement a plugin may send (the driver keeps prepared statements by their text).
+pub const MAX_STATEMENT_BYTES: usize = 64 * 1024;
 
 async fn parameter_types(
     conn: &mut PgConnection,
     sql: &str,
     given: usize,
 ) -> Result<Vec<PgTypeInfo>, EffectError> {
+    if sql.len() > MAX_STATEMENT_BYTES {
+        return Err(EffectError::limit(format!(
+            "a statement of {} bytes; plugins may send at most {MAX_STATEMENT_BYTES} bytes per statement (limit max_statement_bytes)",
+            sql.len()
+        )));
+    }
     let statement = (&mut *conn)
         .prepare(sql)
         .await

@@ -57,6 +57,16 @@ impl SqlValue {
         })
     }
 
+    /// Bytes of host memory the value holds (for the byte limits).
+    pub fn size(&self) -> u64 {
+        std::mem::size_of::<SqlValue>() as u64
+            + match self {
+                SqlValue::Text(v) => v.len() as u64,
+                SqlValue::Bytes(v) => v.len() as u64,
+                _ => 0,
+            }
+    }
+
     pub fn into_plugin(self, kind: ColumnKind) -> PluginValue {
         match (self, kind) {
             (SqlValue::Null, _) => PluginValue::Null,
@@ -71,6 +81,16 @@ impl SqlValue {
 }
 
 impl PluginValue {
+    /// Bytes of host memory the value holds.
+    pub fn size(&self) -> u64 {
+        std::mem::size_of::<PluginValue>() as u64
+            + match self {
+                PluginValue::Text(v) | PluginValue::Json(v) => v.len() as u64,
+                PluginValue::Bytes(v) => v.len() as u64,
+                _ => 0,
+            }
+    }
+
     fn describe(&self) -> &'static str {
         match self {
             PluginValue::Null => "null",
@@ -111,6 +131,16 @@ impl KeyPart {
                 "key column '{column}' is a float; floats cannot identify rows"
             ))),
         }
+    }
+
+    /// Bytes of host memory the key part holds.
+    pub fn size(&self) -> u64 {
+        std::mem::size_of::<KeyPart>() as u64
+            + match self {
+                KeyPart::Text(v) => v.len() as u64,
+                KeyPart::Bytes(v) => v.len() as u64,
+                _ => 0,
+            }
     }
 
     pub fn to_sql(&self) -> SqlValue {

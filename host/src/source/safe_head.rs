@@ -19,10 +19,15 @@
 //!    transaction ended without committing it.
 //!
 //! No timeout is involved: a writer that holds a position for an hour holds the safe head for an
-//! hour, and a rolled-back writer's hole is passed on the first poll after it ended. Positions
-//! at or below any checkpoint the host wrote were settled by the same rule, so the tracker starts
-//! from the highest checkpoint. Requirement: the sequence must not cache values per session
-//! (`CACHE 1`, the default of BIGSERIAL); the host checks this at start.
+//! hour, and a rolled-back writer's hole is passed on the first poll after it ended.
+//!
+//! At start the tracker proves the whole stream up to its current head `H` at once, from the
+//! events table alone (never from a checkpoint, which would trust what was written): by the
+//! same argument, every transaction that may still commit a position at or below `H` holds a
+//! write lock on the events table when `H` is read. Once all of those have ended, every
+//! position at or below `H` is visible or final, and reading starts there. Requirement: the
+//! sequence must not cache values per session (`CACHE 1`, the default of BIGSERIAL); the host
+//! checks this at start.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime};
@@ -101,6 +106,10 @@ pub struct SafeHeadTracker {
     wakeup: Wakeup,
     max_poll: Duration,
     metrics: HostMetrics,
+    /// The start's proof: the head read then, and the writers that were open then; the safe
+    /// head stays at 0 until every one of them has ended.
+    start: Option<(i64, Vec<String>, Instant)>,
+    last_start_report: Instant,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -126,7 +135,8 @@ pub enum SafeHeadError {
 }
 
 impl SafeHeadTracker {
-    /// Checks the events table and prepares a tracker starting at the highest checkpoint.
+    /// Checks the events table and prepares a tracker whose first proof covers the stream up to
+    /// its current head.
     pub async fn new(
         config: DbConfig,
         events: QualifiedName,
@@ -152,26 +162,34 @@ impl SafeHeadTracker {
             });
         }
         check_sequence(&mut conn, &events).await?;
-        let start: i64 = sqlx::query_scalar(
-            "SELECT coalesce(max(position), 0) FROM projection_host.checkpoints",
-        )
+        // One statement: its snapshot is taken before it reads pg_locks.
+        let (head, writers): (i64, Vec<String>) = sqlx::query_as(&format!(
+            "SELECT (SELECT coalesce(max(global_position), 0) FROM {events}),
+                    (SELECT coalesce(array_agg(DISTINCT l.virtualtransaction), '{{}}')
+                       FROM pg_locks l
+                      WHERE l.locktype = 'relation' AND l.relation::int8 = $1
+                        AND l.mode <> 'AccessShareLock' AND l.pid IS DISTINCT FROM pg_backend_pid())"
+        ))
+        .bind(events_oid)
         .fetch_one(&mut conn)
         .await?;
         let (tx, rx) = watch::channel(Head {
-            safe: start,
-            raw: start,
+            safe: 0,
+            raw: head,
             ..Head::default()
         });
         let tracker = SafeHeadTracker {
             config,
             events,
             events_oid,
-            scanned_to: start,
+            scanned_to: head,
             holes: BTreeMap::new(),
             tx,
             wakeup,
             max_poll,
             metrics,
+            start: Some((head, writers, Instant::now())),
+            last_start_report: Instant::now(),
         };
         Ok((tracker, SafeHead { rx }))
     }
@@ -217,6 +235,7 @@ impl SafeHeadTracker {
                 Poll::Found => MIN_POLL,
                 // Quiet: back off towards the poll interval (a notification cuts the wait short).
                 Poll::Idle => (delay * 2).clamp(MIN_POLL, self.max_poll),
+                Poll::Waiting => HOLE_POLL,
             };
             if !self.holes.is_empty() && failures == 0 {
                 delay = delay.min(HOLE_POLL);
@@ -237,6 +256,9 @@ impl SafeHeadTracker {
 
     /// One round: settle known holes, scan new positions, publish.
     async fn poll(&mut self, conn: &mut PgConnection) -> Result<Poll, sqlx::Error> {
+        if self.start.is_some() && !self.settle_start(conn).await? {
+            return Ok(Poll::Waiting);
+        }
         if !self.holes.is_empty() {
             self.settle_holes(conn).await?;
         }
@@ -302,6 +324,48 @@ impl SafeHeadTracker {
             raw_head,
             oldest_writer_ms: oldest_writer_ms.max(0) as u64,
         })
+    }
+
+    /// The start's proof: true once every writer open at start has ended (the stream up to the
+    /// head read then is settled). Reports the wait every few seconds.
+    async fn settle_start(&mut self, conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
+        let Some((head, writers, since)) = &self.start else {
+            return Ok(true);
+        };
+        let alive: Vec<(String, Option<i32>)> = if writers.is_empty() {
+            Vec::new()
+        } else {
+            sqlx::query_as(
+                "SELECT DISTINCT virtualtransaction, pid FROM pg_locks WHERE virtualtransaction = ANY($1)",
+            )
+            .bind(writers)
+            .fetch_all(&mut *conn)
+            .await?
+        };
+        if alive.is_empty() {
+            tracing::debug!(
+                head,
+                "every position up to the stream head at start is settled"
+            );
+            self.scanned_to = *head;
+            self.start = None;
+            return Ok(true);
+        }
+        if self.last_start_report.elapsed() >= Duration::from_secs(5) {
+            let pids: Vec<String> = alive
+                .iter()
+                .filter_map(|(_, pid)| pid.map(|p| p.to_string()))
+                .collect();
+            tracing::warn!(
+                waiting = ?since.elapsed(),
+                transactions = alive.len(),
+                pids = %pids.join(","),
+                "waiting for transactions that were writing to the events table at start: a position they hold may still commit below the head, so reading waits (see pg_stat_activity for these pids)"
+            );
+            self.last_start_report = Instant::now();
+        }
+        self.publish(0, 0);
+        Ok(false)
     }
 
     /// Splits filled positions out of holes and passes the holes proven final.
@@ -408,10 +472,12 @@ impl SafeHeadTracker {
     }
 
     fn publish(&self, raw: i64, oldest_writer_ms: u64) {
-        let (safe, held_back_ms) = match self.holes.iter().next() {
-            Some((start, hole)) => (start - 1, hole.seen_at.elapsed().as_millis() as u64),
-            None => (self.scanned_to, 0),
+        let (safe, held_back_ms) = match (&self.start, self.holes.iter().next()) {
+            (Some((_, _, since)), _) => (0, since.elapsed().as_millis() as u64),
+            (None, Some((start, hole))) => (start - 1, hole.seen_at.elapsed().as_millis() as u64),
+            (None, None) => (self.scanned_to, 0),
         };
+        let raw = raw.max(self.tx.borrow().raw);
         self.metrics
             .oldest_writer_seconds
             .set(oldest_writer_ms as f64 / 1000.0);
@@ -435,6 +501,8 @@ impl SafeHeadTracker {
 
 /// What one poll found.
 enum Poll {
+    /// The start's proof is still open.
+    Waiting,
     Idle,
     Found,
     FullPage,

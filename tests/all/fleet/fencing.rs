@@ -3,11 +3,16 @@
 
 use std::time::Duration;
 
-use projection_host::ids::{Epoch, PartitionId, WorkerId};
-use projection_host::sink::commit::{record_batch, BatchCommit};
+use std::sync::LazyLock;
+
+use projection_host::ids::{CommitToken, Epoch, PartitionId, WorkerId};
+use projection_host::sink::commit::{record_batch, BatchCommit, Caller};
 use projection_host::sink::CommitOutcome;
 
 use crate::support::TestDb;
+
+/// The commit token of worker `z`'s process.
+static TOKEN: LazyLock<CommitToken> = LazyLock::new(CommitToken::generate);
 
 async fn setup(db: &TestDb) {
     projection_host::db::migrate(&db.pool).await.unwrap();
@@ -15,6 +20,14 @@ async fn setup(db: &TestDb) {
         "INSERT INTO projection_host.replica_sets (name, partitions) VALUES ('rs', 2);
          INSERT INTO projection_host.partitions (replica_set, partition, owner, epoch) VALUES ('rs', 0, 'z', 1), ('rs', 1, 'z', 1);",
     )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO projection_host.workers (replica_set, worker_id, incarnation, hostname, host_version, commit_token)
+         VALUES ('rs', 'z', gen_random_uuid(), 'test', 'test', $1)",
+    )
+    .bind(TOKEN.digest())
     .execute(&db.pool)
     .await
     .unwrap();
@@ -26,9 +39,12 @@ fn batch<'a>(
     to: i64,
 ) -> BatchCommit<'a> {
     BatchCommit {
-        replica_set: "rs",
-        projection: "p",
-        worker,
+        caller: Caller {
+            replica_set: "rs",
+            worker,
+            token: &TOKEN,
+            projection: "p",
+        },
         partitions,
         from_position: 0,
         to_position: to,
@@ -127,5 +143,30 @@ async fn a_claim_waits_for_a_commit_in_flight() {
     tx.commit().await.unwrap();
     // ... so the new owner reads the checkpoint z committed, and re-applies nothing.
     assert_eq!(claim.await.unwrap(), 10);
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn only_the_process_that_holds_the_commit_token_can_record_a_batch() {
+    let db = TestDb::new("fence_token").await;
+    setup(&db).await;
+    let z = WorkerId("z".into());
+    let held = [(PartitionId(0), Epoch(1))];
+    let forged = CommitToken::generate();
+    let mut commit = batch(&z, &held, 10);
+    commit.caller.token = &forged;
+    let mut tx = db.pool.begin().await.unwrap();
+    let err = record_batch(&mut tx, &commit).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("only the projection host may record batches"),
+        "{err}"
+    );
+    tx.rollback().await.unwrap();
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM projection_host.checkpoints")
+            .await,
+        0
+    );
     db.drop_db().await;
 }

@@ -128,6 +128,34 @@ impl TestDb {
         .unwrap_or(0)
     }
 
+    /// A login role with exactly the grants `docs/operations.md` lists for the host (no
+    /// superuser), and the URL of this database as that role.
+    pub async fn least_privilege_host(&self) -> (String, String) {
+        let role = format!("host_{}", self.name);
+        let statements = [
+            format!("CREATE ROLE \"{role}\" LOGIN CREATEROLE"),
+            format!("GRANT CONNECT, CREATE ON DATABASE \"{}\" TO \"{role}\"; GRANT pg_signal_backend TO \"{role}\"", self.name),
+            format!("GRANT USAGE ON SCHEMA public TO \"{role}\""),
+            format!("GRANT SELECT ON public.events TO \"{role}\""),
+        ];
+        let mut admin = admin().await;
+        sqlx::query(&statements[0])
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        sqlx::raw_sql(&statements[1])
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        for statement in &statements[2..] {
+            sqlx::query(statement).execute(&self.pool).await.unwrap();
+        }
+        let mut url = url::Url::parse(&self.url).unwrap();
+        url.set_username(&role).unwrap();
+        url.set_password(None).unwrap();
+        (role, url.to_string())
+    }
+
     pub async fn drop_db(self) {
         self.pool.close().await;
         let mut admin = admin().await;
@@ -137,5 +165,21 @@ impl TestDb {
         ))
         .execute(&mut admin)
         .await;
+        // Roles are per cluster: the projections' roles and a test host role of this database.
+        let roles: Vec<String> = sqlx::query_scalar(
+            "SELECT r.rolname::text FROM pg_roles r
+              WHERE shobj_description(r.oid, 'pg_authid') LIKE '%in database ' || $1
+                 OR r.rolname = 'host_' || $1
+              ORDER BY (r.rolname = 'host_' || $1)",
+        )
+        .bind(&self.name)
+        .fetch_all(&mut admin)
+        .await
+        .unwrap_or_default();
+        for role in roles {
+            let _ = sqlx::query(&format!("DROP ROLE IF EXISTS \"{role}\""))
+                .execute(&mut admin)
+                .await;
+        }
     }
 }

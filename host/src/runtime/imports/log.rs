@@ -3,13 +3,11 @@
 use crate::runtime::bindings::log::{Host, Level};
 use crate::runtime::state::StoreState;
 
-/// Longest message kept; the rest is cut.
-const MAX_MESSAGE: usize = 4096;
 /// Messages per batch; more are counted and dropped so a chatty plugin cannot flood the logs.
 const MAX_MESSAGES_PER_BATCH: usize = 1000;
 
 impl Host for StoreState {
-    async fn log(&mut self, level: Level, mut message: String) -> wasmtime::Result<()> {
+    async fn log(&mut self, level: Level, message: String) -> wasmtime::Result<()> {
         self.batch.logged += 1;
         if self.batch.logged > MAX_MESSAGES_PER_BATCH {
             if self.batch.logged == MAX_MESSAGES_PER_BATCH + 1 {
@@ -17,14 +15,8 @@ impl Host for StoreState {
             }
             return Ok(());
         }
-        if message.len() > MAX_MESSAGE {
-            let mut cut = MAX_MESSAGE;
-            while !message.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            message.truncate(cut);
-            message.push('…');
-        }
+        // Bounded, and on one line: a newline in a plugin's message cannot forge a host line.
+        let message = crate::base::text::plugin_message(&message);
         let projection = &*self.projection;
         match level {
             Level::Trace => tracing::trace!(target: "plugin", projection, "{message}"),

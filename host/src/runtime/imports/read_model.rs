@@ -16,6 +16,7 @@ use crate::runtime::bindings::types::{self, Error as WitError, ErrorKind, Value}
 use crate::runtime::state::{BatchContext, StoreState, MAX_QUERY_ROWS};
 use crate::sink::buffer::{Key, Merge, Need};
 use crate::sink::schema::TableSchema;
+use crate::sink::sql::QueryError;
 use crate::sink::values::{KeyPart, PluginValue, SqlValue};
 use crate::sink::{flush, sql, EffectError, EffectErrorKind};
 
@@ -111,27 +112,27 @@ impl BatchContext {
         })
     }
 
-    /// Sorts an import's failure into "return to the plugin" or "trap".
+    /// Sorts an import's failure into "return to the plugin" or "trap". Errors PostgreSQL
+    /// raised (the transaction is aborted) and breached limits stick: the batch fails even if
+    /// the plugin carries on.
     fn settle<T>(&mut self, result: Result<T, EffectError>) -> ImportResult<T> {
-        match result {
-            Ok(value) => Ok(Ok(value)),
-            Err(error) => match error.database {
-                Some(db) if db.transient => {
-                    Err(wasmtime::Error::new(TransientDatabaseError(error.message)))
-                }
-                Some(_) => {
-                    let wit = to_wit(&error);
-                    self.failed = Some(error);
-                    Ok(Err(wit))
-                }
-                None => Ok(Err(to_wit(&error))),
-            },
+        let error = match result {
+            Ok(value) => return Ok(Ok(value)),
+            Err(error) => error,
+        };
+        if error.database.is_some_and(|db| db.transient) {
+            return Err(wasmtime::Error::new(TransientDatabaseError(error.message)));
         }
+        let wit = to_wit(&error);
+        if error.database.is_some() || error.kind == EffectErrorKind::LimitExceeded {
+            self.failed = Some(error);
+        }
+        Ok(Err(wit))
     }
 
     fn conn(&mut self) -> Result<&mut PgConnection, EffectError> {
         match self.tx.as_mut() {
-            Some(tx) => Ok(&mut **tx),
+            Some(tx) => Ok(tx.conn()),
             None => Err(EffectError::invalid(
                 "the read model is only available during setup and handle-batch",
             )),
@@ -140,7 +141,7 @@ impl BatchContext {
 
     async fn schema(&mut self, table: &str) -> Result<Arc<TableSchema>, EffectError> {
         let conn = match self.tx.as_mut() {
-            Some(tx) => &mut **tx,
+            Some(tx) => tx.conn(),
             None => {
                 return Err(EffectError::invalid(
                     "the read model is only available during setup and handle-batch",
@@ -148,6 +149,13 @@ impl BatchContext {
             }
         };
         self.schemas.get(conn, table).await
+    }
+
+    /// The plugin runs its own SQL: its session is reset after the batch.
+    fn mark_dirty(&mut self) {
+        if let Some(tx) = self.tx.as_mut() {
+            tx.mark_dirty();
+        }
     }
 
     fn key(schema: &TableSchema, key: Vec<Value>) -> Result<Key, EffectError> {
@@ -270,7 +278,8 @@ impl BatchContext {
         let values = match self.buffer.get(&schema, &key) {
             Ok(values) => values,
             Err(Need::Fetch) => {
-                let stored = flush::fetch_row(self.conn()?, &schema, &key).await?;
+                let max = self.memory.query_bytes;
+                let stored = flush::fetch_row(self.conn()?, &schema, &key, max).await?;
                 self.buffer.provide(&schema, &key, stored.clone())?;
                 stored
             }
@@ -298,7 +307,8 @@ impl BatchContext {
         if let Some(row) = self.buffer.take_row(schema, key) {
             flush::flush_rows(self.conn()?, schema, &[(key.clone(), row)]).await?;
         }
-        let stored = flush::fetch_row(self.conn()?, schema, key).await?;
+        let max = self.memory.query_bytes;
+        let stored = flush::fetch_row(self.conn()?, schema, key, max).await?;
         self.buffer.provide(schema, key, stored.clone())?;
         Ok(stored)
     }
@@ -314,6 +324,7 @@ impl BatchContext {
 
     async fn execute(&mut self, statement: String, params: Vec<Value>) -> Result<u64, EffectError> {
         self.flush().await?;
+        self.mark_dirty();
         // The statement may change a table's shape.
         self.schemas.clear();
         let params = params.into_iter().map(from_wit).collect();
@@ -326,8 +337,23 @@ impl BatchContext {
         params: Vec<Value>,
     ) -> Result<Vec<Vec<Value>>, EffectError> {
         self.flush().await?;
+        self.mark_dirty();
+        // The statement may change a table's shape (a data-modifying CTE may hold DDL's effects).
+        self.schemas.clear();
         let params = params.into_iter().map(from_wit).collect();
-        let rows = sql::query(self.conn()?, &statement, params, MAX_QUERY_ROWS).await?;
+        let max_bytes = self.memory.query_bytes;
+        let rows =
+            match sql::query(self.conn()?, &statement, params, MAX_QUERY_ROWS, max_bytes).await {
+                Ok(rows) => rows,
+                Err(QueryError::Failed(e)) => return Err(e),
+                Err(QueryError::Abandoned(e)) => {
+                    // The rest of the result is still on its way: the session is ended, not read.
+                    if let Some(tx) = self.tx.as_mut() {
+                        tx.poison();
+                    }
+                    return Err(e);
+                }
+            };
         Ok(rows
             .into_iter()
             .map(|row| row.into_iter().map(to_wit_value).collect())

@@ -42,7 +42,9 @@ impl Projection for Intruder {
                 )?;
             }
             "Escape" => {
+                // Resets to the session user, which is the projection's own role.
                 sql::execute("RESET ROLE", &[])?;
+                sql::execute("UPDATE projection_host.checkpoints SET position = 0", &[])?;
             }
             "Ambient" => {
                 let observe = |what: &str, seen: String| {

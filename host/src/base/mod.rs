@@ -1,0 +1,3 @@
+//! Shared utilities that depend on nothing of the domain.
+
+pub mod text;

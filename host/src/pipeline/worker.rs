@@ -402,10 +402,10 @@ impl ProjectionWorker {
             let from = self.lowest_checkpoint(&active);
             self.report_position(&active, lease.partitions.len(), from, head.raw);
             let up_to = match self.read_cap {
-                Some(cap) if cap > from => head.safe.min(cap),
+                Some(cap) if cap > from => head.readable_from(from).min(cap),
                 _ => {
                     self.read_cap = None;
-                    head.safe
+                    head.readable_from(from)
                 }
             };
             if from >= up_to {

@@ -21,13 +21,15 @@
 //! No timeout is involved: a writer that holds a position for an hour holds the safe head for an
 //! hour, and a rolled-back writer's hole is passed on the first poll after it ended.
 //!
-//! At start the tracker proves the whole stream up to its current head `H` at once, from the
-//! events table alone (never from a checkpoint, which would trust what was written): by the
-//! same argument, every transaction that may still commit a position at or below `H` holds a
-//! write lock on the events table when `H` is read. Once all of those have ended, every
-//! position at or below `H` is visible or final, and reading starts there. Requirement: the
-//! sequence must not cache values per session (`CACHE 1`, the default of BIGSERIAL); the host
-//! checks this at start.
+//! At start the tracker scans from the lowest checkpoint `L` (every reader that exists reads
+//! above it). What is published as safe comes from that scan alone: a checkpoint, which is
+//! something written, only decides where the scan starts, never how far anyone may read. The
+//! prefix up to `L` is proven at once from the events table, for readers that start below it
+//! later (a new projection, a rebuild): by the same argument, every transaction that may still
+//! commit a position at or below `L` holds a write lock on the events table when the head is
+//! read at start; once all of those have ended, the prefix is visible or final. Until then
+//! such readers wait (`Head::unproven_below`). Requirement: the sequence must not cache values
+//! per session (`CACHE 1`, the default of BIGSERIAL); the host checks this at start.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime};
@@ -58,6 +60,20 @@ pub struct Head {
     pub held_back_ms: u64,
     /// Age of the oldest open transaction that writes to the events table.
     pub oldest_writer_ms: u64,
+    /// Positions at or below this are not proven yet (the start's proof is still open): a
+    /// reader whose checkpoint is below it waits.
+    pub unproven_below: i64,
+}
+
+impl Head {
+    /// How far a reader whose checkpoint is `from` may read.
+    pub fn readable_from(&self, from: i64) -> i64 {
+        if from < self.unproven_below {
+            from
+        } else {
+            self.safe
+        }
+    }
 }
 
 /// A receiver of safe-head updates.
@@ -73,7 +89,11 @@ impl SafeHead {
 
     /// Waits until the safe head passes `position` or `timeout` elapses; returns the head.
     pub async fn wait_past(&mut self, position: i64, timeout: Duration) -> Head {
-        let _ = tokio::time::timeout(timeout, self.rx.wait_for(|h| h.safe > position)).await;
+        let _ = tokio::time::timeout(
+            timeout,
+            self.rx.wait_for(|h| h.readable_from(position) > position),
+        )
+        .await;
         *self.rx.borrow()
     }
 
@@ -173,22 +193,32 @@ impl SafeHeadTracker {
         .bind(events_oid)
         .fetch_one(&mut conn)
         .await?;
+        // Positions at or below the lowest checkpoint are below every reader that exists; the
+        // scan starts there. Lower positions matter only to a reader that starts later (a new
+        // projection, a rebuild): they count as proven once every writer open now has ended.
+        // A checkpoint only moves where scanning starts, never what is published as safe.
+        let lowest: Option<i64> =
+            sqlx::query_scalar("SELECT min(position) FROM projection_host.checkpoints")
+                .fetch_one(&mut conn)
+                .await?;
+        let prefix = lowest.unwrap_or(0).clamp(0, head);
         let (tx, rx) = watch::channel(Head {
             safe: 0,
             raw: head,
+            unproven_below: prefix,
             ..Head::default()
         });
         let tracker = SafeHeadTracker {
             config,
             events,
             events_oid,
-            scanned_to: head,
+            scanned_to: prefix,
             holes: BTreeMap::new(),
             tx,
             wakeup,
             max_poll,
             metrics,
-            start: Some((head, writers, Instant::now())),
+            start: (prefix > 0).then(|| (prefix, writers, Instant::now())),
             last_start_report: Instant::now(),
         };
         Ok((tracker, SafeHead { rx }))
@@ -235,9 +265,8 @@ impl SafeHeadTracker {
                 Poll::Found => MIN_POLL,
                 // Quiet: back off towards the poll interval (a notification cuts the wait short).
                 Poll::Idle => (delay * 2).clamp(MIN_POLL, self.max_poll),
-                Poll::Waiting => HOLE_POLL,
             };
-            if !self.holes.is_empty() && failures == 0 {
+            if (!self.holes.is_empty() || self.start.is_some()) && failures == 0 {
                 delay = delay.min(HOLE_POLL);
             }
             if delay.is_zero() {
@@ -256,8 +285,8 @@ impl SafeHeadTracker {
 
     /// One round: settle known holes, scan new positions, publish.
     async fn poll(&mut self, conn: &mut PgConnection) -> Result<Poll, sqlx::Error> {
-        if self.start.is_some() && !self.settle_start(conn).await? {
-            return Ok(Poll::Waiting);
+        if self.start.is_some() {
+            self.settle_start(conn).await?;
         }
         if !self.holes.is_empty() {
             self.settle_holes(conn).await?;
@@ -347,11 +376,11 @@ impl SafeHeadTracker {
                 head,
                 "every position up to the stream head at start is settled"
             );
-            self.scanned_to = *head;
             self.start = None;
             return Ok(true);
         }
         if self.last_start_report.elapsed() >= Duration::from_secs(5) {
+            let _ = head;
             let pids: Vec<String> = alive
                 .iter()
                 .filter_map(|(_, pid)| pid.map(|p| p.to_string()))
@@ -364,7 +393,6 @@ impl SafeHeadTracker {
             );
             self.last_start_report = Instant::now();
         }
-        self.publish(0, 0);
         Ok(false)
     }
 
@@ -472,11 +500,11 @@ impl SafeHeadTracker {
     }
 
     fn publish(&self, raw: i64, oldest_writer_ms: u64) {
-        let (safe, held_back_ms) = match (&self.start, self.holes.iter().next()) {
-            (Some((_, _, since)), _) => (0, since.elapsed().as_millis() as u64),
-            (None, Some((start, hole))) => (start - 1, hole.seen_at.elapsed().as_millis() as u64),
-            (None, None) => (self.scanned_to, 0),
+        let (safe, held_back_ms) = match self.holes.iter().next() {
+            Some((start, hole)) => (start - 1, hole.seen_at.elapsed().as_millis() as u64),
+            None => (self.scanned_to, 0),
         };
+        let unproven_below = self.start.as_ref().map_or(0, |(prefix, _, _)| *prefix);
         let raw = raw.max(self.tx.borrow().raw);
         self.metrics
             .oldest_writer_seconds
@@ -491,8 +519,11 @@ impl SafeHeadTracker {
                 raw,
                 held_back_ms,
                 oldest_writer_ms,
+                unproven_below,
             };
-            let moved = head.safe != next.safe || head.raw != next.raw;
+            let moved = head.safe != next.safe
+                || head.raw != next.raw
+                || head.unproven_below != next.unproven_below;
             *head = next;
             moved
         });
@@ -501,8 +532,6 @@ impl SafeHeadTracker {
 
 /// What one poll found.
 enum Poll {
-    /// The start's proof is still open.
-    Waiting,
     Idle,
     Found,
     FullPage,

@@ -29,8 +29,12 @@ pub async fn parked(db: &TestDb) -> BTreeMap<String, String> {
     )
     .fetch_all(&db.pool)
     .await
-    .map_err(|e| panic!("reading the dead letters: {e}"))
-    .unwrap_or_default()
+    .or_else(|e| match &e {
+        // The host has not created its tables yet.
+        sqlx::Error::Database(d) if d.code().as_deref() == Some("42P01") => Ok(Vec::new()),
+        _ => Err(e),
+    })
+    .expect("reading the dead letters")
     .into_iter()
     .collect()
 }

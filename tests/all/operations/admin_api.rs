@@ -50,6 +50,20 @@ async fn the_admin_api_requires_its_token_and_pauses_projections() {
         "a refused call changes nothing"
     );
 
+    // Ready means the partitions are held; the first commit may come a moment later.
+    eventually(
+        "a first checkpoint of partition 0",
+        Duration::from_secs(30),
+        || async {
+            (db.scalar_i64_or_zero(
+                "SELECT count(*) FROM projection_host.checkpoints WHERE partition = 0",
+            )
+            .await
+                > 0)
+            .then_some(())
+        },
+    )
+    .await;
     let (status, body) = call(
         reqwest::Method::GET,
         &format!("{}/admin/status", h.health),

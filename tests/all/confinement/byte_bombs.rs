@@ -85,7 +85,7 @@ async fn byte_bombs_fail_their_batch_and_keep_host_memory_bounded() {
         "every bomb to be handled",
         Duration::from_secs(120),
         || async {
-            let done = parked(&db).await.len() + applied(&db).await.len();
+            let done = super::support::handled(&db).await;
             (done > attacks.len()).then_some(())
         },
     )

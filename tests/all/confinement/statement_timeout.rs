@@ -48,7 +48,7 @@ async fn a_statement_timeout_goes_to_the_failure_policy_and_nothing_keeps_runnin
             "the event to be handled",
             Duration::from_secs(120),
             || async {
-                let done = parked(&db).await.len() + applied(&db).await.len();
+                let done = super::support::handled(&db).await;
                 (done > i).then_some(())
             },
         )

@@ -107,3 +107,8 @@ pub async fn bank_events(db: &TestDb) -> i64 {
     db.scalar_i64_or_zero("SELECT sum(event_count)::int8 FROM bank_balances.account_balances")
         .await
 }
+
+/// Attack events the hostile projection has dealt with: parked or applied.
+pub async fn handled(db: &TestDb) -> usize {
+    parked(db).await.len() + applied(db).await.len()
+}

@@ -2,8 +2,12 @@
 """Validates the deployment files offline.
 
 - Every Kubernetes manifest of the base and of the overlays (built here the way kustomize builds
-  them: resources, namespace, images, JSON 6902 patches) against the Kubernetes schemas
-  (kubernetes-validate), strictly. The Prometheus Operator kinds are checked structurally.
+  them: resources, namespace, images, JSON 6902 patches) and of kubernetes/examples against the
+  Kubernetes schemas (kubernetes-validate), strictly. The Prometheus Operator and External
+  Secrets kinds are checked structurally.
+- No build contains a Secret (`kubectl apply -k` must never overwrite the real credentials); the
+  Deployment reads `url` from it and, optionally, `admin-token`.
+- Pods meet the Pod Security `restricted` profile, which the Namespace enforces.
 - The Dockerfile: multi-stage, runs as user 1000, exposes the probe and metrics ports.
 - With --scrape FILE (a /metrics scrape of a running host): every metric the Grafana dashboard
   and the alert rules query is exported by the host.
@@ -23,6 +27,11 @@ import yaml
 ROOT = pathlib.Path(__file__).resolve().parent
 K8S_VERSION = "1.30"
 OPERATOR_KINDS = {"ServiceMonitor", "PrometheusRule"}
+CRD_KINDS = OPERATOR_KINDS | {"ExternalSecret"}
+# Created outside the manifests (kubectl or External Secrets), read by the Deployment.
+DB_SECRET = "database-credentials"
+# Pod Security `restricted`: the volume types it admits, the one capability it lets a pod add.
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret"}
 OUR_METRICS = re.compile(r"\b(pupsourcing_orchestrator_[a-z_]+|projection_host_[a-z_]+|projection_lag_events)\b")
 errors = []
 
@@ -77,8 +86,15 @@ def build(kustomization_dir):
     return docs
 
 
+def pod_spec(doc):
+    """The pod spec of a Pod, or of a workload's pod template (Deployment, Job, ...)."""
+    if doc.get("kind") == "Pod":
+        return doc.get("spec", {})
+    return doc.get("spec", {}).get("template", {}).get("spec", {})
+
+
 def pod_containers(doc):
-    spec = doc.get("spec", {}).get("template", {}).get("spec", {})
+    spec = pod_spec(doc)
     return spec.get("containers", []) + spec.get("initContainers", [])
 
 
@@ -87,6 +103,14 @@ def check_operator_kind(doc, where):
     if not isinstance(spec, dict):
         fail(f"{where}: {doc['kind']} has no spec")
         return
+    if doc["kind"] == "ExternalSecret":
+        if not spec.get("secretStoreRef", {}).get("name"):
+            fail(f"{where}: ExternalSecret needs secretStoreRef.name")
+        if spec.get("target", {}).get("name") != DB_SECRET:
+            fail(f"{where}: ExternalSecret must write the Secret {DB_SECRET} that the Deployment reads")
+        keys = {d.get("secretKey") for d in spec.get("data", [])}
+        if "url" not in keys:
+            fail(f"{where}: ExternalSecret must provide the key url (DATABASE_URL)")
     if doc["kind"] == "ServiceMonitor":
         if not spec.get("endpoints") or not spec.get("selector"):
             fail(f"{where}: ServiceMonitor needs endpoints and a selector")
@@ -104,24 +128,61 @@ def validate_manifests():
     count = 0
     for name, docs in builds.items():
         kinds = {d["kind"] for d in docs}
-        for required in ["Namespace", "Secret", "ConfigMap", "Deployment", "Service", "ServiceMonitor", "PrometheusRule", "HorizontalPodAutoscaler", "PodDisruptionBudget"]:
+        for required in ["Namespace", "ConfigMap", "Deployment", "Service", "ServiceMonitor", "PrometheusRule", "HorizontalPodAutoscaler", "PodDisruptionBudget"]:
             if required not in kinds:
                 fail(f"{name}: no {required}")
         for doc in docs:
-            where = f"{name}: {doc['kind']}/{doc['metadata']['name']}"
-            count += 1
-            if doc["kind"] in OPERATOR_KINDS:
-                check_operator_kind(doc, where)
-                continue
-            try:
-                kubernetes_validate.validate(copy.deepcopy(doc), K8S_VERSION, strict=True)
-            except kubernetes_validate.ValidationError as e:
-                fail(f"{where}: {e.message} at {'/'.join(str(p) for p in e.path)}")
+            if doc["kind"] == "Secret":
+                fail(f"{name}: contains the Secret {doc['metadata']['name']}; `kubectl apply -k` would overwrite the real "
+                     f"credentials: create {DB_SECRET} with kubectl or External Secrets (docs/kubernetes.md) instead")
+            if doc["kind"] == "Namespace":
+                check_namespace(doc, name)
+        for doc in docs:
+            count += check_schema(doc, f"{name}: {doc['kind']}/{doc['metadata']['name']}")
         for doc in docs:
             if doc["kind"] == "Deployment":
                 check_deployment(doc, name)
     print(f"validated {count} manifests in {len(builds)} builds against Kubernetes {K8S_VERSION}")
     return builds
+
+
+def check_schema(doc, where):
+    if doc["kind"] in CRD_KINDS:
+        check_operator_kind(doc, where)
+        return 1
+    try:
+        kubernetes_validate.validate(copy.deepcopy(doc), K8S_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as e:
+        fail(f"{where}: {e.message} at {'/'.join(str(p) for p in e.path)}")
+    return 1
+
+
+def check_namespace(doc, name):
+    labels = doc["metadata"].get("labels", {})
+    if labels.get("pod-security.kubernetes.io/enforce") != "restricted":
+        fail(f"{name}: Namespace {doc['metadata']['name']} must enforce the Pod Security profile restricted")
+
+
+def validate_examples(builds):
+    """kubernetes/examples: applied by hand into the base's namespace, so each must validate, and
+    its pods must be admitted there."""
+    base = builds["base"]
+    deployment = next(d for d in base if d["kind"] == "Deployment")
+    pod_labels = deployment["spec"]["template"]["metadata"].get("labels", {})
+    count = 0
+    for path in sorted((ROOT / "kubernetes" / "examples").glob("*.yaml")):
+        for doc in load_docs(path):
+            where = f"examples/{path.name}: {doc['kind']}/{doc['metadata']['name']}"
+            if doc["kind"] == "Secret":
+                fail(f"{where}: an example must not carry credentials; create {DB_SECRET} by hand or with External Secrets")
+            count += check_schema(doc, where)
+            if pod_spec(doc).get("containers"):
+                check_restricted(pod_spec(doc), where)
+            if doc["kind"] == "NetworkPolicy":
+                selected = doc["spec"].get("podSelector", {}).get("matchLabels", {})
+                if not selected or any(pod_labels.get(k) != v for k, v in selected.items()):
+                    fail(f"{where}: podSelector {selected} does not select the Deployment's pods {pod_labels}")
+    print(f"validated {count} example manifests")
 
 
 def check_deployment(doc, name):
@@ -131,14 +192,73 @@ def check_deployment(doc, name):
     sc = spec.get("securityContext", {})
     if not sc.get("runAsNonRoot") or sc.get("runAsUser") != 1000:
         fail(f"{name}: pods must run as non-root user 1000")
+    check_restricted(spec, name)
     container = spec["containers"][0]
-    env = {e["name"] for e in container.get("env", [])}
-    for needed in ["DATABASE_URL", "POD_NAME", "POD_NAMESPACE"]:
+    env = {e["name"]: e for e in container.get("env", [])}
+    for needed in ["DATABASE_URL", "POD_NAME", "POD_NAMESPACE", "PLUGIN_CACHE_DIR"]:
         if needed not in env:
             fail(f"{name}: container env lacks {needed}")
+    for var, key, optional in [("DATABASE_URL", "url", False), ("ADMIN_TOKEN", "admin-token", True)]:
+        ref = env.get(var, {}).get("valueFrom", {}).get("secretKeyRef", {})
+        if ref.get("name") != DB_SECRET or ref.get("key") != key:
+            fail(f"{name}: {var} must come from Secret {DB_SECRET}, key {key}")
+        elif bool(ref.get("optional", False)) != optional:
+            fail(f"{name}: {var} must {'' if optional else 'not '}be optional (the admin API is off without a token; the host cannot run without a database)")
+    check_cache_dir(spec, container, env.get("PLUGIN_CACHE_DIR", {}).get("value"), name)
     for probe, path in [("livenessProbe", "/health"), ("readinessProbe", "/ready")]:
         if container.get(probe, {}).get("httpGet", {}).get("path") != path:
             fail(f"{name}: {probe} must GET {path}")
+
+
+def check_restricted(spec, where):
+    """The Pod Security `restricted` profile (plus our read-only root filesystem)."""
+    sc = spec.get("securityContext", {})
+    containers = spec.get("containers", []) + spec.get("initContainers", [])
+    for field in ["hostNetwork", "hostPID", "hostIPC"]:
+        if spec.get(field):
+            fail(f"{where}: {field} is not allowed under restricted")
+    for volume in spec.get("volumes", []):
+        kinds = set(volume) - {"name"}
+        if not kinds <= RESTRICTED_VOLUMES:
+            fail(f"{where}: volume {volume['name']} ({', '.join(sorted(kinds))}) is not allowed under restricted")
+    for c in containers:
+        csc = c.get("securityContext", {})
+        cwhere = f"{where}: container {c['name']}"
+        if not (csc.get("runAsNonRoot", sc.get("runAsNonRoot"))):
+            fail(f"{cwhere}: runAsNonRoot must be true")
+        if csc.get("runAsUser", sc.get("runAsUser")) == 0:
+            fail(f"{cwhere}: must not run as user 0")
+        seccomp = csc.get("seccompProfile", sc.get("seccompProfile", {})).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            fail(f"{cwhere}: seccompProfile must be RuntimeDefault (got {seccomp})")
+        if csc.get("allowPrivilegeEscalation") is not False:
+            fail(f"{cwhere}: allowPrivilegeEscalation must be false")
+        if csc.get("privileged"):
+            fail(f"{cwhere}: must not be privileged")
+        caps = csc.get("capabilities", {})
+        if "ALL" not in caps.get("drop", []):
+            fail(f"{cwhere}: capabilities must drop ALL")
+        if set(caps.get("add", [])) - {"NET_BIND_SERVICE"}:
+            fail(f"{cwhere}: may add only NET_BIND_SERVICE")
+        if csc.get("readOnlyRootFilesystem") is not True:
+            fail(f"{cwhere}: readOnlyRootFilesystem must be true")
+        for port in c.get("ports", []):
+            if port.get("hostPort"):
+                fail(f"{cwhere}: hostPort is not allowed under restricted")
+
+
+def check_cache_dir(spec, container, cache_dir, name):
+    """With a read-only root filesystem the plugin cache needs an emptyDir, and a directory below
+    its mount point: the mount point belongs to root, and the host refuses a cache directory that
+    another user owns (runtime/loader.rs, prepare_cache_dir)."""
+    if not cache_dir:
+        fail(f"{name}: PLUGIN_CACHE_DIR must be set (the root filesystem is read-only)")
+        return
+    empty_dirs = {v["name"] for v in spec.get("volumes", []) if "emptyDir" in v}
+    below = [m for m in container.get("volumeMounts", [])
+             if m["name"] in empty_dirs and cache_dir.startswith(m["mountPath"].rstrip("/") + "/")]
+    if not below:
+        fail(f"{name}: PLUGIN_CACHE_DIR {cache_dir} must be a subdirectory of an emptyDir mount")
 
 
 def validate_dockerfile():
@@ -197,6 +317,7 @@ def main():
     parser.add_argument("--scrape", help="a /metrics scrape of a running host")
     args = parser.parse_args()
     builds = validate_manifests()
+    validate_examples(builds)
     validate_dockerfile()
     if args.scrape:
         validate_against_scrape(builds, args.scrape)

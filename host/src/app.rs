@@ -1,8 +1,10 @@
 //! `run`: wires the parts together, and owns the shutdown order.
 //!
-//! Start: connect and migrate, register the mounted plugin files (each checked and compiled),
-//! start the wake-up listener and the safe-head tracker, join the replica set, run one pipeline
-//! per read model the registry lists, serve HTTP.
+//! Start: bind the HTTP ports (`/health` answers from here on); wait for PostgreSQL; check the
+//! events table (nothing is written before); migrate; register the mounted plugin files (each
+//! checked and compiled); start the wake-up listener and the safe-head tracker; join the
+//! replica set; run one pipeline per read model the registry lists. Any failure after joining
+//! goes through the shutdown below, which deregisters.
 //!
 //! Shutdown (SIGTERM/SIGINT, or caught up with `--once`): readiness turns false; the coordinator
 //! stops rebalancing but keeps heartbeating; pipelines take no new batch and finish the
@@ -18,7 +20,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::RunConfig;
 use crate::coordination::{Coordinator, Member, Ownership, COORDINATION_CHANNEL};
-use crate::http::AppState;
+use crate::db::{StartWait, TlsSummary};
+use crate::http::{AppState, Front};
 use crate::ids::{CommitToken, WorkerId};
 use crate::lifecycle::PluginCache;
 use crate::metrics::HostMetrics;
@@ -27,29 +30,78 @@ use crate::runtime::Runtime;
 use crate::source::safe_head::SafeHeadTracker;
 use crate::source::wakeup::{self, Wakeup};
 
-pub async fn run(mut config: RunConfig) -> anyhow::Result<()> {
-    let incarnation = uuid::Uuid::new_v4();
+pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let worker = WorkerId::from_environment(config.pod_name.as_deref());
+    let metrics = HostMetrics::new(&config.coordination.replica_set, worker.as_str());
+    // The ports first: a taken port ends the start before anything is written or registered,
+    // and while the start waits for PostgreSQL, /health answers and /ready says why not.
+    let front = Front::default();
+    let http_stop = CancellationToken::new();
+    let http_tasks = match &config.http {
+        Some(http) => crate::http::serve(
+            crate::http::bind(http).await?,
+            front.clone(),
+            metrics.clone(),
+            http_stop.clone(),
+        ),
+        None => Vec::new(),
+    };
+    let result = start_and_run(config, worker, metrics, &front).await;
+    http_stop.cancel();
+    for task in http_tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+    }
+    result
+}
+
+async fn start_and_run(
+    mut config: RunConfig,
+    worker: WorkerId,
+    metrics: HostMetrics,
+    front: &Front,
+) -> anyhow::Result<()> {
+    let incarnation = uuid::Uuid::new_v4();
     let mut db = config.database.clone();
     db.application_name = Member::application_name(&incarnation);
     // Projection sessions log in with the same target and options, as the projection's role.
     let session_options = db.connect_options()?;
-    config.events_table = resolve_events_table(&db, &config.events_table).await?;
+    let status = front.starting_status();
+    let wait = StartWait {
+        timeout: config.db_wait_timeout,
+        status: status.clone(),
+    };
+    let mut first = tokio::select! {
+        conn = crate::db::wait_for_database(&db, &wait) => conn?,
+        signal = shutdown_signal() => {
+            tracing::info!(%signal, "stopped while waiting for PostgreSQL");
+            return Ok(());
+        }
+    };
+    match TlsSummary::of(&mut first, &db).await {
+        Ok(summary) => summary.log(&db),
+        Err(e) => tracing::debug!(error = %e, "cannot read pg_stat_ssl"),
+    }
+    show(&status, "checking the events table");
+    // Nothing is created before the target is known to hold an events table of the right
+    // layout: a host pointed at the wrong database leaves it as it was.
+    config.events_table = check_events_table(&mut first, &config.events_table).await?;
+    let _ = sqlx::Connection::close(first).await;
     config.coordination.events_table = config.events_table.clone();
     // From here on every host session sees only the catalog on its search path; everything
     // else is named with its schema.
     db.search_path = Some(crate::db::HOST_SEARCH_PATH.to_string());
+    show(&status, "opening the connection pool");
     let pool = db.connect_pool().await.context(
         "connecting to PostgreSQL (check DATABASE_URL and that the server is reachable)",
     )?;
     warn_if_superuser(&pool).await;
+    show(&status, "creating or upgrading the host's tables");
     crate::db::migrate(&pool)
         .await
         .context("creating the host's tables")?;
     let token = CommitToken::generate();
 
     let replica_set = config.coordination.replica_set.clone();
-    let metrics = HostMetrics::new(&replica_set, worker.as_str());
     let runtime =
         Arc::new(Runtime::new(config.runtime.clone()).context("starting the WebAssembly runtime")?);
     let cache = Arc::new(PluginCache::new(
@@ -69,6 +121,7 @@ pub async fn run(mut config: RunConfig) -> anyhow::Result<()> {
     let mut mounted = MountedPlugins::new(config.plugin_files.clone(), config.plugin_dirs.clone());
     // A bad file (not a component, a describe that traps or loops) is reported and skipped, so
     // that the other projections start.
+    show(&status, "registering the mounted plugins");
     let unusable = mounted.scan(&cache, &pool, &replica_set).await?;
 
     let background = CancellationToken::new();
@@ -131,16 +184,17 @@ pub async fn run(mut config: RunConfig) -> anyhow::Result<()> {
     )
     .await?;
     let partitions = joined.coordinator.partitions();
-    if joined.registry.borrow().running.is_empty() {
-        anyhow::bail!(
+    // From here on every way out goes through the orderly shutdown below, which deregisters.
+    let nothing_to_run = joined.registry.borrow().running.is_empty().then(|| {
+        anyhow::anyhow!(
             "no projection can run: {}",
             if unusable.is_empty() {
                 "no plugin is mounted and the registry holds none for this replica set".to_string()
             } else {
                 unusable.join("; ")
             }
-        );
-    }
+        )
+    });
     let stop_rebalancing = CancellationToken::new();
     let leave = CancellationToken::new();
     let mut coordinator_task = tokio::spawn(
@@ -191,10 +245,8 @@ pub async fn run(mut config: RunConfig) -> anyhow::Result<()> {
         tokio::spawn(supervisor.run(stop_pipelines.clone(), config.shutdown_timeout));
 
     let shutting_down = Arc::new(AtomicBool::new(false));
-    let http_stop = CancellationToken::new();
-    let mut http_tasks = Vec::new();
     if let Some(http) = &config.http {
-        let state = AppState {
+        front.started(AppState {
             replica_set: replica_set.clone(),
             events_table: config.events_table.clone(),
             admin_token: http.admin_token.clone(),
@@ -206,18 +258,20 @@ pub async fn run(mut config: RunConfig) -> anyhow::Result<()> {
             worker: worker.clone(),
             head: head.clone(),
             runtime: runtime.clone(),
-        };
-        http_tasks = crate::http::serve(http, state, http_stop.clone()).await?;
+        });
     }
 
     // Run until told to stop.
-    let outcome: anyhow::Result<&str> = tokio::select! {
-        signal = shutdown_signal() => Ok(signal),
-        () = caught_up(&board, once_target.is_some()) => Ok("caught up (--once)"),
-        result = &mut coordinator_task => match result {
-            Ok(Ok(())) => Ok("coordinator ended"),
-            Ok(Err(e)) => Err(anyhow::Error::new(e)),
-            Err(e) => Err(anyhow::anyhow!("the coordinator task failed: {e}")),
+    let outcome: anyhow::Result<&str> = match nothing_to_run {
+        Some(error) => Err(error),
+        None => tokio::select! {
+            signal = shutdown_signal() => Ok(signal),
+            settled = settled(&pool, &replica_set, partitions, once_target, &joined.registry) => settled,
+            result = &mut coordinator_task => match result {
+                Ok(Ok(())) => Ok("coordinator ended"),
+                Ok(Err(e)) => Err(anyhow::Error::new(e)),
+                Err(e) => Err(anyhow::anyhow!("the coordinator task failed: {e}")),
+            },
         },
     };
     let reason = match &outcome {
@@ -243,34 +297,42 @@ pub async fn run(mut config: RunConfig) -> anyhow::Result<()> {
         let _ = tokio::time::timeout(Duration::from_secs(10), &mut coordinator_task).await;
     }
     background.cancel();
-    http_stop.cancel();
-    for task in http_tasks {
-        let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
-    }
     pool.close().await;
     outcome.map(|reason| tracing::info!(%reason, "stopped"))
 }
 
 /// The events table, named with its schema as the server resolves it on the user's search
-/// path; refused (before anything is written) when it does not exist.
-async fn resolve_events_table(
-    db: &crate::db::DbConfig,
+/// path, and checked for the pupsourcing layout; refused (before anything is written) when it
+/// does not exist or differs.
+async fn check_events_table(
+    conn: &mut sqlx::PgConnection,
     table: &crate::db::QualifiedName,
 ) -> anyhow::Result<crate::db::QualifiedName> {
-    let mut conn = crate::db::connect_one(db).await.context(
-        "connecting to PostgreSQL (check DATABASE_URL and that the server is reachable)",
-    )?;
     let resolved = table
-        .resolve(&mut conn)
+        .resolve(conn)
         .await
         .context("looking up the events table")?;
-    let _ = sqlx::Connection::close(conn).await;
-    match resolved {
-        Some((qualified, _)) => Ok(qualified),
-        None => anyhow::bail!(
+    let Some((qualified, oid)) = resolved else {
+        anyhow::bail!(
             "the events table {table} does not exist in the database DATABASE_URL points at \
-             (set EVENTS_TABLE / --events-table, e.g. es.events)"
-        ),
+             (set EVENTS_TABLE / --events-table, e.g. es.events); nothing was created"
+        );
+    };
+    let problems = crate::source::layout::problems(conn, oid)
+        .await
+        .context("reading the events table's columns")?;
+    if !problems.is_empty() {
+        anyhow::bail!(
+            "the events table {qualified} does not have the pupsourcing layout: {}; nothing was created",
+            problems.join("; ")
+        );
+    }
+    Ok(qualified)
+}
+
+fn show(status: &std::sync::Mutex<String>, what: &str) {
+    if let Ok(mut s) = status.lock() {
+        *s = what.to_string();
     }
 }
 
@@ -304,15 +366,33 @@ async fn shutdown_signal() -> &'static str {
     }
 }
 
-async fn caught_up(board: &StatusBoard, once: bool) {
-    if !once {
+/// `--once`: resolves when every partition of every running projection caught up with the
+/// head seen at start (`Ok`) or halted (`Err`, naming each halted partition); never without
+/// `--once`.
+async fn settled(
+    pool: &sqlx::PgPool,
+    replica_set: &str,
+    partitions: u32,
+    target: Option<i64>,
+    registry: &tokio::sync::watch::Receiver<Arc<crate::lifecycle::registry::Registry>>,
+) -> anyhow::Result<&'static str> {
+    use crate::pipeline::settled::{check, describe, Settled};
+    let Some(target) = target else {
         return std::future::pending().await;
-    }
+    };
     loop {
-        let all = board.all();
-        if !all.is_empty() && all.iter().all(|s| s.caught_up) {
-            return;
+        let tracks: Vec<String> = registry
+            .borrow()
+            .running
+            .iter()
+            .map(|r| r.track.clone())
+            .collect();
+        match check(pool, replica_set, partitions, target, &tracks).await {
+            Ok(Settled::CaughtUp) => return Ok("caught up (--once)"),
+            Ok(Settled::Halted(halts)) => anyhow::bail!("--once: {}", describe(&halts)),
+            Ok(Settled::Not) => {}
+            Err(e) => tracing::debug!(error = %e, "--once: cannot read progress yet"),
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

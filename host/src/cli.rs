@@ -249,9 +249,14 @@ pub struct RunArgs {
     #[arg(long)]
     pub once: bool,
     /// On SIGTERM/SIGINT, how long in-flight batches may take to finish before they are
-    /// abandoned (rolled back). Keep it below terminationGracePeriodSeconds.
+    /// abandoned (rolled back). Keep terminationGracePeriodSeconds at least 15 s above it.
     #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "45s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
+    /// How long the start waits for PostgreSQL to accept connections (refused, timed out,
+    /// starting up, DNS not yet resolvable); 0 waits as long as it takes. A wrong password, an
+    /// unknown database or a TLS verification failure ends the start at once.
+    #[arg(long, env = "DB_WAIT_TIMEOUT", default_value = "0s", value_parser = parse_duration)]
+    pub db_wait_timeout: Duration,
 }
 
 #[derive(Debug, Args)]

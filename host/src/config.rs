@@ -57,6 +57,8 @@ pub struct RunConfig {
     pub http: Option<HttpConfig>,
     pub once: bool,
     pub shutdown_timeout: Duration,
+    /// `None`: the start waits for PostgreSQL as long as it takes.
+    pub db_wait_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -66,25 +68,30 @@ pub struct HttpConfig {
     pub admin_token: Option<String>,
 }
 
+/// `DATABASE_URL`, or empty when libpq's `PG*` variables say where to connect.
+pub fn database_url(args: &crate::cli::DatabaseArgs) -> Result<String, ConfigError> {
+    let url = args.database_url.clone().filter(|u| !u.trim().is_empty());
+    match url {
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => Ok(url),
+        Some(_) => Err(invalid(
+            "DATABASE_URL",
+            "database-url",
+            "must start with postgres:// or postgresql://",
+        )),
+        None if std::env::var_os("PGHOST").is_some() || std::env::var_os("PGHOSTADDR").is_some() => {
+            Ok(String::new())
+        }
+        None => Err(ConfigError::Missing {
+            env: "DATABASE_URL",
+            flag: "database-url",
+            hint: "a PostgreSQL URL such as postgres://user:password@host:5432/db?sslmode=verify-full (or libpq's PGHOST, PGUSER, PGPASSWORD, PGDATABASE, PGSSLMODE variables)",
+        }),
+    }
+}
+
 impl RunConfig {
     pub fn from_args(args: RunArgs) -> Result<RunConfig, ConfigError> {
-        let url = args
-            .database
-            .database_url
-            .clone()
-            .filter(|u| !u.trim().is_empty())
-            .ok_or(ConfigError::Missing {
-                env: "DATABASE_URL",
-                flag: "database-url",
-                hint: "a PostgreSQL URL such as postgres://user:password@host:5432/db",
-            })?;
-        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-            return Err(invalid(
-                "DATABASE_URL",
-                "database-url",
-                "must start with postgres:// or postgresql://",
-            ));
-        }
+        let url = database_url(&args.database)?;
         if args.database.max_connections < 2 {
             return Err(invalid(
                 "DB_MAX_CONNECTIONS",
@@ -308,6 +315,7 @@ impl RunConfig {
             }),
             once: args.once,
             shutdown_timeout: args.shutdown_timeout,
+            db_wait_timeout: Some(args.db_wait_timeout).filter(|t| !t.is_zero()),
         })
     }
 

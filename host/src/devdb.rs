@@ -13,12 +13,26 @@ pub struct DevDatabase {
     dir: PathBuf,
     bin: PathBuf,
     run_as: Option<(u32, u32)>,
+    port: u16,
     pub url: String,
 }
 
 impl DevDatabase {
     /// Starts a server and returns once it accepts connections.
     pub fn start() -> anyhow::Result<DevDatabase> {
+        let db = DevDatabase::init()?;
+        db.start_server()?;
+        eprintln!(
+            "No DATABASE_URL given: started a throwaway PostgreSQL at {} (data in {}, removed on exit).",
+            db.url,
+            db.dir.display()
+        );
+        Ok(db)
+    }
+
+    /// Creates the cluster (on a free port) without starting it, so that its configuration
+    /// can be changed first (TLS, `pg_hba.conf`).
+    pub fn init() -> anyhow::Result<DevDatabase> {
         let bin = find_binaries().context(
             "no DATABASE_URL was given and no PostgreSQL server binaries (initdb, pg_ctl) were found to start a \
              throwaway one. Either set DATABASE_URL=postgres://user:password@host:5432/db, or install the server: \
@@ -44,6 +58,7 @@ impl DevDatabase {
             dir,
             bin,
             run_as,
+            port,
         };
         let data = db.dir.join("data");
         db.command("initdb")
@@ -61,30 +76,65 @@ impl DevDatabase {
             ])
             .run_quietly()
             .context("initdb failed")?;
+        Ok(db)
+    }
+
+    /// Starts the server and returns once it accepts connections.
+    pub fn start_server(&self) -> anyhow::Result<()> {
         let options = format!(
-            "-p {port} -c listen_addresses=127.0.0.1 -k {} -c fsync=off -c full_page_writes=off \
+            "-p {} -c listen_addresses=127.0.0.1 -k {} -c fsync=off -c full_page_writes=off \
              -c shared_buffers=256MB -c max_connections=200",
-            db.dir.display()
+            self.port,
+            self.dir.display()
         );
-        db.command("pg_ctl")
+        self.command("pg_ctl")
             .arg("-D")
-            .arg(&data)
+            .arg(self.data_dir())
             .args(["-o", &options, "-l"])
-            .arg(db.dir.join("server.log"))
+            .arg(self.dir.join("server.log"))
             .args(["-w", "-t", "60", "start"])
             .run_quietly()
             .with_context(|| {
                 format!(
                     "starting the throwaway PostgreSQL failed (log: {})",
-                    db.dir.join("server.log").display()
+                    self.dir.join("server.log").display()
                 )
-            })?;
-        eprintln!(
-            "No DATABASE_URL given: started a throwaway PostgreSQL at {} (data in {}, removed on exit).",
-            db.url,
-            db.dir.display()
-        );
-        Ok(db)
+            })
+    }
+
+    /// Stops the server (fast: open sessions are ended), keeping its data.
+    pub fn stop_server(&self) -> anyhow::Result<()> {
+        self.command("pg_ctl")
+            .arg("-D")
+            .arg(self.data_dir())
+            .args(["-m", "fast", "-w", "-t", "60", "stop"])
+            .run_quietly()
+            .context("stopping the throwaway PostgreSQL")
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The directory of the server's Unix socket.
+    pub fn socket_dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    /// Writes a file into the data directory, owned by the server's user and readable only by
+    /// it (as PostgreSQL demands of a TLS key).
+    pub fn write_data_file(&self, name: &str, contents: &[u8]) -> anyhow::Result<()> {
+        let path = self.data_dir().join(name);
+        std::fs::write(&path, contents).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        if let Some((uid, gid)) = self.run_as {
+            std::os::unix::fs::chown(&path, Some(uid), Some(gid))?;
+        }
+        Ok(())
     }
 
     /// Restarts the server (fast shutdown: open sessions are ended), keeping its data.

@@ -10,10 +10,7 @@ use crate::cli::{DatabaseArgs, MigrateArgs, StatusArgs};
 use crate::db::{DbConfig, QualifiedName};
 
 async fn pool(args: &DatabaseArgs) -> anyhow::Result<PgPool> {
-    let url = args
-        .database_url
-        .clone()
-        .context("DATABASE_URL (--database-url) is required: a PostgreSQL URL such as postgres://user:password@host:5432/db")?;
+    let url = crate::config::database_url(args)?;
     let config = DbConfig {
         url,
         max_connections: 2,

@@ -7,6 +7,7 @@
 mod support;
 
 mod confinement;
+mod deployment;
 mod faults;
 mod fleet;
 pub use fleet::support as fleet_support;

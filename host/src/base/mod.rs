@@ -1,3 +1,4 @@
 //! Shared utilities that depend on nothing of the domain.
 
+pub mod retry;
 pub mod text;

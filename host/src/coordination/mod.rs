@@ -230,7 +230,7 @@ impl Coordinator {
                 }
                 Err(e) => {
                     failures += 1;
-                    wait = crate::pipeline::retry::backoff(
+                    wait = crate::base::retry::backoff(
                         failures,
                         Duration::from_millis(100),
                         Duration::from_secs(5),

@@ -267,6 +267,7 @@ async fn set_paused(
 ) -> Result<Json<ControlResult>, ApiError> {
     crate::runtime::loader::validate_name(&name)
         .map_err(|e| ApiError::BadRequest(format!("'{name}' is not a projection name: {e}")))?;
+    known_projection(state, &name).await?;
     controls::set_paused(
         &state.pool,
         &state.replica_set,
@@ -282,6 +283,29 @@ async fn set_paused(
     }))
 }
 
+/// Refuses a name no plugin of this replica set was ever registered under, naming the known
+/// ones: a typo must not store a control that a projection deployed later would inherit.
+async fn known_projection(state: &AppState, name: &str) -> Result<(), ApiError> {
+    let known: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT projection FROM projection_host.plugins WHERE replica_set = $1 ORDER BY 1",
+    )
+    .bind(&state.replica_set)
+    .fetch_all(&state.pool)
+    .await?;
+    if known.iter().any(|k| k == name) {
+        return Ok(());
+    }
+    Err(ApiError::NotFound(format!(
+        "replica set {} has no projection '{name}'; known: {}",
+        state.replica_set,
+        if known.is_empty() {
+            "none".to_string()
+        } else {
+            known.join(", ")
+        }
+    )))
+}
+
 #[derive(Debug, Deserialize)]
 struct DeadLetterFilter {
     projection: Option<String>,
@@ -291,6 +315,9 @@ async fn list_dead_letters(
     State(state): State<AppState>,
     Query(filter): Query<DeadLetterFilter>,
 ) -> Result<Json<Vec<DeadLetter>>, ApiError> {
+    if let Some(name) = &filter.projection {
+        known_projection(&state, name).await?;
+    }
     Ok(Json(
         dead_letters::list(
             &state.pool,
@@ -319,6 +346,7 @@ async fn retry_dead_letters(
     State(state): State<AppState>,
     Json(request): Json<RetryRequest>,
 ) -> Result<Json<RetryResult>, ApiError> {
+    known_projection(&state, &request.projection).await?;
     let events = dead_letters::request_retry(
         &state.pool,
         &state.replica_set,

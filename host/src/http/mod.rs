@@ -6,15 +6,19 @@ mod error;
 mod probes;
 
 use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use anyhow::Context;
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::Router;
+use axum::{Json, Router};
 use sqlx::PgPool;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
 
 use crate::config::HttpConfig;
 use crate::coordination::CoordinationStatus;
@@ -64,13 +68,14 @@ pub fn metrics_router(metrics: HostMetrics) -> Router {
         .with_state(metrics)
 }
 
-/// Binds both listeners (so a taken port fails the start with a clear message) and serves
-/// until `stop`.
-pub async fn serve(
-    config: &HttpConfig,
-    state: AppState,
-    stop: CancellationToken,
-) -> anyhow::Result<Vec<JoinHandle<()>>> {
+/// Both ports, bound before the host touches the database: a taken port ends the start before
+/// anything is written or registered.
+pub struct Listeners {
+    health: tokio::net::TcpListener,
+    metrics: tokio::net::TcpListener,
+}
+
+pub async fn bind(config: &HttpConfig) -> anyhow::Result<Listeners> {
     let health = tokio::net::TcpListener::bind(config.health_addr)
         .await
         .with_context(|| {
@@ -87,12 +92,73 @@ pub async fn serve(
                 config.metrics_addr
             )
         })?;
-    tracing::info!(health = %config.health_addr, metrics = %config.metrics_addr, "serving HTTP");
-    let metrics_app = metrics_router(state.metrics.clone());
-    let app = router(state);
+    Ok(Listeners { health, metrics })
+}
+
+/// The health port's two phases: while the host starts (waiting for PostgreSQL, say) only
+/// `/health` answers 200 and everything else 503 with what the start waits for; once
+/// [`Front::started`] hands over the state, every route is served.
+#[derive(Clone, Default)]
+pub struct Front {
+    router: Arc<OnceLock<Router>>,
+    starting: Arc<Mutex<String>>,
+}
+
+impl Front {
+    /// Where the start shows what it is doing (the reason `/ready` gives).
+    pub fn starting_status(&self) -> Arc<Mutex<String>> {
+        self.starting.clone()
+    }
+
+    pub fn started(&self, state: AppState) {
+        let _ = self.router.set(router(state));
+    }
+
+    fn starting_reason(&self) -> String {
+        self.starting.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
+async fn front_dispatch(State(front): State<Front>, request: Request) -> Response {
+    match front.router.get().cloned() {
+        Some(router) => match router.oneshot(request).await {
+            Ok(response) => response,
+            Err(never) => match never {},
+        },
+        None => {
+            let reason = front.starting_reason();
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(serde_json::json!({
+                    "ready": false,
+                    "reasons": [format!("starting: {reason}")],
+                })),
+            )
+                .into_response()
+        }
+    }
+}
+
+/// Serves both ports until `stop`.
+pub fn serve(
+    listeners: Listeners,
+    front: Front,
+    metrics: HostMetrics,
+    stop: CancellationToken,
+) -> Vec<JoinHandle<()>> {
+    let addresses = (
+        listeners.health.local_addr().ok(),
+        listeners.metrics.local_addr().ok(),
+    );
+    tracing::info!(health = ?addresses.0, metrics = ?addresses.1, "serving HTTP");
+    let app = Router::new()
+        .route("/health", get(probes::health))
+        .fallback(front_dispatch)
+        .with_state(front);
+    let metrics_app = metrics_router(metrics);
     let s1 = stop.clone();
     let h1 = tokio::spawn(async move {
-        if let Err(e) = axum::serve(health, app)
+        if let Err(e) = axum::serve(listeners.health, app)
             .with_graceful_shutdown(s1.cancelled_owned())
             .await
         {
@@ -100,12 +166,12 @@ pub async fn serve(
         }
     });
     let h2 = tokio::spawn(async move {
-        if let Err(e) = axum::serve(metrics, metrics_app)
+        if let Err(e) = axum::serve(listeners.metrics, metrics_app)
             .with_graceful_shutdown(stop.cancelled_owned())
             .await
         {
             tracing::error!(error = %e, "metrics server failed");
         }
     });
-    Ok(vec![h1, h2])
+    vec![h1, h2]
 }

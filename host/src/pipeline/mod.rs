@@ -4,7 +4,7 @@
 pub mod dead_letters;
 pub mod policy;
 mod progress;
-pub mod retry;
+pub mod settled;
 pub mod status;
 pub mod supervisor;
 mod worker;

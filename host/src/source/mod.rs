@@ -2,7 +2,7 @@
 //! only what a projection subscribed to; and waking up when new events arrive.
 
 mod event;
-mod layout;
+pub mod layout;
 mod reader;
 pub mod safe_head;
 pub mod wakeup;

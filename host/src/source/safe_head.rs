@@ -254,7 +254,7 @@ impl SafeHeadTracker {
                 }
             }
             delay = match outcome {
-                _ if failures > 0 => crate::pipeline::retry::backoff(
+                _ if failures > 0 => crate::base::retry::backoff(
                     failures,
                     Duration::from_millis(100),
                     Duration::from_secs(5),

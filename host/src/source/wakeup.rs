@@ -30,7 +30,11 @@ pub async fn listen(config: DbConfig, routes: Vec<(String, Wakeup)>, cancel: Can
     let mut failures = 0u32;
     loop {
         let result = async {
-            let mut listener = PgListener::connect(&config.url).await?;
+            // Same target, TLS and options as every other host session.
+            let pool = config
+                .lazy_single()
+                .map_err(|e| sqlx::Error::Configuration(e.to_string().into()))?;
+            let mut listener = PgListener::connect_with(&pool).await?;
             let channels: Vec<&str> = routes.iter().map(|(c, _)| c.as_str()).collect();
             listener.listen_all(channels).await?;
             tracing::debug!(channels = ?routes.iter().map(|(c, _)| c).collect::<Vec<_>>(), "listening for notifications");
@@ -55,7 +59,7 @@ pub async fn listen(config: DbConfig, routes: Vec<(String, Wakeup)>, cancel: Can
             Ok(()) => return,
             Err(e) => {
                 failures += 1;
-                let delay = crate::pipeline::retry::backoff(
+                let delay = crate::base::retry::backoff(
                     failures,
                     Duration::from_millis(200),
                     Duration::from_secs(30),

@@ -158,5 +158,33 @@ async fn the_admin_api_requires_its_token_and_pauses_projections() {
     )
     .await;
     assert_eq!(status, 400, "{body}");
+
+    // An unknown name is refused, names the known ones, and stores nothing a projection
+    // deployed later under that name would inherit.
+    let out = std::process::Command::new(crate::support::host::BIN)
+        .args(["pause", "nosuch", "--admin-url", &h.health])
+        .env("ADMIN_TOKEN", ADMIN_TOKEN)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "pause nosuch must fail: {stderr}");
+    assert!(
+        stderr.contains("nosuch") && stderr.contains("known: bank_balances"),
+        "{stderr}"
+    );
+    assert_eq!(
+        db.scalar_i64(
+            "SELECT count(*) FROM projection_host.projection_controls WHERE projection = 'nosuch'"
+        )
+        .await,
+        0
+    );
+    let (status, body) = call(
+        reqwest::Method::GET,
+        &format!("{}/admin/dead-letters?projection=nosuch", h.health),
+        Some(ADMIN_TOKEN),
+    )
+    .await;
+    assert_eq!(status, 404, "dead letters of an unknown projection: {body}");
     db.drop_db().await;
 }

@@ -2,11 +2,15 @@
 
 use std::fmt;
 use std::str::FromStr;
-use std::time::Duration;
 
 use sqlx::migrate::Migrator;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{ConnectOptions, Connection, PgPool};
+use sqlx::{Connection, PgPool};
+
+mod connect;
+mod wait;
+
+pub use connect::{connect_one, DbConfig, TlsSummary};
+pub use wait::{wait_for_database, StartWait};
 
 /// The host's own tables (`migrations/`), applied with `projection-host migrate` and at start.
 pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
@@ -26,6 +30,8 @@ pub const HOST_SEARCH_PATH: &str = "pg_catalog";
 pub enum DbError {
     #[error("DATABASE_URL is not a valid PostgreSQL URL: {0}")]
     InvalidUrl(#[source] sqlx::Error),
+    #[error("{0}")]
+    Settings(String),
     #[error("cannot connect to PostgreSQL at {target}: {source}")]
     Connect {
         target: String,
@@ -36,57 +42,6 @@ pub enum DbError {
     Migrate(String),
     #[error(transparent)]
     Sql(#[from] sqlx::Error),
-}
-
-/// Connection settings shared by every pool the host opens.
-#[derive(Debug, Clone)]
-pub struct DbConfig {
-    pub url: String,
-    pub max_connections: u32,
-    /// Ends a transaction left idle by a paused or cut-off host, so that it cannot hold row
-    /// locks (and thereby block a takeover) forever.
-    pub idle_in_transaction_timeout: Duration,
-    /// Identifies this process's sessions in `pg_stat_activity`.
-    pub application_name: String,
-    /// `search_path` of every session (`None`: the server's default). `run` pins it to
-    /// [`HOST_SEARCH_PATH`] once the events table is resolved to a qualified name.
-    pub search_path: Option<String>,
-}
-
-impl DbConfig {
-    pub fn connect_options(&self) -> Result<PgConnectOptions, DbError> {
-        let timeout_ms = self.idle_in_transaction_timeout.as_millis().to_string();
-        let mut options = PgConnectOptions::from_str(&self.url)
-            .map_err(DbError::InvalidUrl)?
-            .application_name(&self.application_name)
-            .options([("idle_in_transaction_session_timeout", timeout_ms.as_str())])
-            .log_statements(tracing::log::LevelFilter::Trace)
-            .log_slow_statements(tracing::log::LevelFilter::Debug, Duration::from_secs(2));
-        if let Some(path) = &self.search_path {
-            options = options.options([("search_path", path.as_str())]);
-        }
-        Ok(options)
-    }
-
-    /// Where the URL points, without credentials, for messages.
-    pub fn target(&self) -> String {
-        redact_url(&self.url)
-    }
-
-    pub async fn connect_pool(&self) -> Result<PgPool, DbError> {
-        let options = self.connect_options()?;
-        PgPoolOptions::new()
-            .max_connections(self.max_connections)
-            .min_connections(1)
-            .acquire_timeout(Duration::from_secs(10))
-            .test_before_acquire(false)
-            .connect_with(options)
-            .await
-            .map_err(|source| DbError::Connect {
-                target: self.target(),
-                source,
-            })
-    }
 }
 
 /// Creates the host schema and applies pending migrations; safe to run concurrently and
@@ -156,17 +111,6 @@ pub async fn host_lock(conn: &mut sqlx::PgConnection, name: &str) -> Result<(), 
     .execute(conn)
     .await?;
     Ok(())
-}
-
-/// Opens a single connection outside any pool (listeners, the safe-head tracker).
-pub async fn connect_one(config: &DbConfig) -> Result<sqlx::PgConnection, DbError> {
-    let options = config.connect_options()?;
-    sqlx::PgConnection::connect_with(&options)
-        .await
-        .map_err(|source| DbError::Connect {
-            target: config.target(),
-            source,
-        })
 }
 
 /// A possibly schema-qualified SQL name, validated and always rendered quoted.
@@ -314,6 +258,7 @@ pub mod sqlstate {
     pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "25P03";
     pub const INVALID_SQL_STATEMENT_NAME: &str = "26000";
     pub const PROTOCOL_VIOLATION: &str = "08P01";
+    pub const INVALID_CATALOG_NAME: &str = "3D000";
 }
 
 /// The SQLSTATE of a database error, if any.

@@ -20,19 +20,8 @@ async fn the_start_waits_for_postgres_and_the_probes_say_why() {
     let dev = DevDatabase::init().expect("a throwaway PostgreSQL (initdb/pg_ctl installed?)");
     dev.start_server().unwrap();
     let pool = sqlx::PgPool::connect(&dev.url).await.unwrap();
-    sqlx::raw_sql(include_str!("../../../bench/w1/w1-schema.sql"))
-        .execute(&pool)
-        .await
-        .unwrap();
-    sqlx::raw_sql(
-        &include_str!("../../../bench/w1/w1-append.sql")
-            .replace(":from", "0")
-            .replace(":to", "999")
-            .replace(":k", "20"),
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
+    crate::support::db::create_w1_schema(&pool).await;
+    crate::support::db::append_w1(&pool, 0, 999, 20).await;
     pool.close().await;
     dev.stop_server().unwrap();
 

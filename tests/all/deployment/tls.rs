@@ -90,19 +90,8 @@ async fn tls_only_server(pki: &Pki) -> (DevDatabase, tempfile_dir::Dir) {
     .execute(&admin)
     .await
     .unwrap();
-    sqlx::raw_sql(include_str!("../../../bench/w1/w1-schema.sql"))
-        .execute(&admin)
-        .await
-        .unwrap();
-    sqlx::raw_sql(
-        &include_str!("../../../bench/w1/w1-append.sql")
-            .replace(":from", "0")
-            .replace(":to", "1999")
-            .replace(":k", "40"),
-    )
-    .execute(&admin)
-    .await
-    .unwrap();
+    crate::support::db::create_w1_schema(&admin).await;
+    crate::support::db::append_w1(&admin, 0, 1999, 40).await;
     admin.close().await;
     let files = tempfile_dir::Dir::new("tls");
     files.write("ca.crt", &pki.ca_pem);

@@ -49,11 +49,7 @@ impl TestDb {
 
     /// Appends W1 events g = from..=to over k accounts, in one transaction.
     pub async fn append_w1(&self, from: u64, to: u64, k: u64) {
-        let sql = include_str!("../../../bench/w1/w1-append.sql")
-            .replace(":from", &from.to_string())
-            .replace(":to", &to.to_string())
-            .replace(":k", &k.to_string());
-        sqlx::raw_sql(&sql).execute(&self.pool).await.unwrap();
+        append_w1(&self.pool, from, to, k).await;
     }
 
     /// Appends one event with a JSON payload, committed at once; returns its position.
@@ -182,4 +178,21 @@ impl TestDb {
                 .await;
         }
     }
+}
+
+/// Creates the W1 events table in a database of its own (a private server's, say).
+pub async fn create_w1_schema(pool: &PgPool) {
+    sqlx::raw_sql(include_str!("../../../bench/w1/w1-schema.sql"))
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+/// Appends W1 events g = from..=to over k accounts to `pool`'s database, in one transaction.
+pub async fn append_w1(pool: &PgPool, from: u64, to: u64, k: u64) {
+    let sql = include_str!("../../../bench/w1/w1-append.sql")
+        .replace(":from", &from.to_string())
+        .replace(":to", &to.to_string())
+        .replace(":k", &k.to_string());
+    sqlx::raw_sql(&sql).execute(pool).await.unwrap();
 }

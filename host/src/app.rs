@@ -81,7 +81,7 @@ async fn start_and_run(
         Ok(summary) => summary.log(&db),
         Err(e) => tracing::debug!(error = %e, "cannot read pg_stat_ssl"),
     }
-    show(&status, "checking the events table");
+    status.set("checking the events table");
     // Nothing is created before the target is known to hold an events table of the right
     // layout: a host pointed at the wrong database leaves it as it was.
     config.events_table = check_events_table(&mut first, &config.events_table).await?;
@@ -90,12 +90,12 @@ async fn start_and_run(
     // From here on every host session sees only the catalog on its search path; everything
     // else is named with its schema.
     db.search_path = Some(crate::db::HOST_SEARCH_PATH.to_string());
-    show(&status, "opening the connection pool");
+    status.set("opening the connection pool");
     let pool = db.connect_pool().await.context(
         "connecting to PostgreSQL (check DATABASE_URL and that the server is reachable)",
     )?;
     warn_if_superuser(&pool).await;
-    show(&status, "creating or upgrading the host's tables");
+    status.set("creating or upgrading the host's tables");
     crate::db::migrate(&pool)
         .await
         .context("creating the host's tables")?;
@@ -121,7 +121,7 @@ async fn start_and_run(
     let mut mounted = MountedPlugins::new(config.plugin_files.clone(), config.plugin_dirs.clone());
     // A bad file (not a component, a describe that traps or loops) is reported and skipped, so
     // that the other projections start.
-    show(&status, "registering the mounted plugins");
+    status.set("registering the mounted plugins");
     let unusable = mounted.scan(&cache, &pool, &replica_set).await?;
 
     let background = CancellationToken::new();
@@ -328,12 +328,6 @@ async fn check_events_table(
         );
     }
     Ok(qualified)
-}
-
-fn show(status: &std::sync::Mutex<String>, what: &str) {
-    if let Ok(mut s) = status.lock() {
-        *s = what.to_string();
-    }
 }
 
 /// A superuser's session is not confined by privileges; the host does not need one.

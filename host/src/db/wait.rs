@@ -2,7 +2,6 @@
 //! and a host that exits at once only buys minutes of CrashLoopBackOff. Waiting cannot cure
 //! every failure, though: a wrong password or an unknown CA is reported once, and the host exits.
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::{sqlstate, DbConfig, DbError};
@@ -12,15 +11,7 @@ use super::{sqlstate, DbConfig, DbError};
 pub struct StartWait {
     /// `None`: wait as long as it takes.
     pub timeout: Option<Duration>,
-    pub status: Arc<Mutex<String>>,
-}
-
-impl StartWait {
-    fn show(&self, text: String) {
-        if let Ok(mut status) = self.status.lock() {
-            *status = text;
-        }
-    }
+    pub status: crate::base::status_line::StatusLine,
 }
 
 /// Connects once PostgreSQL accepts connections; retries what can pass (refused, timed out,
@@ -35,7 +26,8 @@ pub async fn wait_for_database(
     let mut attempt = 0u32;
     loop {
         attempt += 1;
-        wait.show(format!("connecting to PostgreSQL at {target}"));
+        wait.status
+            .set(format!("connecting to PostgreSQL at {target}"));
         let error = match super::connect_one(config).await {
             Ok(conn) => {
                 if attempt > 1 {
@@ -71,7 +63,7 @@ pub async fn wait_for_database(
             retry_in = ?delay,
             "waiting for PostgreSQL: {cause}"
         );
-        wait.show(format!(
+        wait.status.set(format!(
             "waiting for PostgreSQL at {target} (attempt {attempt}): {cause}"
         ));
         tokio::time::sleep(delay).await;

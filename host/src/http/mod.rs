@@ -6,7 +6,7 @@ mod error;
 mod probes;
 
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 
 use anyhow::Context;
 use axum::extract::{Request, State};
@@ -101,21 +101,17 @@ pub async fn bind(config: &HttpConfig) -> anyhow::Result<Listeners> {
 #[derive(Clone, Default)]
 pub struct Front {
     router: Arc<OnceLock<Router>>,
-    starting: Arc<Mutex<String>>,
+    starting: crate::base::status_line::StatusLine,
 }
 
 impl Front {
     /// Where the start shows what it is doing (the reason `/ready` gives).
-    pub fn starting_status(&self) -> Arc<Mutex<String>> {
+    pub fn starting_status(&self) -> crate::base::status_line::StatusLine {
         self.starting.clone()
     }
 
     pub fn started(&self, state: AppState) {
         let _ = self.router.set(router(state));
-    }
-
-    fn starting_reason(&self) -> String {
-        self.starting.lock().map(|s| s.clone()).unwrap_or_default()
     }
 }
 
@@ -126,7 +122,7 @@ async fn front_dispatch(State(front): State<Front>, request: Request) -> Respons
             Err(never) => match never {},
         },
         None => {
-            let reason = front.starting_reason();
+            let reason = front.starting.get();
             (
                 StatusCode::SERVICE_UNAVAILABLE,
                 Json(serde_json::json!({

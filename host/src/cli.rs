@@ -40,6 +40,12 @@ pub enum Command {
     /// Events parked by the dead-letter policy: list, retry, skip (through the admin API).
     #[command(subcommand)]
     DeadLetters(DeadLetterCommand),
+    /// Replica sets on one database: point readers at another set's read models, remove a set.
+    #[command(subcommand)]
+    ReplicaSets(ReplicaSetCommand),
+    /// Projections of a replica set: remove one with everything the host made for it.
+    #[command(subcommand)]
+    Projections(ProjectionCommand),
     /// Seed a throwaway database with the W1 workload, project it with bank-balances and print
     /// the result: the quickest way to see the host work.
     Demo(DemoArgs),
@@ -270,6 +276,60 @@ pub struct StatusArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ReplicaSetCommand {
+    /// Make the schema readers query for each projection of FROM show TO's read model instead
+    /// (one transaction). FROM must have no live hosts and TO must have caught up with it.
+    SwitchReaders {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        /// The replica set readers query today.
+        #[arg(long)]
+        from: String,
+        /// The replica set whose read models readers should query.
+        #[arg(long)]
+        to: String,
+        /// Only this projection (default: every projection FROM publishes).
+        #[arg(long)]
+        projection: Option<String>,
+        /// Confirm.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Remove a replica set with no live hosts: its read models, roles, checkpoints, registry,
+    /// dead letters and coordination rows.
+    Remove {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        /// The replica set to remove.
+        name: String,
+        /// Confirm.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProjectionCommand {
+    /// Remove a projection: hosts stop running it, then its schemas, role, checkpoints, registry
+    /// rows, controls, halts and dead letters are dropped. Remove its file from the plugins
+    /// directory first, or hosts register it again (from position 0) at their next start.
+    Remove {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        #[arg(long, env = "REPLICA_SET", default_value = "default")]
+        replica_set: String,
+        /// The projection to remove.
+        name: String,
+        /// How long to wait for hosts to close the projection's sessions before ending them.
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        wait: std::time::Duration,
+        /// Confirm.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 /// Where the admin API is, and its token.

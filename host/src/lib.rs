@@ -19,6 +19,7 @@ pub mod http;
 pub mod ids;
 pub mod lifecycle;
 pub mod metrics;
+pub mod operator;
 pub mod pipeline;
 pub mod runtime;
 pub mod sink;

@@ -57,6 +57,8 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Resume(args) => {
             projection_host::client::set_paused(&args.admin, &args.projection, false, None).await
         }
+        Command::ReplicaSets(command) => projection_host::operator::replica_sets(command).await,
+        Command::Projections(command) => projection_host::operator::projections(command).await,
         Command::Demo(args) => projection_host::bench::demo(args).await,
         Command::Bench(BenchCommand::W1(args)) => projection_host::bench::w1(args).await,
         Command::Bench(BenchCommand::Live(args)) => projection_host::bench::live(args).await,

@@ -9,7 +9,7 @@ use sqlx::PgPool;
 use crate::cli::{DatabaseArgs, MigrateArgs, StatusArgs};
 use crate::db::{DbConfig, QualifiedName};
 
-async fn pool(args: &DatabaseArgs) -> anyhow::Result<PgPool> {
+pub(crate) async fn pool(args: &DatabaseArgs) -> anyhow::Result<PgPool> {
     let url = crate::config::database_url(args)?;
     let config = DbConfig {
         url,

@@ -3,7 +3,9 @@
 //! rollback).
 
 pub mod cache;
+pub mod read_models;
 pub mod registry;
+pub mod removal;
 
 pub use cache::PluginCache;
 pub use registry::{Mode, PluginRow, Registry, State};

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 
+use super::read_models::{publish_views, stable_schema, ReaderGrants};
 use crate::coordination::COORDINATION_CHANNEL;
 use crate::db::quote_ident;
 use crate::runtime::bindings::{INTERFACE, INTERFACE_VERSION};
@@ -191,7 +192,7 @@ async fn insert(
 }
 
 /// Bumps the generation, records why, and wakes every host.
-async fn new_generation(
+pub(super) async fn new_generation(
     tx: &mut Transaction<'static, Postgres>,
     replica_set: &str,
     reason: &str,
@@ -269,7 +270,10 @@ async fn activate_continue(
     let current = active(tx, replica_set, projection).await?;
     let (track, namespace) = match &current {
         Some(c) => (c.track.clone(), c.namespace.clone()),
-        None => (projection.to_string(), projection.to_string()),
+        None => (
+            projection.to_string(),
+            stable_schema(tx, replica_set, projection).await?,
+        ),
     };
     retire_active(tx, replica_set, projection).await?;
     sqlx::query(
@@ -316,6 +320,7 @@ pub async fn register_mounted(
         return Ok(Mounted::Known);
     }
     let source = format!("mounted on {host}: {}", plugin.source.display());
+    let stable = stable_schema(&mut tx, replica_set, &plugin.name).await?;
     let outcome = match active(&mut tx, replica_set, &plugin.name).await? {
         None => {
             insert(
@@ -326,7 +331,7 @@ pub async fn register_mounted(
                 "active",
                 Mode::Continue,
                 &plugin.name,
-                &plugin.name,
+                &stable,
                 &source,
             )
             .await?;
@@ -353,7 +358,7 @@ pub async fn register_mounted(
                 "pending",
                 Mode::Continue,
                 &plugin.name,
-                &plugin.name,
+                &stable,
                 &source,
             )
             .await?;
@@ -388,6 +393,7 @@ pub async fn push(
             )));
         }
     } else {
+        let stable = stable_schema(&mut tx, replica_set, &name).await?;
         insert(
             &mut tx,
             replica_set,
@@ -396,7 +402,7 @@ pub async fn push(
             "pending",
             mode,
             &name,
-            &name,
+            &stable,
             "upload",
         )
         .await?;
@@ -422,6 +428,7 @@ pub async fn push(
                 )));
             }
             let short = &plugin.sha256[..8];
+            let stable = stable_schema(&mut tx, replica_set, &name).await?;
             sqlx::query(
                 "UPDATE projection_host.plugins SET state = 'building', mode = 'rebuild', track = $4, namespace = $5
                   WHERE replica_set = $1 AND projection = $2 AND sha256 = $3",
@@ -430,7 +437,7 @@ pub async fn push(
             .bind(&name)
             .bind(&plugin.sha256)
             .bind(format!("{name}@{short}"))
-            .bind(format!("{name}_{short}"))
+            .bind(format!("{stable}_{short}"))
             .execute(&mut *tx)
             .await?;
             start_build(
@@ -513,34 +520,33 @@ async fn promote_rebuild(
     building: &PluginRow,
 ) -> Result<(), RegistryError> {
     let current = active(tx, replica_set, projection).await?;
-    let stable = quote_ident(projection);
-    let owner: String =
-        sqlx::query_scalar("SELECT pg_get_userbyid(nspowner) FROM pg_namespace WHERE nspname = $1")
-            .bind(projection)
-            .fetch_optional(&mut **tx)
-            .await?
-            .unwrap_or_else(|| "CURRENT_USER".into());
-    let owner_sql = if owner == "CURRENT_USER" {
-        owner.clone()
-    } else {
-        quote_ident(&owner)
-    };
-    sqlx::query(&format!(
-        "CREATE SCHEMA IF NOT EXISTS {stable} AUTHORIZATION {owner_sql}"
-    ))
-    .execute(&mut **tx)
-    .await?;
+    let stable_name = stable_schema(tx, replica_set, projection).await?;
+    let stable = quote_ident(&stable_name);
+    let owner: String = sqlx::query_scalar(
+        "SELECT pg_get_userbyid(nspowner)::text FROM pg_namespace WHERE nspname = $1",
+    )
+    .bind(&building.namespace)
+    .fetch_optional(&mut **tx)
+    .await?
+    .ok_or_else(|| {
+        RegistryError::Refused(format!(
+            "the rebuild of {projection} has not created its read model {} yet",
+            building.namespace
+        ))
+    })?;
+    let grants = ReaderGrants::of(tx, &stable_name).await?;
     if let Some(current) = &current {
-        if current.namespace == projection {
+        if current.namespace == stable_name {
             // The active version's tables live in the stable schema itself: move them out.
-            let keep = format!("{projection}_{}", &current.sha256[..8]);
+            let keep = format!("{stable_name}_{}", &current.sha256[..8]);
             sqlx::query(&format!(
-                "CREATE SCHEMA IF NOT EXISTS {} AUTHORIZATION {owner_sql}",
-                quote_ident(&keep)
+                "CREATE SCHEMA IF NOT EXISTS {} AUTHORIZATION {}",
+                quote_ident(&keep),
+                quote_ident(&owner)
             ))
             .execute(&mut **tx)
             .await?;
-            for (name, kind) in relations(tx, projection).await? {
+            for (name, kind) in relations(tx, &stable_name).await? {
                 let what = if kind == "v" { "VIEW" } else { "TABLE" };
                 sqlx::query(&format!(
                     "ALTER {what} {stable}.{} SET SCHEMA {}",
@@ -557,7 +563,7 @@ async fn promote_rebuild(
                 .execute(&mut **tx)
                 .await?;
         } else {
-            for (name, _) in relations(tx, projection).await? {
+            for (name, _) in relations(tx, &stable_name).await? {
                 sqlx::query(&format!(
                     "DROP VIEW IF EXISTS {stable}.{}",
                     quote_ident(&name)
@@ -567,20 +573,8 @@ async fn promote_rebuild(
             }
         }
     }
-    for (name, kind) in relations(tx, &building.namespace).await? {
-        if kind == "r" || kind == "p" || kind == "v" {
-            let n = quote_ident(&name);
-            sqlx::query(&format!(
-                "CREATE VIEW {stable}.{n} AS SELECT * FROM {}.{n}",
-                quote_ident(&building.namespace)
-            ))
-            .execute(&mut **tx)
-            .await?;
-            sqlx::query(&format!("ALTER VIEW {stable}.{n} OWNER TO {owner_sql}"))
-                .execute(&mut **tx)
-                .await?;
-        }
-    }
+    publish_views(tx, &stable_name, &building.namespace, &owner).await?;
+    grants.apply(tx, &stable_name).await?;
     retire_active(tx, replica_set, projection).await?;
     sqlx::query(
         "UPDATE projection_host.plugins SET state = 'active', activated_at = now()
@@ -604,7 +598,7 @@ async fn promote_rebuild(
 }
 
 /// Tables and views of a schema (name, relkind).
-async fn relations(
+pub(super) async fn relations(
     conn: &mut PgConnection,
     schema: &str,
 ) -> Result<Vec<(String, String)>, sqlx::Error> {
@@ -655,7 +649,8 @@ pub async fn drop_retired_data(
 ) -> Result<(), sqlx::Error> {
     let stale: Vec<String> = sqlx::query_scalar(
         "SELECT DISTINCT r.namespace FROM projection_host.plugins r
-          WHERE r.replica_set = $1 AND r.state = 'retired' AND r.namespace <> r.projection
+          WHERE r.replica_set = $1 AND r.state = 'retired'
+            AND NOT EXISTS (SELECT 1 FROM projection_host.read_models m WHERE m.stable_schema = r.namespace)
             AND r.retired_at < now() - $2 * interval '1 millisecond'
             AND NOT EXISTS (SELECT 1 FROM projection_host.plugins a
                              WHERE a.replica_set = $1 AND a.namespace = r.namespace AND a.state IN ('active', 'building'))

@@ -67,11 +67,15 @@ pub enum RoleError {
     )]
     Reserved { schema: String },
     #[error(
-        "the projection's schema {schema} already exists and belongs to {owner}, not to this projection: \
-         the host does not hand an existing schema to a plugin. Rename the projection, or drop the \
-         schema if it is a leftover"
+        "the projection's schema {schema} already exists and belongs to {owner}{held_by}, not to this \
+         projection: the host does not hand an existing schema to a plugin. {fix}"
     )]
-    SchemaTaken { schema: String, owner: String },
+    SchemaTaken {
+        schema: String,
+        owner: String,
+        held_by: String,
+        fix: String,
+    },
     #[error(
         "the projection's schema {schema} has the name of a database role: sessions of that role would \
          find its tables first on their default search path (\"$user\"). Rename the projection"
@@ -384,9 +388,32 @@ async fn check_schema(
             return Ok(());
         }
     }
+    // Another replica set's role: say which set, and how two sets share a database.
+    let holder: Option<(String, String)> = sqlx::query_as(
+        "SELECT replica_set, projection FROM projection_host.projection_roles WHERE role_name = $1",
+    )
+    .bind(&owner)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let (held_by, fix) = match holder {
+        Some((set, other)) => (
+            format!(" (projection {other} of replica set {set})"),
+            format!(
+                "Replica set {replica_set} writes a schema of its own (see `projection-host status \
+                 --replica-set {replica_set}`); if {set} is gone, remove it with `projection-host \
+                 replica-sets remove {set} --yes`"
+            ),
+        ),
+        None => (
+            String::new(),
+            "Rename the projection, or drop the schema if it is a leftover".to_string(),
+        ),
+    };
     Err(RoleError::SchemaTaken {
         schema: schema.to_string(),
         owner,
+        held_by,
+        fix,
     })
 }
 

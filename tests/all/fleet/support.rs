@@ -60,17 +60,35 @@ pub async fn shares(db: &TestDb) -> BTreeMap<String, usize> {
 }
 
 /// Waits until exactly `workers` hold all 32 partitions in balanced shares.
+///
+/// Two minutes, not one: under a loaded CI machine a host's first heartbeat can come late enough
+/// to be counted stale once, and the fleet then needs a second round to settle. On timeout the
+/// message carries the last shares and the workers table, so a failure says what the fleet did.
 pub async fn balanced(db: &TestDb, workers: &[&str]) {
-    let what = format!("partitions balanced over {workers:?}");
-    eventually(&what, Duration::from_secs(60), || async {
+    let started = std::time::Instant::now();
+    let timeout = Duration::from_secs(120);
+    loop {
         let s = shares(db).await;
         let total: usize = s.values().sum();
         let names: Vec<&str> = s.keys().map(String::as_str).collect();
         let fair = 32 / workers.len();
-        (total == 32 && names == workers && s.values().all(|n| *n == fair || *n == fair + 1))
-            .then_some(())
-    })
-    .await;
+        if total == 32 && names == workers && s.values().all(|n| *n == fair || *n == fair + 1) {
+            return;
+        }
+        if started.elapsed() > timeout {
+            let rows: Vec<(String, String)> = sqlx::query_as(
+                "SELECT worker_id, (now() - heartbeat_at)::text FROM projection_host.workers ORDER BY worker_id",
+            )
+            .fetch_all(&db.pool)
+            .await
+            .unwrap_or_default();
+            panic!(
+                "timed out after {timeout:?} waiting for partitions balanced over {workers:?}; \
+                 last shares {s:?}; workers (id, heartbeat age) {rows:?}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Waits until every partition's checkpoint reached the current head.

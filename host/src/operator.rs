@@ -1,0 +1,112 @@
+//! `replica-sets` and `projections`: operator commands that change what replica sets own, run
+//! on the database directly (they must work while no host of the set runs).
+
+use anyhow::bail;
+
+use crate::cli::{ProjectionCommand, ReplicaSetCommand};
+use crate::lifecycle::read_models;
+use crate::lifecycle::removal::{self, Removed};
+use crate::status::pool;
+
+pub async fn replica_sets(command: ReplicaSetCommand) -> anyhow::Result<()> {
+    match command {
+        ReplicaSetCommand::SwitchReaders {
+            database,
+            from,
+            to,
+            projection,
+            yes,
+        } => {
+            confirm(
+                yes,
+                &format!("switch readers from replica set {from} to {to}"),
+            )?;
+            let pool = pool(&database).await?;
+            crate::db::migrate(&pool).await?;
+            for s in read_models::switch_readers(&pool, &from, &to, projection.as_deref()).await? {
+                println!(
+                    "{}: readers of schema {} now see replica set {to}'s read model; {from}'s is in schema {}",
+                    s.projection, s.readers, s.old_set_now_in
+                );
+            }
+            println!("next: once readers are fine, remove the old set with `projection-host replica-sets remove {from} --yes`");
+            Ok(())
+        }
+        ReplicaSetCommand::Remove {
+            database,
+            name,
+            yes,
+        } => {
+            confirm(
+                yes,
+                &format!("remove replica set {name} and all its read models"),
+            )?;
+            let pool = pool(&database).await?;
+            crate::db::migrate(&pool).await?;
+            for removed in removal::remove_replica_set(&pool, &name).await? {
+                report(&removed);
+            }
+            println!("replica set {name} removed");
+            Ok(())
+        }
+    }
+}
+
+pub async fn projections(command: ProjectionCommand) -> anyhow::Result<()> {
+    match command {
+        ProjectionCommand::Remove {
+            database,
+            replica_set,
+            name,
+            wait,
+            yes,
+        } => {
+            confirm(
+                yes,
+                &format!(
+                    "remove projection {name} of replica set {replica_set} and its read model"
+                ),
+            )?;
+            let pool = pool(&database).await?;
+            crate::db::migrate(&pool).await?;
+            let removed = removal::remove_projection(&pool, &replica_set, &name, wait, &|line| {
+                eprintln!("{name}: {line}")
+            })
+            .await?;
+            report(&removed);
+            Ok(())
+        }
+    }
+}
+
+fn confirm(yes: bool, what: &str) -> anyhow::Result<()> {
+    if !yes {
+        bail!("this would {what}, which cannot be undone; add --yes to do it");
+    }
+    Ok(())
+}
+
+fn report(removed: &Removed) {
+    let list = |v: &[String]| {
+        if v.is_empty() {
+            "none".to_string()
+        } else {
+            v.join(", ")
+        }
+    };
+    println!(
+        "{}: dropped schemas {}; role {}; {} checkpoint(s), {} dead letter(s) deleted",
+        removed.projection,
+        list(&removed.schemas),
+        removed.role.as_deref().unwrap_or("none"),
+        removed.checkpoints,
+        removed.dead_letters
+    );
+    if !removed.kept.is_empty() {
+        println!(
+            "{}: left alone (not the projection's): {}",
+            removed.projection,
+            removed.kept.join(", ")
+        );
+    }
+}

@@ -257,29 +257,14 @@ async fn switch_one(
     projection: &str,
     readers: &str,
 ) -> Result<Switched, RegistryError> {
-    let target: Option<(String, String)> = sqlx::query_as(
-        "SELECT namespace, track FROM projection_host.plugins
-          WHERE replica_set = $1 AND projection = $2 AND state = 'active'",
-    )
-    .bind(to)
-    .bind(projection)
-    .fetch_optional(&mut **tx)
-    .await?;
-    let Some((namespace, track)) = target else {
+    let Some((namespace, track)) = active_version(tx, to, projection).await? else {
         return Err(RegistryError::Refused(format!(
             "replica set {to} runs no version of {projection}: start it with REPLICA_SET={to} and \
              let it catch up before switching readers"
         )));
     };
-    let old_track: Option<String> = sqlx::query_scalar(
-        "SELECT track FROM projection_host.plugins WHERE replica_set = $1 AND projection = $2 AND state = 'active'",
-    )
-    .bind(from)
-    .bind(projection)
-    .fetch_optional(&mut **tx)
-    .await?;
     let reached = lowest_checkpoint(tx, to, &track).await?;
-    if let Some(old_track) = old_track {
+    if let Some((_, old_track)) = active_version(tx, from, projection).await? {
         let old = lowest_checkpoint(tx, from, &old_track).await?;
         if reached < old {
             return Err(RegistryError::Refused(format!(
@@ -328,24 +313,9 @@ async fn switch_one(
     .bind(&moved_to)
     .execute(&mut **tx)
     .await?;
-    sqlx::query(
-        "UPDATE projection_host.read_models SET stable_schema = $3, claimed_at = now()
-          WHERE replica_set = $1 AND projection = $2",
-    )
-    .bind(from)
-    .bind(projection)
-    .bind(&moved_to)
-    .execute(&mut **tx)
-    .await?;
-    sqlx::query(
-        "UPDATE projection_host.read_models SET stable_schema = $3, claimed_at = now()
-          WHERE replica_set = $1 AND projection = $2",
-    )
-    .bind(to)
-    .bind(projection)
-    .bind(readers)
-    .execute(&mut **tx)
-    .await?;
+    // The old set first: the name is unique, so it must be free before the new set takes it.
+    set_stable(tx, from, projection, &moved_to).await?;
+    set_stable(tx, to, projection, readers).await?;
     publish_views(tx, readers, &namespace, &owner).await?;
     grants.apply(tx, readers).await?;
     tracing::info!(projection, readers, from, to, old = %moved_to, "readers switched");
@@ -354,6 +324,40 @@ async fn switch_one(
         readers: readers.to_string(),
         old_set_now_in: moved_to,
     })
+}
+
+/// The (namespace, track) of a set's active version of a projection.
+async fn active_version(
+    tx: &mut Transaction<'static, Postgres>,
+    replica_set: &str,
+    projection: &str,
+) -> Result<Option<(String, String)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT namespace, track FROM projection_host.plugins
+          WHERE replica_set = $1 AND projection = $2 AND state = 'active'",
+    )
+    .bind(replica_set)
+    .bind(projection)
+    .fetch_optional(&mut **tx)
+    .await
+}
+
+async fn set_stable(
+    tx: &mut Transaction<'static, Postgres>,
+    replica_set: &str,
+    projection: &str,
+    schema: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE projection_host.read_models SET stable_schema = $3, claimed_at = now()
+          WHERE replica_set = $1 AND projection = $2",
+    )
+    .bind(replica_set)
+    .bind(projection)
+    .bind(schema)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 /// Creates `stable` (owned by `owner`) holding one view per table or view of `namespace`.

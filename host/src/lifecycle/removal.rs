@@ -65,9 +65,9 @@ pub async fn remove_projection(
             }
         )));
     }
+    let role = role_of(&mut conn, replica_set, projection).await?;
     drop(conn);
     retire_everything(pool, replica_set, projection).await?;
-    let role = role_of(pool, replica_set, projection).await?;
     if let Some(role) = &role {
         wait_for_sessions(pool, role, wait, progress).await?;
     }
@@ -179,7 +179,7 @@ async fn retire_everything(
 }
 
 async fn role_of(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     replica_set: &str,
     projection: &str,
 ) -> Result<Option<String>, sqlx::Error> {
@@ -188,7 +188,7 @@ async fn role_of(
     )
     .bind(replica_set)
     .bind(projection)
-    .fetch_optional(pool)
+    .fetch_optional(conn)
     .await
 }
 
@@ -256,13 +256,7 @@ async fn drop_projection(
     schemas.push(own_schema_name(projection, replica_set));
     schemas.sort();
     schemas.dedup();
-    let role: Option<String> = sqlx::query_scalar(
-        "SELECT role_name FROM projection_host.projection_roles WHERE replica_set = $1 AND projection = $2",
-    )
-    .bind(replica_set)
-    .bind(projection)
-    .fetch_optional(&mut **tx)
-    .await?;
+    let role = role_of(tx, replica_set, projection).await?;
     let host_user: String = sqlx::query_scalar("SELECT current_user::text")
         .fetch_one(&mut **tx)
         .await?;

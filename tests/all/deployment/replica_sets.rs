@@ -41,6 +41,15 @@ async fn run_once(db: &TestDb, set: &str, extra: &[&str]) -> String {
     log
 }
 
+/// `replica-sets switch-readers --from a --to b`, confirmed or not.
+fn switch_a_to_b(db: &TestDb, yes: bool) -> (bool, String) {
+    let mut args = vec!["replica-sets", "switch-readers", "--from", "a", "--to", "b"];
+    if yes {
+        args.push("--yes");
+    }
+    cli(db, &args)
+}
+
 async fn check(db: &TestDb, schema: &str) -> Check {
     check_w1(&db.url, schema).await.unwrap()
 }
@@ -91,10 +100,7 @@ async fn a_new_replica_set_builds_beside_the_old_one_and_readers_switch_to_it() 
     assert!(check(&db, "bank_balances__b").await.exact());
 
     // Refused: no confirmation; a live host of the old set; an old set further ahead.
-    let (ok, out) = cli(
-        &db,
-        &["replica-sets", "switch-readers", "--from", "a", "--to", "b"],
-    );
+    let (ok, out) = switch_a_to_b(&db, false);
     assert!(!ok && out.contains("--yes"), "{out}");
     let mut live_a = Host::run(
         "a-live",
@@ -119,18 +125,7 @@ async fn a_new_replica_set_builds_beside_the_old_one_and_readers_switch_to_it() 
         || async { (counted(&db, "bank_balances").await == 7_000).then_some(()) },
     )
     .await;
-    let (ok, out) = cli(
-        &db,
-        &[
-            "replica-sets",
-            "switch-readers",
-            "--from",
-            "a",
-            "--to",
-            "b",
-            "--yes",
-        ],
-    );
+    let (ok, out) = switch_a_to_b(&db, true);
     assert!(!ok && out.contains("still has live hosts (a-0)"), "{out}");
     live_a.signal(libc::SIGTERM);
     assert!(
@@ -138,18 +133,7 @@ async fn a_new_replica_set_builds_beside_the_old_one_and_readers_switch_to_it() 
         "{}",
         live_a.log()
     );
-    let (ok, out) = cli(
-        &db,
-        &[
-            "replica-sets",
-            "switch-readers",
-            "--from",
-            "a",
-            "--to",
-            "b",
-            "--yes",
-        ],
-    );
+    let (ok, out) = switch_a_to_b(&db, true);
     assert!(
         !ok && out.contains("readers would go back in time"),
         "{out}"
@@ -157,18 +141,7 @@ async fn a_new_replica_set_builds_beside_the_old_one_and_readers_switch_to_it() 
 
     // b catches up; the switch; readers (with their own grants) now read b's model, exactly.
     run_once(&db, "b", &["--partitions", "16"]).await;
-    let (ok, out) = cli(
-        &db,
-        &[
-            "replica-sets",
-            "switch-readers",
-            "--from",
-            "a",
-            "--to",
-            "b",
-            "--yes",
-        ],
-    );
+    let (ok, out) = switch_a_to_b(&db, true);
     assert!(ok, "{out}");
     assert!(out.contains("bank_balances__a"), "{out}");
     let as_reader: i64 = {

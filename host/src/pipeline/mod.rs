@@ -3,6 +3,7 @@
 
 pub mod dead_letters;
 pub mod policy;
+pub mod containment;
 mod progress;
 pub mod settled;
 pub mod status;

@@ -4,6 +4,9 @@
 //! existing dashboards and alerts keep working; unlike in the seed, every one of them is
 //! updated. `projection_lag_events` feeds the seed's HPA.
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+
 use prometheus::{
     Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
     IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
@@ -11,6 +14,10 @@ use prometheus::{
 
 const SEED: &str = "pupsourcing_orchestrator";
 const HOST: &str = "projection_host";
+
+/// States of `projection_host_partition_state`: committing, paused by an operator, halted at a
+/// failing event (stop policy), or held while its failing event waits for a retry.
+pub const PARTITION_STATES: [&str; 4] = ["running", "paused", "halted", "retrying"];
 
 /// States of `pupsourcing_orchestrator_worker_state`, as the seed's code names them.
 pub const WORKER_STATES: [&str; 5] = ["pending", "ready", "running", "stopping", "stopped"];
@@ -45,6 +52,13 @@ pub struct HostMetrics {
     dead_letters: IntGaugeVec,
     plugin_info: IntGaugeVec,
     checkpoint_position: IntGaugeVec,
+    partition_state: IntGaugeVec,
+    partition_lag_events: IntGaugeVec,
+    halted_position: IntGaugeVec,
+    partition_dead_letters: IntGaugeVec,
+    /// The partitions each projection exports series for, to remove them when they go.
+    exported: Arc<Mutex<BTreeMap<String, BTreeSet<u32>>>>,
+    pipeline_panics_total: IntCounterVec,
     pub holes_passed: IntCounter,
     pub oldest_writer_seconds: Gauge,
     pub safe_head_held_back_seconds: Gauge,
@@ -275,7 +289,33 @@ impl HostMetrics {
         );
         let checkpoint_position = int_gauge_vec(
             "checkpoint_position",
-            "Lowest checkpoint of the projection over this host's partitions.",
+            "Lowest checkpoint of the projection over the partitions this host holds (halted ones included); absent while it holds none.",
+            &["projection"],
+        );
+        let partition_state = int_gauge_vec(
+            "partition_state",
+            "1 for the state of each partition this host holds (running, paused, halted, retrying), 0 for the others.",
+            &["projection", "partition", "state"],
+        );
+        let partition_lag_events = int_gauge_vec(
+            "partition_lag_events",
+            "Positions between the stream head and the partition's checkpoint (a halted or paused partition counts in full).",
+            &["projection", "partition"],
+        );
+        let halted_position = int_gauge_vec(
+            "halted_position",
+            "Position of the event a halted partition stopped at (present only while halted).",
+            &["projection", "partition"],
+        );
+        let partition_dead_letters = int_gauge_vec(
+            "partition_dead_letters",
+            "Events parked in the dead-letter list, per partition this host holds.",
+            &["projection", "partition"],
+        );
+        let pipeline_panics_total = counter_vec(
+            HOST,
+            "pipeline_panics_total",
+            "Pipeline tasks that panicked (each was logged and restarted).",
             &["projection"],
         );
 
@@ -339,6 +379,12 @@ impl HostMetrics {
             dead_letters,
             plugin_info,
             checkpoint_position,
+            partition_state,
+            partition_lag_events,
+            halted_position,
+            partition_dead_letters,
+            exported: Arc::default(),
+            pipeline_panics_total,
             holes_passed,
             oldest_writer_seconds,
             safe_head_held_back_seconds,
@@ -368,9 +414,7 @@ impl HostMetrics {
             .set(0.0);
         self.fenced_batches_total.with_label_values(&[projection]);
         self.dead_letters.with_label_values(&[projection]).set(0);
-        self.checkpoint_position
-            .with_label_values(&[projection])
-            .set(0);
+        self.pipeline_panics_total.with_label_values(&[projection]);
         for limit in ["deadline", "memory"] {
             self.plugin_limit_trips_total
                 .with_label_values(&[projection, limit]);
@@ -434,6 +478,12 @@ impl HostMetrics {
             .inc();
     }
 
+    pub fn pipeline_panicked(&self, projection: &str) {
+        self.pipeline_panics_total
+            .with_label_values(&[projection])
+            .inc();
+    }
+
     pub fn limit_tripped(&self, projection: &str, limit: &str) {
         self.plugin_limit_trips_total
             .with_label_values(&[projection, limit])
@@ -446,13 +496,92 @@ impl HostMetrics {
             .inc();
     }
 
-    pub fn set_lag(&self, projection: &str, lag: f64, lowest_checkpoint: i64) {
+    /// The projection's lag and lowest checkpoint over the partitions held (`None`: holds none,
+    /// so it has no checkpoint to report and must not pull a `min()` over pods down).
+    pub fn set_lag(&self, projection: &str, lag: f64, lowest_checkpoint: Option<i64>) {
         self.projection_lag_events
             .with_label_values(&[projection])
             .set(lag);
-        self.checkpoint_position
-            .with_label_values(&[projection])
-            .set(lowest_checkpoint);
+        match lowest_checkpoint {
+            Some(lowest) => self
+                .checkpoint_position
+                .with_label_values(&[projection])
+                .set(lowest),
+            None => {
+                let _ = self.checkpoint_position.remove_label_values(&[projection]);
+            }
+        }
+    }
+
+    /// One held partition's state and lag; `halted_at` is the event a halted one stopped at.
+    pub fn set_partition(&self, projection: &str, partition: &PartitionReport) {
+        let label = partition.partition.to_string();
+        for state in PARTITION_STATES {
+            self.partition_state
+                .with_label_values(&[projection, &label, state])
+                .set(i64::from(state == partition.state));
+        }
+        self.partition_lag_events
+            .with_label_values(&[projection, &label])
+            .set(partition.lag);
+        match partition.halted_at {
+            Some(position) => self
+                .halted_position
+                .with_label_values(&[projection, &label])
+                .set(position),
+            None => {
+                let _ = self
+                    .halted_position
+                    .remove_label_values(&[projection, &label]);
+            }
+        }
+        self.exported(projection, partition.partition);
+    }
+
+    pub fn set_partition_dead_letters(&self, projection: &str, partition: u32, count: i64) {
+        self.partition_dead_letters
+            .with_label_values(&[projection, &partition.to_string()])
+            .set(count);
+        self.exported(projection, partition);
+    }
+
+    /// Notes a partition series, so that [`Self::retain_partitions`] can remove it.
+    fn exported(&self, projection: &str, partition: u32) {
+        self.exported
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(projection.to_string())
+            .or_default()
+            .insert(partition);
+    }
+
+    /// Removes the per-partition series of `projection` for partitions not in `held`, or of
+    /// every projection when `projection` is `None` (ownership changed): a partition this host
+    /// no longer holds must not be counted twice across pods.
+    pub fn retain_partitions(&self, projection: Option<&str>, held: &BTreeSet<u32>) {
+        let mut exported = self.exported.lock().unwrap_or_else(|e| e.into_inner());
+        for (name, partitions) in exported.iter_mut() {
+            if projection.is_some_and(|p| p != name) {
+                continue;
+            }
+            let gone: Vec<u32> = partitions.difference(held).copied().collect();
+            for partition in gone {
+                let label = partition.to_string();
+                for state in PARTITION_STATES {
+                    let _ = self
+                        .partition_state
+                        .remove_label_values(&[name, &label, state]);
+                }
+                let _ = self
+                    .partition_lag_events
+                    .remove_label_values(&[name, &label]);
+                let _ = self.halted_position.remove_label_values(&[name, &label]);
+                let _ = self
+                    .partition_dead_letters
+                    .remove_label_values(&[name, &label]);
+                partitions.remove(&partition);
+            }
+        }
     }
 
     pub fn set_dead_letters(&self, projection: &str, count: i64) {
@@ -470,6 +599,16 @@ impl HostMetrics {
         }
         String::from_utf8(out).unwrap_or_default()
     }
+}
+
+/// What the host knows of one partition it holds, for [`HostMetrics::set_partition`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionReport {
+    pub partition: u32,
+    /// One of [`PARTITION_STATES`].
+    pub state: &'static str,
+    pub lag: i64,
+    pub halted_at: Option<i64>,
 }
 
 fn labels(pairs: &[(&str, &str)]) -> std::collections::HashMap<String, String> {
@@ -512,5 +651,33 @@ mod tests {
             .contains("projection_lag_events{projection=\"bank_balances\",replica_set=\"main\"}"));
         assert!(text
             .contains("worker_state{replica_set=\"main\",state=\"pending\",worker_id=\"w1\"} 1"));
+    }
+
+    #[test]
+    fn a_partition_that_is_no_longer_held_stops_being_exported() {
+        let m = HostMetrics::new("main", "w1");
+        for (partition, state) in [(3, "halted"), (4, "running")] {
+            m.set_partition(
+                "p",
+                &PartitionReport {
+                    partition,
+                    state,
+                    lag: 7,
+                    halted_at: (state == "halted").then_some(42),
+                },
+            );
+        }
+        let text = m.render();
+        assert!(text.contains("projection_host_halted_position{partition=\"3\",projection=\"p\",replica_set=\"main\"} 42"), "{text}");
+        assert!(
+            text.contains(
+                "partition=\"4\",projection=\"p\",replica_set=\"main\",state=\"running\"} 1"
+            ),
+            "{text}"
+        );
+        m.retain_partitions(None, &BTreeSet::from([4]));
+        let text = m.render();
+        assert!(!text.contains("partition=\"3\""), "{text}");
+        assert!(text.contains("partition=\"4\""), "{text}");
     }
 }

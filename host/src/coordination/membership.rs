@@ -250,7 +250,7 @@ pub async fn remove_stale(
         0
     });
     let ids: Vec<String> = removed.into_iter().map(|(w, _)| w).collect();
-    tracing::warn!(replica_set, workers = ?ids, sessions_ended = ended, "removed stale workers (heartbeat older than the stale-worker timeout)");
+    tracing::warn!(replica_set, workers = ids.len(), worker_ids = %ids.join(" "), sessions_ended = ended, "removed stale workers (heartbeat older than the stale-worker timeout)");
     Ok(ids)
 }
 

@@ -493,7 +493,7 @@ impl Coordinator {
             .inc_by(moved as u64);
         tracing::info!(
             replica_set = %self.config.replica_set,
-            generation = %Generation(generation),
+            generation,
             workers = workers.len(),
             moved,
             %reason,
@@ -610,7 +610,7 @@ impl Coordinator {
             }
         }
         if !lost.is_empty() {
-            tracing::warn!(partitions = ?lost, "partitions were taken over by another worker; dropping them");
+            tracing::warn!(partitions = lost.len(), partition_list = %partition_list(&lost), "partitions were taken over by another worker; dropping them");
             self.ownership.forfeit(&lost);
         }
         for p in release {
@@ -646,7 +646,12 @@ impl Coordinator {
             if self.last_generation.is_some() && assigned != self.last_assigned {
                 self.metrics.reconfiguration_total.inc();
             }
-            tracing::info!(%generation, assigned = assigned.len(), held = held_now.len(), "running generation");
+            tracing::info!(
+                generation = generation.0,
+                assigned = assigned.len(),
+                held = held_now.len(),
+                "running generation"
+            );
             self.last_generation = Some(generation);
             self.last_assigned = assigned.clone();
         }
@@ -717,7 +722,7 @@ impl Coordinator {
                 .iter()
                 .map(|(p, e)| format!("{}@{}", PartitionId(*p as u32), Epoch(*e)))
                 .collect();
-            tracing::info!(generation = %Generation(generation), partitions = %list.join(" "), "claimed partitions");
+            tracing::info!(generation, partitions = list.len(), partition_list = %list.join(" "), "claimed partitions");
         }
         Ok(())
     }
@@ -752,10 +757,14 @@ impl Coordinator {
             match result {
                 Ok(_) => {
                     let _ = membership::notify(&pool, &replica_set).await;
-                    tracing::info!(%partition, waited_ms = started.elapsed().as_millis() as u64, "released partition");
+                    tracing::info!(
+                        partition = partition.0,
+                        waited_ms = started.elapsed().as_millis() as u64,
+                        "released partition"
+                    );
                 }
                 Err(e) => {
-                    tracing::warn!(%partition, error = %e, "releasing a partition failed; the next round retries")
+                    tracing::warn!(partition = partition.0, error = %e, "releasing a partition failed; the next round retries")
                 }
             }
             if let Ok(mut r) = releasing.lock() {
@@ -764,4 +773,13 @@ impl Coordinator {
             wakeup.wake();
         });
     }
+}
+
+/// Partitions for a log line: one string field, numbers separated by spaces.
+fn partition_list(partitions: &[PartitionId]) -> String {
+    partitions
+        .iter()
+        .map(|p| p.0.to_string())
+        .collect::<Vec<_>>()
+        .join(" ")
 }

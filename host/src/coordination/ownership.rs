@@ -122,7 +122,7 @@ impl Ownership {
                     None => return None,
                     Some(h) if h.in_use == 0 || tokio::time::Instant::now() >= deadline => {
                         if h.in_use > 0 {
-                            tracing::warn!(%partition, "in-flight batch did not finish in time; releasing anyway (its commit will be fenced)");
+                            tracing::warn!(partition = partition.0, "in-flight batch did not finish in time; releasing anyway (its commit will be fenced)");
                         }
                         let epoch = h.epoch;
                         state.held.remove(&partition);

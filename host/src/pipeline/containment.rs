@@ -156,6 +156,12 @@ impl Containment {
         self.steps.retain(|s| !s.partitions.is_empty());
     }
 
+    /// A step that could not run for a reason other than the plugin (the database, fencing)
+    /// runs again first.
+    pub fn requeue(&mut self, step: Step) {
+        self.steps.push_front(step);
+    }
+
     /// The held event is to be tried (or parked) without waiting any longer.
     pub fn retry_now(&mut self, partition: PartitionId, now: Instant) {
         if let Some(held) = self.held.get_mut(&partition) {
@@ -390,10 +396,20 @@ mod tests {
             .iter()
             .position(|v| !matches!(v, Verdict::Narrowed))
             .unwrap();
-        assert!(matches!(verdicts[first_retry], Verdict::Retry { event: (30, _), attempt: 1, .. }));
+        assert!(matches!(
+            verdicts[first_retry],
+            Verdict::Retry {
+                event: (30, _),
+                attempt: 1,
+                ..
+            }
+        ));
         assert!(matches!(
             verdicts.last().unwrap(),
-            Verdict::GiveUp { event: (30, _), attempts: 3 }
+            Verdict::GiveUp {
+                event: (30, _),
+                attempts: 3
+            }
         ));
     }
 
@@ -408,7 +424,10 @@ mod tests {
             .max()
             .unwrap();
         assert!(reached < 30, "nothing at or after the poison commits");
-        assert!(reached >= 26, "the events before the poison commit (reached {reached})");
+        assert!(
+            reached >= 26,
+            "the events before the poison commit (reached {reached})"
+        );
     }
 
     #[test]
@@ -429,7 +448,14 @@ mod tests {
                 up_to: 29
             }
         );
-        assert!(matches!(verdicts[0], Verdict::Retry { event: (30, _), attempt: 1, .. }));
+        assert!(matches!(
+            verdicts[0],
+            Verdict::Retry {
+                event: (30, _),
+                attempt: 1,
+                ..
+            }
+        ));
         assert_eq!(verdicts.len(), 2, "{verdicts:?}");
     }
 
@@ -483,7 +509,13 @@ mod tests {
         assert_eq!(c.next_step(now), None, "not due yet");
         assert_eq!(c.next_retry(), Some(now + delay));
         let step = c.next_step(now + delay).unwrap();
-        assert_eq!(step, Step { partitions: vec![p(4)], up_to: 9 });
+        assert_eq!(
+            step,
+            Step {
+                partitions: vec![p(4)],
+                up_to: 9
+            }
+        );
         c.succeeded(&step);
         assert!(c.is_idle());
     }

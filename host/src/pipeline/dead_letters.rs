@@ -101,12 +101,21 @@ pub async fn list(
     .await
 }
 
-pub async fn count(pool: &PgPool, replica_set: &str, projection: &str) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("SELECT count(*) FROM projection_host.dead_letters WHERE replica_set = $1 AND projection = $2")
-        .bind(replica_set)
-        .bind(projection)
-        .fetch_one(pool)
-        .await
+/// Parked events per partition (partitions without any are left out).
+pub async fn count_by_partition(
+    pool: &PgPool,
+    replica_set: &str,
+    projection: &str,
+) -> Result<HashMap<i32, i64>, sqlx::Error> {
+    let rows: Vec<(i32, i64)> = sqlx::query_as(
+        "SELECT partition, count(*) FROM projection_host.dead_letters
+          WHERE replica_set = $1 AND projection = $2 GROUP BY partition",
+    )
+    .bind(replica_set)
+    .bind(projection)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().collect())
 }
 
 /// Asks the owner of the aggregate's partition to apply all its parked events again, in order.

@@ -1,9 +1,9 @@
 //! The pipeline of one projection on this worker: read -> handle -> commit, batch after batch,
 //! over the partitions the coordinator gave it.
 
+pub mod containment;
 pub mod dead_letters;
 pub mod policy;
-pub mod containment;
 mod progress;
 pub mod settled;
 pub mod status;

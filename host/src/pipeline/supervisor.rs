@@ -119,15 +119,28 @@ impl Supervisor {
     /// Runs until `stop`, then lets every pipeline finish its batch (up to `drain`).
     pub async fn run(mut self, stop: CancellationToken, drain: Duration) {
         let mut running: HashMap<String, JoinHandle<()>> = HashMap::new();
+        let mut panics = PanicRecord::default();
         let mut registry = self.context.registry.clone();
         let mut next_scan = tokio::time::Instant::now() + self.scan_interval;
         loop {
             let current = registry.borrow_and_update().clone();
             for version in &current.running {
-                let alive = running
-                    .get(&version.track)
-                    .is_some_and(|h| !h.is_finished());
-                if alive {
+                if running.get(&version.track).is_some_and(|h| h.is_finished()) {
+                    if let Some(finished) = running.remove(&version.track) {
+                        if let Err(e) = finished.await {
+                            if e.is_panic() {
+                                self.context.metrics.pipeline_panicked(&version.track);
+                                let delay = panics.record(&version.track);
+                                // The panic itself was logged by the panic hook, with its
+                                // message and location.
+                                tracing::error!(projection = %version.track, restart_in = ?delay, "the pipeline task panicked; restarting it");
+                            }
+                        }
+                    }
+                }
+                if running.contains_key(&version.track)
+                    || panics.waiting(&version.track, tokio::time::Instant::now())
+                {
                     continue;
                 }
                 match self.cache.get(&version.projection, &version.sha256).await {
@@ -150,9 +163,24 @@ impl Supervisor {
                     }
                 }
             }
+            let any_finished = async {
+                if running.is_empty() {
+                    std::future::pending::<()>().await
+                } else {
+                    let _ = futures::future::select_all(running.values_mut()).await;
+                }
+            };
+            let next_restart = panics.next_restart();
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = registry.changed() => {}
+                _ = any_finished => {}
+                _ = async {
+                    match next_restart {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                } => {}
                 _ = tokio::time::sleep_until(next_scan) => {
                     next_scan = tokio::time::Instant::now() + self.scan_interval;
                     let pool = self.context.pool.clone();
@@ -171,5 +199,51 @@ impl Supervisor {
             tracing::warn!(timeout = ?drain, "in-flight batches did not finish within the shutdown timeout; abandoning them (they roll back)");
             aborts.iter().for_each(|a| a.abort());
         }
+    }
+}
+
+/// Pipelines that panicked: restarted at once the first time, with a growing delay when they
+/// keep panicking (a panic more than a minute after the last one counts as a first again).
+#[derive(Default)]
+struct PanicRecord {
+    by_track: HashMap<String, (u32, tokio::time::Instant)>,
+}
+
+impl PanicRecord {
+    const FORGET_AFTER: Duration = Duration::from_secs(60);
+
+    /// Notes a panic; returns how long to wait before the restart.
+    fn record(&mut self, track: &str) -> Duration {
+        let now = tokio::time::Instant::now();
+        let count = match self.by_track.get(track) {
+            Some((n, at)) if now.duration_since(*at) < Self::FORGET_AFTER => n + 1,
+            _ => 1,
+        };
+        let delay = if count == 1 {
+            Duration::ZERO
+        } else {
+            crate::base::retry::backoff(
+                count - 1,
+                Duration::from_millis(500),
+                Duration::from_secs(30),
+            )
+        };
+        self.by_track
+            .insert(track.to_string(), (count, now + delay));
+        delay
+    }
+
+    /// The pipeline must not restart yet.
+    fn waiting(&self, track: &str, now: tokio::time::Instant) -> bool {
+        self.by_track.get(track).is_some_and(|(_, at)| *at > now)
+    }
+
+    fn next_restart(&self) -> Option<tokio::time::Instant> {
+        let now = tokio::time::Instant::now();
+        self.by_track
+            .values()
+            .map(|(_, at)| *at)
+            .filter(|at| *at > now)
+            .min()
     }
 }

@@ -6,12 +6,13 @@
 //! what the dead-letter policy parks, record checkpoints (fenced) -> commit. Whatever fails, the
 //! transaction rolls back and the same range is read again, so an event is applied exactly once.
 //!
-//! When the plugin keeps failing, the batch is narrowed down to the failing event (committing
-//! the events before it), retried `max_retries` times, and then the projection's failure policy
-//! applies: halt that partition (stop) or park the event and its aggregate's later events
-//! (dead-letter).
+//! When the plugin fails, the failure is contained by partition ([`Containment`]): the batch is
+//! re-run in parts so that every healthy partition commits at once, the failing event is found
+//! without waiting, its partition is held aside while the event is retried `max_retries` times,
+//! and then the projection's failure policy applies: halt that partition (stop) or park the event
+//! and its aggregate's later events (dead-letter).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,6 +20,7 @@ use sqlx::postgres::PgConnectOptions;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
+use super::containment::{Containment, Failure, Handed, Step, Verdict};
 use super::dead_letters::{self, ToPark};
 use super::policy::{OnFailure, ProjectionSettings};
 use super::progress::Progress;
@@ -29,7 +31,7 @@ use crate::coordination::{Lease, Ownership};
 use crate::db::quote_ident;
 use crate::ids::{CommitToken, Epoch, PartitionId, WorkerId};
 use crate::lifecycle::{PluginCache, Registry};
-use crate::metrics::HostMetrics;
+use crate::metrics::{HostMetrics, PartitionReport};
 use crate::runtime::limits::Breach;
 use crate::runtime::state::HostMemoryLimits;
 use crate::runtime::{Plugin, PluginFailure, PluginInstance, Runtime};
@@ -39,6 +41,9 @@ use crate::sink::session::{BatchTx, ProjectionSession, TxSettings};
 use crate::sink::SqlIsolation;
 use crate::source::wakeup::Wakeup;
 use crate::source::{EventReader, SafeHead, StoredEvent};
+
+/// How often a waiting pipeline (paused, or every partition halted) republishes its lag.
+const LAG_REFRESH: Duration = Duration::from_secs(1);
 
 /// What every projection pipeline of a host shares.
 #[derive(Clone)]
@@ -94,13 +99,8 @@ enum BatchError {
     #[error("{failure}")]
     Plugin {
         failure: PluginFailure,
-        first: i64,
-        /// Position of the last event of the first half, for narrowing the failure down.
-        middle: i64,
-        last: i64,
-        events: usize,
-        /// The event, when the batch held only one.
-        single: Option<EventRef>,
+        /// What the plugin was given (empty for a failed setup).
+        batch: FailedBatch,
     },
     #[error("this worker no longer owns every partition of the batch (fenced); the batch was rolled back")]
     Fenced,
@@ -114,12 +114,39 @@ enum BatchError {
     Refused(String),
 }
 
-/// One event, for the failure policy.
-#[derive(Debug, Clone)]
-struct EventRef {
-    position: i64,
-    partition: PartitionId,
-    aggregate_id: String,
+/// The batch a plugin failed, for narrowing the failure down.
+#[derive(Debug, Clone, Default)]
+struct FailedBatch {
+    /// The range it covered: `(from, up_to]`.
+    from: i64,
+    up_to: i64,
+    partitions: Vec<PartitionId>,
+    /// The events handed to the plugin, in position order.
+    handed: Vec<Handed>,
+}
+
+impl FailedBatch {
+    /// Where the failure happened, for the log: the event the plugin named, or the range.
+    fn describe(&self, named: Option<i64>) -> String {
+        match (named, &self.handed[..]) {
+            (Some(p), _) => format!("event at position {p}"),
+            (None, []) => "setup".to_string(),
+            (None, [(p, _)]) => format!("event at position {p}"),
+            (None, [(first, _), .., (last, _)]) => format!(
+                "events at positions {first}..={last} ({} events)",
+                self.handed.len()
+            ),
+        }
+    }
+}
+
+/// The events of the batch that failed first, kept while its failure is narrowed down so that
+/// each step re-runs a part of it without reading it again.
+struct Retained {
+    from: i64,
+    up_to: i64,
+    /// Read on the first step that needs them.
+    events: Option<Vec<(PartitionId, StoredEvent)>>,
 }
 
 /// A read started ahead of time: subscribed events in `(after, up_to]`, at most `limit`.
@@ -184,11 +211,9 @@ pub struct ProjectionWorker {
     failures: u32,
     stages: StageTimes,
     prefetch: Option<Prefetch>,
-    /// After a plugin failure: read no further than this, to commit the events before the
-    /// failing one and narrow the failure down to a single event.
-    read_cap: Option<i64>,
-    /// The single failing event and how often it failed.
-    attempts: Option<(i64, u32)>,
+    /// Narrowing of plugin failures, and partitions held aside while their event is retried.
+    containment: Containment,
+    retained: Option<Retained>,
     /// The dead-letter policy decided to park this event (position, error) in the next batch.
     park_next: Option<(i64, String)>,
 }
@@ -232,6 +257,7 @@ impl ProjectionWorker {
             caught_up: false,
         });
         ProjectionWorker {
+            containment: Containment::new(config.settings.max_retries),
             reader: Arc::new(EventReader::new(&config.events_table, &plugin.subscription)),
             limit: config.batch_size,
             plugin,
@@ -261,8 +287,7 @@ impl ProjectionWorker {
             failures: 0,
             stages: StageTimes::default(),
             prefetch: None,
-            read_cap: None,
-            attempts: None,
+            retained: None,
             park_next: None,
         }
     }
@@ -332,7 +357,7 @@ impl ProjectionWorker {
                 Ok(true) => {}
                 Ok(false) => break,
                 Err(e) => {
-                    self.retry_after(&stop, e).await;
+                    self.retry_after(&stop, &[], e).await;
                     continue;
                 }
             }
@@ -340,29 +365,16 @@ impl ProjectionWorker {
             if controls_seen.as_ref() != Some(&controls) {
                 // Halts and parked events may have changed (resume, skip, retry).
                 if let Err(e) = self.reload_failures().await {
-                    self.retry_after(&stop, BatchError::Database(e)).await;
+                    self.retry_after(&stop, &[], BatchError::Database(e)).await;
                     continue;
                 }
                 controls_seen = Some(controls.clone());
             }
-            if controls.paused.contains(self.name()) {
-                self.board
-                    .update(&self.config.track, |s| s.state = ProjectionState::Paused);
-                tracing::info!(
-                    projection = self.name(),
-                    "paused by an operator; waiting for resume"
-                );
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    _ = self.controls.changed() => {}
-                }
-                self.board
-                    .update(&self.config.track, |s| s.state = ProjectionState::Running);
-                continue;
-            }
             let lease = self.ownership.lease();
             if lease.is_empty() {
                 drop(lease);
+                // Nothing held: no partition series, no checkpoint to report.
+                self.report_position(&[], self.head.current().raw);
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     _ = ownership_changed.changed() => {}
@@ -371,8 +383,9 @@ impl ProjectionWorker {
                 continue;
             }
             if let Err(e) = self.refresh_checkpoints(&lease).await {
+                let partitions = partitions_of(&lease.partitions);
                 drop(lease);
-                self.retry_after(&stop, e).await;
+                self.retry_after(&stop, &partitions, e).await;
                 continue;
             }
             let active: Vec<(PartitionId, Epoch)> = lease
@@ -381,33 +394,101 @@ impl ProjectionWorker {
                 .filter(|(p, _)| !self.halted.contains_key(p))
                 .copied()
                 .collect();
-            if active.is_empty() {
-                // Every held partition is halted (stop policy): wait for an operator.
+            let paused = controls.paused.contains(self.name());
+            if paused || active.is_empty() {
+                // Paused by an operator, or every held partition is halted (stop policy): wait
+                // for an operator, and keep the lag current meanwhile (it grows with the head).
+                let held = lease.partitions.clone();
                 drop(lease);
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    _ = ownership_changed.changed() => {}
-                    _ = self.controls.changed() => {}
+                if paused {
+                    self.board
+                        .update(&self.config.track, |s| s.state = ProjectionState::Paused);
+                    tracing::info!(
+                        projection = self.name(),
+                        "paused by an operator; waiting for resume"
+                    );
+                }
+                loop {
+                    self.report_position(&held, self.head.current().raw);
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = ownership_changed.changed() => break,
+                        _ = self.controls.changed() => break,
+                        _ = tokio::time::sleep(LAG_REFRESH) => {}
+                    }
+                }
+                if paused {
+                    self.board
+                        .update(&self.config.track, |s| s.state = ProjectionState::Running);
                 }
                 continue;
             }
             if controls.retry.contains(self.name()) {
                 if let Err(e) = self.replay(&active).await {
                     drop(lease);
-                    self.retry_after(&stop, e).await;
+                    self.retry_after(&stop, &partitions_of(&active), e).await;
                     continue;
                 }
             }
             let head = self.head.current();
-            let from = self.lowest_checkpoint(&active);
-            self.report_position(&active, lease.partitions.len(), from, head.raw);
-            let up_to = match self.read_cap {
-                Some(cap) if cap > from => head.readable_from(from).min(cap),
-                _ => {
-                    self.read_cap = None;
-                    head.readable_from(from)
+            self.report_position(&lease.partitions, head.raw);
+            if let Some(step) = self.containment.next_step(Instant::now()) {
+                // A part of a failed batch: the partitions it names that are still usable.
+                let scope: Vec<(PartitionId, Epoch)> = active
+                    .iter()
+                    .filter(|(p, _)| step.partitions.contains(p))
+                    .copied()
+                    .collect();
+                for gone in step
+                    .partitions
+                    .iter()
+                    .filter(|p| !scope.iter().any(|(q, _)| q == *p))
+                {
+                    self.containment.release(*gone);
                 }
-            };
+                if scope.is_empty() {
+                    continue;
+                }
+                let started = Instant::now();
+                let result = self.run_step(&scope, &step).await;
+                drop(lease);
+                match result {
+                    Ok((events, to)) => {
+                        self.containment.succeeded(&step);
+                        self.committed(&mut progress, events, to, head.raw, started);
+                    }
+                    Err(e) => {
+                        if !matches!(e, BatchError::Plugin { .. }) {
+                            // Not the plugin's doing (database, fencing): the step runs again.
+                            self.containment.requeue(step);
+                        }
+                        self.retry_after(&stop, &partitions_of(&scope), e).await;
+                    }
+                }
+                continue;
+            }
+            if self.containment.is_idle() {
+                self.retained = None;
+            }
+            let held: Vec<PartitionId> = self.containment.held().collect();
+            let active: Vec<(PartitionId, Epoch)> = active
+                .into_iter()
+                .filter(|(p, _)| !held.contains(p))
+                .collect();
+            let next_retry = self.containment.next_retry();
+            if active.is_empty() {
+                // Every usable partition is held for a retry of its failing event.
+                drop(lease);
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = ownership_changed.changed() => {}
+                    _ = self.controls.changed() => {}
+                    _ = sleep_until(next_retry) => {}
+                }
+                continue;
+            }
+            let from = self.lowest_checkpoint(&active);
+            let up_to = head.readable_from(from);
             if from >= up_to {
                 drop(lease);
                 let mut head_rx = self.head.clone();
@@ -417,6 +498,7 @@ impl ProjectionWorker {
                     _ = self.controls.changed() => {}
                     _ = self.registry.changed() => {}
                     _ = head_rx.wait_past(from, self.config.poll_interval) => {}
+                    _ = sleep_until(next_retry) => {}
                 }
                 continue;
             }
@@ -424,23 +506,11 @@ impl ProjectionWorker {
             match self.process(&active, from, up_to).await {
                 Ok((events, to)) => {
                     drop(lease);
-                    self.failures = 0;
-                    progress.record(&self.config.track, events, to, head.raw);
-                    let state = if self.halted.is_empty() {
-                        ProjectionState::Running
-                    } else {
-                        ProjectionState::Failing
-                    };
-                    self.board.update(&self.config.track, |s| {
-                        s.state = state;
-                        s.events_processed += events as u64;
-                        s.last_commit_at = Some(chrono::Utc::now());
-                    });
-                    tracing::trace!(projection = self.name(), events, from, to, elapsed = ?started.elapsed(), "batch committed");
+                    self.committed(&mut progress, events, to, head.raw, started);
                 }
                 Err(e) => {
                     drop(lease);
-                    self.retry_after(&stop, e).await;
+                    self.retry_after(&stop, &partitions_of(&active), e).await;
                 }
             }
         }
@@ -455,6 +525,31 @@ impl ProjectionWorker {
             "projection stopped"
         );
         self.stopped();
+    }
+
+    /// Book-keeping after a committed batch or step.
+    fn committed(
+        &mut self,
+        progress: &mut Progress,
+        events: usize,
+        to: i64,
+        raw_head: i64,
+        started: Instant,
+    ) {
+        self.failures = 0;
+        progress.record(&self.config.track, events, to, raw_head);
+        let state = if self.halted.is_empty() && self.containment.is_idle() {
+            ProjectionState::Running
+        } else {
+            ProjectionState::Failing
+        };
+        self.board.update(&self.config.track, |s| {
+            s.state = state;
+            s.events_processed += events as u64;
+            s.last_commit_at = Some(chrono::Utc::now());
+        });
+        tracing::trace!(projection = self.name(), events, to, elapsed = ?started.elapsed(), "batch committed");
+        failpoint_pipeline_panic();
     }
 
     fn stopped(&self) {
@@ -524,11 +619,7 @@ impl ProjectionWorker {
             }
             return Err(BatchError::Plugin {
                 failure,
-                first: 0,
-                middle: 0,
-                last: 0,
-                events: 0,
-                single: None,
+                batch: FailedBatch::default(),
             });
         }
         let mut tx = outcome
@@ -610,8 +701,9 @@ impl ProjectionWorker {
                 self.plugin = plugin;
                 self.instance = Some(instance);
                 self.build_generation = next.generation;
-                self.read_cap = None;
-                self.attempts = None;
+                // The new build may not fail where the old one did.
+                self.containment.clear();
+                self.retained = None;
                 self.needs_setup = true;
                 self.board.update(&self.config.track, |s| {
                     s.plugin_version = self.plugin.version.clone();
@@ -679,6 +771,7 @@ impl ProjectionWorker {
             )
             .await?,
         );
+        self.publish_dead_letters().await?;
         Ok(())
     }
 
@@ -694,11 +787,23 @@ impl ProjectionWorker {
             &held,
         )
         .await?;
-        let count =
-            dead_letters::count(&self.pool, &self.config.replica_set, &self.config.track).await?;
-        self.metrics.set_dead_letters(self.name(), count);
-        if self.halted.is_empty() {
-            self.attempts = None;
+        self.publish_dead_letters().await
+    }
+
+    /// The dead-letter gauges: the projection's total, and per partition held.
+    async fn publish_dead_letters(&mut self) -> Result<(), sqlx::Error> {
+        let by_partition = dead_letters::count_by_partition(
+            &self.pool,
+            &self.config.replica_set,
+            &self.config.track,
+        )
+        .await?;
+        self.metrics
+            .set_dead_letters(self.name(), by_partition.values().sum());
+        for (p, _) in self.ownership.held() {
+            let count = by_partition.get(&p.as_i32()).copied().unwrap_or(0);
+            self.metrics
+                .set_partition_dead_letters(self.name(), p.0, count);
         }
         Ok(())
     }
@@ -715,26 +820,52 @@ impl ProjectionWorker {
             .unwrap_or(0)
     }
 
-    fn report_position(
-        &self,
-        active: &[(PartitionId, Epoch)],
-        held: usize,
-        lowest: i64,
-        raw_head: i64,
-    ) {
-        let gap: i64 = active
-            .iter()
-            .map(|(p, _)| (raw_head - self.checkpoint(*p)).max(0))
-            .sum::<i64>()
-            + self
-                .halted
-                .values()
-                .map(|pos| (raw_head - pos + 1).max(0))
-                .sum::<i64>();
+    /// Publishes each held partition's state and lag, the projection's lag and lowest
+    /// checkpoint, and whether `--once` reached its target. Halted, paused and held partitions
+    /// count in full: their lag keeps growing with the head.
+    fn report_position(&self, leased: &[(PartitionId, Epoch)], raw_head: i64) {
+        let paused = self.controls.borrow().paused.contains(self.name());
+        let held: HashSet<PartitionId> = self.containment.held().collect();
+        let mut gap = 0i64;
+        for (p, _) in leased {
+            let halted_at = self.halted.get(p).copied();
+            let lag = match halted_at {
+                // Nothing from the halted event on is applied.
+                Some(at) => raw_head - at + 1,
+                None => raw_head - self.checkpoint(*p),
+            }
+            .max(0);
+            gap += lag;
+            let state = if halted_at.is_some() {
+                "halted"
+            } else if paused {
+                "paused"
+            } else if held.contains(p) {
+                "retrying"
+            } else {
+                "running"
+            };
+            self.metrics.set_partition(
+                self.name(),
+                &PartitionReport {
+                    partition: p.0,
+                    state,
+                    lag,
+                    halted_at,
+                },
+            );
+        }
+        let kept: BTreeSet<u32> = leased.iter().map(|(p, _)| p.0).collect();
+        self.metrics.retain_partitions(Some(self.name()), &kept);
+        let lowest = leased.iter().map(|(p, _)| self.checkpoint(*p)).min();
         let lag = gap as f64 / f64::from(self.config.partitions.max(1));
         self.metrics.set_lag(self.name(), lag, lowest);
+        let lowest = lowest.unwrap_or(0);
         let caught_up = self.config.once_target.is_some_and(|target| {
-            held as u32 == self.config.partitions && self.halted.is_empty() && lowest >= target
+            leased.len() as u32 == self.config.partitions
+                && self.halted.is_empty()
+                && self.containment.is_idle()
+                && lowest >= target
         });
         self.board.update(self.name(), |s| {
             s.lowest_checkpoint = lowest;
@@ -769,14 +900,74 @@ impl ProjectionWorker {
         } else {
             safe_head
         };
-        if full && self.read_cap.is_none() {
+        if full {
             self.start_prefetch(covered_to, self.head.current().safe, self.next_limit(true));
         }
+        let handed = self
+            .apply(active, from, covered_to, events, started)
+            .await?;
+        self.limit = self.next_limit(full);
+        Ok((handed, covered_to))
+    }
 
+    /// Re-runs a part of a failed batch from the retained events.
+    async fn run_step(
+        &mut self,
+        scope: &[(PartitionId, Epoch)],
+        step: &Step,
+    ) -> Result<(usize, i64), BatchError> {
+        let started = Instant::now();
+        let from = self.lowest_checkpoint(scope);
+        let retained = self
+            .retained
+            .as_mut()
+            .ok_or_else(|| BatchError::Refused("a failed batch's events were not kept".into()))?;
+        if retained.events.is_none() {
+            // The range read before, below the safe head: the same events, all of them.
+            let mut conn = self.pool.acquire().await?;
+            let events = self
+                .reader
+                .read(&mut conn, retained.from, retained.up_to, u32::MAX)
+                .await?;
+            let partitions = self.config.partitions;
+            retained.events = Some(
+                events
+                    .into_iter()
+                    .map(|e| (PartitionId::of(&e.aggregate_id, partitions), e))
+                    .collect(),
+            );
+        }
+        let events: Vec<StoredEvent> = retained
+            .events
+            .iter()
+            .flatten()
+            .filter(|(p, e)| {
+                e.global_position > from
+                    && e.global_position <= step.up_to
+                    && scope.iter().any(|(q, _)| q == p)
+            })
+            .map(|(_, e)| e.clone())
+            .collect();
+        self.stages.read += started.elapsed();
+        let handed = self.apply(scope, from, step.up_to, events, started).await?;
+        Ok((handed, step.up_to))
+    }
+
+    /// Hands the events of `active` partitions not yet applied to the plugin (parking what the
+    /// dead-letter policy parks), and commits them with checkpoints at `covered_to`.
+    async fn apply(
+        &mut self,
+        active: &[(PartitionId, Epoch)],
+        from: i64,
+        covered_to: i64,
+        events: Vec<StoredEvent>,
+        started: Instant,
+    ) -> Result<usize, BatchError> {
         let partitions = self.config.partitions;
         let active_set: HashSet<PartitionId> = active.iter().map(|(p, _)| *p).collect();
         let park_next = self.park_next.clone();
         let mut mine = Vec::with_capacity(events.len());
+        let mut index: Vec<Handed> = Vec::with_capacity(events.len());
         let mut park: Vec<(PartitionId, StoredEvent, String)> = Vec::new();
         for e in events {
             let p = PartitionId::of(&e.aggregate_id, partitions);
@@ -808,6 +999,7 @@ impl ProjectionWorker {
                     "follows a parked event of the same aggregate".to_string(),
                 ));
             } else {
+                index.push((e.global_position, p));
                 mine.push(e);
             }
         }
@@ -816,7 +1008,20 @@ impl ProjectionWorker {
         let plugin_started = Instant::now();
         let handed = mine.len();
         if !mine.is_empty() {
-            tx = self.handle(tx, mine).await?;
+            tx = match self.handle(tx, mine).await {
+                Err(BatchError::Plugin { failure, .. }) => {
+                    return Err(BatchError::Plugin {
+                        failure,
+                        batch: FailedBatch {
+                            from,
+                            up_to: covered_to,
+                            partitions: active.iter().map(|(p, _)| *p).collect(),
+                            handed: index,
+                        },
+                    })
+                }
+                other => other?,
+            };
         }
         let plugin_seconds = plugin_started.elapsed().as_secs_f64();
         self.stages.handle += plugin_started.elapsed();
@@ -847,16 +1052,8 @@ impl ProjectionWorker {
                     "parked the failing event in the dead-letter list; later events of its aggregate will be parked too (list them with `projection-host dead-letters list`)"
                 );
                 self.park_next = None;
-                self.attempts = None;
             }
-            let count =
-                dead_letters::count(&self.pool, &self.config.replica_set, &self.config.track)
-                    .await?;
-            self.metrics.set_dead_letters(self.name(), count);
-        }
-        self.limit = self.next_limit(full);
-        if self.read_cap.is_some_and(|cap| covered_to >= cap) {
-            self.read_cap = None;
+            self.publish_dead_letters().await?;
         }
         self.metrics.batch_committed(
             self.name(),
@@ -864,7 +1061,7 @@ impl ProjectionWorker {
             started.elapsed().as_secs_f64(),
             plugin_seconds,
         );
-        Ok((handed, covered_to))
+        Ok(handed)
     }
 
     /// Applies the parked events an operator asked to retry (in position order, so each
@@ -1027,13 +1224,6 @@ impl ProjectionWorker {
             last,
             "calling the plugin"
         );
-        let middle =
-            events[(count / 2).saturating_sub(1).min(count.saturating_sub(1))].global_position;
-        let single = (count == 1).then(|| EventRef {
-            position: events[0].global_position,
-            partition: PartitionId::of(&events[0].aggregate_id, self.config.partitions),
-            aggregate_id: events[0].aggregate_id.clone(),
-        });
         let instance = self.instance().await?;
         let outcome = instance.handle_batch(tx, events).await;
         let mut tx = outcome.tx;
@@ -1061,21 +1251,31 @@ impl ProjectionWorker {
                     // A trapped instance cannot be entered again; the next batch gets a new one.
                     self.instance = None;
                 }
+                // The caller knows the batch and attaches it.
                 Err(BatchError::Plugin {
                     failure,
-                    first,
-                    middle,
-                    last,
-                    events: count,
-                    single,
+                    batch: FailedBatch::default(),
                 })
             }
         }
     }
 
-    /// Reports a failed batch and decides what happens next: retry (narrowed down), or the
-    /// failure policy once a single event failed too often.
-    async fn retry_after(&mut self, stop: &CancellationToken, error: BatchError) {
+    /// Reports a failed batch and decides what happens next. A plugin failure is contained:
+    /// narrowing steps follow at once, and a known failing event is retried later while its
+    /// partition is held aside. Only what affects the whole worker (the database, a failed
+    /// setup, a transient error) waits here, with backoff.
+    async fn retry_after(
+        &mut self,
+        stop: &CancellationToken,
+        partitions: &[PartitionId],
+        error: BatchError,
+    ) {
+        let generation = self.metrics.generation.get();
+        let partition_list = partitions
+            .iter()
+            .map(|p| p.0.to_string())
+            .collect::<Vec<_>>()
+            .join(" ");
         match error {
             BatchError::Fenced => {
                 self.metrics.batch_fenced(self.name());
@@ -1095,12 +1295,6 @@ impl ProjectionWorker {
             }
             _ => {}
         }
-        self.failures += 1;
-        let mut delay = backoff(
-            self.failures,
-            Duration::from_millis(100),
-            Duration::from_secs(30),
-        );
         let reason = match &error {
             BatchError::Plugin { failure, .. } if failure.is_transient() => "database",
             BatchError::Plugin { .. } | BatchError::Instantiate(_) | BatchError::Refused(_) => {
@@ -1110,15 +1304,8 @@ impl ProjectionWorker {
         };
         self.metrics.batch_failed(self.name(), reason);
         self.limit = self.config.batch_size;
-        let message = match &error {
-            BatchError::Plugin {
-                failure,
-                first,
-                middle,
-                last,
-                events,
-                single,
-            } => {
+        let (message, verdict) = match &error {
+            BatchError::Plugin { failure, batch } => {
                 if let PluginFailure::Limit { breach, .. } = failure {
                     self.metrics.limit_tripped(
                         self.name(),
@@ -1128,92 +1315,163 @@ impl ProjectionWorker {
                         },
                     );
                 }
-                if !failure.is_transient() && *events > 0 {
-                    // Commit what is before the failing event, then retry that event alone.
-                    self.read_cap = Some(match failure.position() {
-                        Some(p) if p > *first && p <= *last => p - 1,
-                        Some(p) if p == *first => p,
-                        _ if *events > 1 => *middle,
-                        _ => *first,
-                    });
-                }
-                let at = match failure.position() {
-                    Some(p) => format!("event at position {p}"),
-                    None if *events > 1 => {
-                        format!("events at positions {first}..={last} ({events} events)")
-                    }
-                    None if *events == 1 => format!("event at position {first}"),
-                    None => "setup".to_string(),
+                let named = failure
+                    .position()
+                    .filter(|p| batch.handed.iter().any(|(q, _)| q == p));
+                let message = format!("{error} [while handling {}]", batch.describe(named));
+                let verdict = if failure.is_transient() {
+                    Verdict::Unlocated
+                } else {
+                    self.retain(batch);
+                    self.containment.failed(
+                        Failure {
+                            partitions: &batch.partitions,
+                            up_to: batch.up_to,
+                            handed: &batch.handed,
+                            position: named,
+                        },
+                        Instant::now(),
+                    )
                 };
-                let message = format!("{error} [while handling {at}]");
-                if let (Some(event), false) = (single, failure.is_transient()) {
-                    let attempts = match self.attempts {
-                        Some((p, n)) if p == event.position => n + 1,
-                        _ => 1,
-                    };
-                    self.attempts = Some((event.position, attempts));
-                    if attempts > self.config.settings.max_retries {
-                        self.give_up(event, &message).await;
-                        delay = Duration::ZERO;
-                    }
-                }
-                message
+                (message, verdict)
             }
-            other => other.to_string(),
+            other => (other.to_string(), Verdict::Unlocated),
         };
         // Server messages can carry plugin data (a trigger's RAISE): one bounded line.
         let message = crate::base::text::plugin_message(&message);
-        if reason == "database" {
-            tracing::warn!(projection = self.name(), attempt = self.failures, retry_in = ?delay, "batch rolled back: {message}");
-        } else {
-            tracing::error!(projection = self.name(), attempt = self.failures, retry_in = ?delay, "batch rolled back: {message}");
-        }
         self.report_error(&message);
-        tokio::select! {
-            _ = stop.cancelled() => {}
-            _ = tokio::time::sleep(delay) => {}
+        match verdict {
+            Verdict::Narrowed => {
+                tracing::error!(
+                    projection = self.name(),
+                    generation,
+                    partitions = partitions.len(),
+                    partition_list = %partition_list,
+                    "batch rolled back: {message}; re-running it in parts to commit the healthy partitions and find the failing event"
+                );
+            }
+            Verdict::Retry {
+                event: (position, partition),
+                attempt,
+                delay,
+            } => {
+                tracing::error!(
+                    projection = self.name(),
+                    generation,
+                    partition = partition.0,
+                    position,
+                    attempt,
+                    retry_in = ?delay,
+                    "batch rolled back: {message}; the partition waits for the retry, the others go on"
+                );
+            }
+            Verdict::GiveUp {
+                event: (position, partition),
+                attempts,
+            } => {
+                tracing::error!(
+                    projection = self.name(),
+                    generation,
+                    partition = partition.0,
+                    position,
+                    attempts,
+                    "batch rolled back: {message}; giving up on the event"
+                );
+                self.give_up(position, partition, &message).await;
+            }
+            Verdict::Unlocated => {
+                self.failures += 1;
+                let delay = backoff(
+                    self.failures,
+                    Duration::from_millis(100),
+                    Duration::from_secs(30),
+                );
+                if reason == "database" {
+                    tracing::warn!(projection = self.name(), generation, partitions = partitions.len(), partition_list = %partition_list, attempt = self.failures, retry_in = ?delay, "batch rolled back: {message}");
+                } else {
+                    tracing::error!(projection = self.name(), generation, partitions = partitions.len(), partition_list = %partition_list, attempt = self.failures, retry_in = ?delay, "batch rolled back: {message}");
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+
+    /// Keeps the failed batch's range so that the narrowing steps can re-run its parts.
+    fn retain(&mut self, batch: &FailedBatch) {
+        match &mut self.retained {
+            Some(r) if r.from <= batch.from && r.up_to >= batch.up_to => {}
+            Some(r) => {
+                // A later batch failed while an earlier failure is still contained: one range.
+                r.from = r.from.min(batch.from);
+                r.up_to = r.up_to.max(batch.up_to);
+                r.events = None;
+            }
+            None => {
+                self.retained = Some(Retained {
+                    from: batch.from,
+                    up_to: batch.up_to,
+                    events: None,
+                })
+            }
         }
     }
 
     /// The failure policy, once one event failed `max_retries` + 1 times.
-    async fn give_up(&mut self, event: &EventRef, message: &str) {
+    async fn give_up(&mut self, position: i64, partition: PartitionId, message: &str) {
         match self.config.settings.on_failure {
             OnFailure::DeadLetter => {
-                // The next batch parks it (with its aggregate's later events) and commits the
-                // checkpoint past it.
-                self.park_next = Some((event.position, message.to_string()));
-                self.read_cap = Some(event.position);
+                // The held partition's next step parks it (with its aggregate's later events)
+                // and commits the checkpoint past it.
+                self.park_next = Some((position, message.to_string()));
+                self.containment.retry_now(partition, Instant::now());
             }
             OnFailure::Stop => {
                 match dead_letters::halt(
                     &self.pool,
                     &self.config.replica_set,
                     &self.config.track,
-                    event.partition,
-                    event.position,
+                    partition,
+                    position,
                     message,
                 )
                 .await
                 {
                     Ok(()) => {
-                        self.halted.insert(event.partition, event.position);
-                        self.read_cap = None;
-                        self.attempts = None;
+                        self.halted.insert(partition, position);
+                        self.containment.release(partition);
+                        let aggregate = self.retained_aggregate(position).unwrap_or_default();
                         tracing::error!(
                             projection = self.name(),
-                            partition = %event.partition,
-                            position = event.position,
-                            aggregate = %event.aggregate_id,
+                            generation = self.metrics.generation.get(),
+                            partition = partition.0,
+                            position,
+                            aggregate = %aggregate,
                             "partition halted at a failing event (ON_FAILURE=stop); other partitions go on; fix the cause and run `projection-host resume {}`",
                             self.name()
                         );
                     }
                     Err(e) => {
+                        // The partition stays held; its next retry fails again and gives up again.
+                        self.containment.retry_now(partition, Instant::now());
                         tracing::warn!(projection = self.name(), error = %e, "could not record the halt; retrying")
                     }
                 }
             }
         }
+    }
+
+    /// The aggregate of a retained event, for the log.
+    fn retained_aggregate(&self, position: i64) -> Option<String> {
+        self.retained
+            .as_ref()?
+            .events
+            .iter()
+            .flatten()
+            .find(|(_, e)| e.global_position == position)
+            .map(|(_, e)| e.aggregate_id.clone())
     }
 
     fn report_error(&self, message: &str) {
@@ -1242,6 +1500,42 @@ fn apply_limits(instance: &mut PluginInstance, settings: &ProjectionSettings) {
 /// A checkpoint can never be above the highest event: one that is (written by hand, or left
 /// from another events table) would make the partition skip every event up to it. The
 /// projection is refused, naming what is wrong, until an operator fixes the checkpoint.
+/// A test hook: `PROJECTION_HOST_FAILPOINT=pipeline-panic:N` panics the pipeline task after a
+/// committed batch, N times in all, to prove that a panicked pipeline is logged and restarted.
+fn failpoint_pipeline_panic() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::OnceLock;
+    static BUDGET: OnceLock<AtomicU32> = OnceLock::new();
+    let budget = BUDGET.get_or_init(|| {
+        let n = std::env::var("PROJECTION_HOST_FAILPOINT")
+            .ok()
+            .and_then(|v| {
+                v.strip_prefix("pipeline-panic:")
+                    .and_then(|n| n.parse().ok())
+            })
+            .unwrap_or(0);
+        AtomicU32::new(n)
+    });
+    if budget
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+    {
+        panic!("failpoint pipeline-panic");
+    }
+}
+
+fn partitions_of(scope: &[(PartitionId, Epoch)]) -> Vec<PartitionId> {
+    scope.iter().map(|(p, _)| *p).collect()
+}
+
+/// Waits until `at`, or for ever when there is nothing to wait for.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn refuse_checkpoints_past_the_head(
     pool: &PgPool,
     config: &PipelineConfig,

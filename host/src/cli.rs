@@ -440,6 +440,28 @@ pub enum BenchCommand {
     Rebalance(BenchRebalanceArgs),
     /// Time from a continue-mode push to the new build on every partition of a 2-host fleet.
     Swap(BenchSwapArgs),
+    /// One panicking event in one batch over 32 partitions: the other partitions' pause, and
+    /// the time until the event is halted or parked.
+    Poison(BenchPoisonArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchPoisonArgs {
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Events of the batch that holds the panicking event (also the batch size).
+    #[arg(long, default_value_t = 10_000)]
+    pub events: u64,
+    #[arg(long, value_enum, default_value_t = crate::pipeline::policy::OnFailure::Stop)]
+    pub on_failure: crate::pipeline::policy::OnFailure,
+    /// Repeat the measurement and report medians.
+    #[arg(long, default_value_t = 3)]
+    pub runs: u32,
+    #[arg(
+        long,
+        default_value = "target/test-wasm/wasm32-wasip2/release/guest_faulty.wasm"
+    )]
+    pub plugin: PathBuf,
 }
 
 #[derive(Debug, Args)]

@@ -135,6 +135,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             projection_host::bench::rebalance(args).await
         }
         Command::Bench(BenchCommand::Swap(args)) => projection_host::bench::swap(args).await,
+        Command::Bench(BenchCommand::Poison(args)) => projection_host::bench::poison(args).await,
     }
 }
 

@@ -1,13 +1,16 @@
 //! Benchmarks and the demo, all on the reference workload W1 (bench/README.md):
 //! `w1` (catch-up against the set-based SQL ceiling), `live` (append-to-read-model latency),
-//! `rebalance` (pauses when hosts join, leave or die).
+//! `rebalance` (pauses when hosts join, leave or die), `poison` (how a failing event is
+//! contained).
 
 mod live;
+mod poison;
 mod rebalance;
 mod swap;
 mod w1;
 
 pub use live::live;
+pub use poison::poison;
 pub use rebalance::rebalance;
 pub use swap::swap;
 pub use w1::{demo, w1};

@@ -209,6 +209,7 @@ impl Containment {
                     });
                 }
                 self.queue(next, Priority::Healthy);
+                let verdict = self.attempt((q, partition), now);
                 if handed.iter().any(|(pos, p)| *p == partition && *pos < q) {
                     self.queue(
                         vec![Step {
@@ -218,7 +219,7 @@ impl Containment {
                         Priority::Narrowing,
                     );
                 }
-                self.attempt((q, partition), now)
+                verdict
             }
             None if with_events.len() > 1 => {
                 next.extend(with_events.iter().map(|p| Step {
@@ -258,6 +259,12 @@ impl Containment {
     /// One more failure of a known event: hold its partition until the retry, or give up.
     fn attempt(&mut self, event: Handed, now: Instant) -> Verdict {
         let (position, partition) = event;
+        // The partition's later events wait until this one passes: its queued steps (the rest
+        // of a halving) would only fail on it again.
+        for step in &mut self.steps {
+            step.partitions.retain(|p| *p != partition);
+        }
+        self.steps.retain(|s| !s.partitions.is_empty());
         let attempts = match self.held.get(&partition) {
             Some(held) if held.position == position => held.attempts + 1,
             _ => 1,
@@ -518,6 +525,51 @@ mod tests {
         );
         c.succeeded(&step);
         assert!(c.is_idle());
+    }
+
+    #[test]
+    fn once_the_failing_event_is_known_nothing_of_its_partition_runs_before_its_retry() {
+        let mut c = Containment::new(5);
+        let now = Instant::now();
+        let evs: Vec<Handed> = vec![(1, p(0)), (2, p(0)), (3, p(0)), (4, p(0))];
+        // Unnamed failure of four events: halves [..=2], [..=4].
+        assert_eq!(
+            c.failed(
+                Failure {
+                    partitions: &[p(0)],
+                    up_to: 4,
+                    handed: &evs,
+                    position: None
+                },
+                now
+            ),
+            Verdict::Narrowed
+        );
+        let first_half = c.next_step(now).unwrap();
+        assert_eq!(first_half.up_to, 2);
+        // The first half holds the poison (event 1); its halving finds it alone.
+        c.failed(
+            Failure {
+                partitions: &[p(0)],
+                up_to: 2,
+                handed: &evs[..2],
+                position: None,
+            },
+            now,
+        );
+        let alone = c.next_step(now).unwrap();
+        assert_eq!(alone.up_to, 1);
+        let v = c.failed(
+            Failure {
+                partitions: &[p(0)],
+                up_to: 1,
+                handed: &evs[..1],
+                position: None,
+            },
+            now,
+        );
+        assert!(matches!(v, Verdict::Retry { attempt: 1, .. }), "{v:?}");
+        assert_eq!(c.next_step(now), None, "the retry waits; no later step of p0 runs");
     }
 
     #[test]

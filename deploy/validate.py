@@ -289,12 +289,41 @@ def queried_metrics(builds):
             for group in doc["spec"]["groups"]:
                 for rule in group["rules"]:
                     exprs.append(("alert: " + rule["alert"], rule["expr"]))
+    hpa_metrics = set()
     for doc in builds["base"]:
         if doc["kind"] == "HorizontalPodAutoscaler":
             for metric in doc["spec"]["metrics"]:
                 if metric["type"] == "Pods":
+                    hpa_metrics.add(metric["pods"]["metric"]["name"])
                     exprs.append(("hpa", metric["pods"]["metric"]["name"]))
+    # The prometheus-adapter example serves the HPA's metric from a series the host exports.
+    adapter = load_docs(ROOT / "kubernetes" / "examples" / "prometheus-adapter.yaml")[0]
+    served = set()
+    for rule in yaml.safe_load(adapter["data"]["config.yaml"])["rules"]:
+        exprs.append(("prometheus-adapter", rule["seriesQuery"]))
+        served.add(rule["name"]["as"])
+    for missing in sorted(hpa_metrics - served):
+        fail(f"hpa: metric {missing} is not served by examples/prometheus-adapter.yaml")
     return exprs
+
+
+AGGREGATION = re.compile(r"\b(sum|max|min|avg|count)\s*(by\s*\(([^)]*)\))?\s*\(")
+
+
+def validate_rule_labels(builds):
+    """Every aggregation in an alert keeps namespace and replica_set (one environment, one
+    replica set per alert), except over `up`, which has no replica_set."""
+    for doc in builds["base"]:
+        if doc["kind"] != "PrometheusRule":
+            continue
+        for group in doc["spec"]["groups"]:
+            for rule in group["rules"]:
+                expr = rule["expr"]
+                for match in AGGREGATION.finditer(expr):
+                    labels = {l.strip() for l in (match.group(3) or "").split(",") if l.strip()}
+                    needed = {"namespace"} if "(up{" in expr else {"namespace", "replica_set"}
+                    if not needed <= labels:
+                        fail(f"alert {rule['alert']}: `{match.group(0)}` must keep {', '.join(sorted(needed - labels))}")
 
 
 def validate_against_scrape(builds, scrape_path):
@@ -318,6 +347,7 @@ def main():
     args = parser.parse_args()
     builds = validate_manifests()
     validate_examples(builds)
+    validate_rule_labels(builds)
     validate_dockerfile()
     if args.scrape:
         validate_against_scrape(builds, args.scrape)

@@ -20,7 +20,8 @@ const PROJECTION: &str = "faulty";
 
 /// `count` events of the faulty guest's context over `aggregates` aggregates, starting at
 /// sequence `first`; the one at `trap` (a sequence number) panics the plugin.
-const APPEND: &str = "INSERT INTO events (bounded_context, aggregate_type, aggregate_id, aggregate_version,
+const APPEND: &str =
+    "INSERT INTO events (bounded_context, aggregate_type, aggregate_id, aggregate_version,
                     event_id, event_type, event_version, payload, metadata, created_at)
 SELECT 'Faults', 'Item', 'item-' || (g % $3::int8), (g / $3::int8) + 1,
        md5('poison-event-' || g)::uuid,
@@ -251,10 +252,9 @@ async fn mismatches(pool: &PgPool, trap: i64) -> anyhow::Result<usize> {
     .await?
     .into_iter()
     .collect();
-    let parked: Vec<i64> =
-        sqlx::query_scalar("SELECT position FROM projection_host.dead_letters")
-            .fetch_all(pool)
-            .await?;
+    let parked: Vec<i64> = sqlx::query_scalar("SELECT position FROM projection_host.dead_letters")
+        .fetch_all(pool)
+        .await?;
     let events: Vec<(String, i64)> =
         sqlx::query_as("SELECT aggregate_id, global_position FROM events")
             .fetch_all(pool)

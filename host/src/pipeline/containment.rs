@@ -209,17 +209,7 @@ impl Containment {
                     });
                 }
                 self.queue(next, Priority::Healthy);
-                let verdict = self.attempt((q, partition), now);
-                if handed.iter().any(|(pos, p)| *p == partition && *pos < q) {
-                    self.queue(
-                        vec![Step {
-                            partitions: vec![partition],
-                            up_to: q - 1,
-                        }],
-                        Priority::Narrowing,
-                    );
-                }
-                verdict
+                self.attempt((q, partition), now)
             }
             None if with_events.len() > 1 => {
                 next.extend(with_events.iter().map(|p| Step {
@@ -256,7 +246,9 @@ impl Containment {
         }
     }
 
-    /// One more failure of a known event: hold its partition until the retry, or give up.
+    /// One more failure of a known event: hold its partition until the retry, or give up. The
+    /// partition first commits up to the event (whatever of it is not applied yet, possibly
+    /// nothing but the checkpoint).
     fn attempt(&mut self, event: Handed, now: Instant) -> Verdict {
         let (position, partition) = event;
         // The partition's later events wait until this one passes: its queued steps (the rest
@@ -265,6 +257,13 @@ impl Containment {
             step.partitions.retain(|p| *p != partition);
         }
         self.steps.retain(|s| !s.partitions.is_empty());
+        self.queue(
+            vec![Step {
+                partitions: vec![partition],
+                up_to: position - 1,
+            }],
+            Priority::Narrowing,
+        );
         let attempts = match self.held.get(&partition) {
             Some(held) if held.position == position => held.attempts + 1,
             _ => 1,
@@ -513,6 +512,17 @@ mod tests {
             panic!("{v:?}")
         };
         assert_eq!(c.held().collect::<Vec<_>>(), vec![p(4)]);
+        let before = c.next_step(now).unwrap();
+        assert_eq!(
+            before,
+            Step {
+                partitions: vec![p(4)],
+                up_to: 8
+            },
+            "the partition first commits up to the event"
+        );
+        c.succeeded(&before);
+        assert_eq!(c.held().collect::<Vec<_>>(), vec![p(4)], "still held");
         assert_eq!(c.next_step(now), None, "not due yet");
         assert_eq!(c.next_retry(), Some(now + delay));
         let step = c.next_step(now + delay).unwrap();
@@ -569,7 +579,14 @@ mod tests {
             now,
         );
         assert!(matches!(v, Verdict::Retry { attempt: 1, .. }), "{v:?}");
-        assert_eq!(c.next_step(now), None, "the retry waits; no later step of p0 runs");
+        let before = c.next_step(now).unwrap();
+        assert_eq!(before.up_to, 0, "only up to the event");
+        c.succeeded(&before);
+        assert_eq!(
+            c.next_step(now),
+            None,
+            "the retry waits; no later step of p0 runs"
+        );
     }
 
     #[test]

@@ -120,6 +120,7 @@ impl Supervisor {
     pub async fn run(mut self, stop: CancellationToken, drain: Duration) {
         let mut running: HashMap<String, JoinHandle<()>> = HashMap::new();
         let mut panics = PanicRecord::default();
+        tokio::spawn(forget_lost_partitions(self.context.clone(), stop.clone()));
         let mut registry = self.context.registry.clone();
         let mut next_scan = tokio::time::Instant::now() + self.scan_interval;
         loop {
@@ -198,6 +199,22 @@ impl Supervisor {
         {
             tracing::warn!(timeout = ?drain, "in-flight batches did not finish within the shutdown timeout; abandoning them (they roll back)");
             aborts.iter().for_each(|a| a.abort());
+        }
+    }
+}
+
+/// Removes the per-partition series of partitions this host no longer holds as soon as the
+/// ownership changes, before any pipeline gets to its next batch: summed over pods, a lost
+/// partition must not count twice (the HPA and the lag alerts read these sums).
+async fn forget_lost_partitions(context: PipelineContext, stop: CancellationToken) {
+    let mut changed = context.ownership.subscribe();
+    loop {
+        let held: std::collections::BTreeSet<u32> =
+            context.ownership.held().iter().map(|(p, _)| p.0).collect();
+        context.metrics.retain_partitions(None, &held);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            result = changed.changed() => if result.is_err() { return },
         }
     }
 }

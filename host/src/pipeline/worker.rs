@@ -215,7 +215,7 @@ pub struct ProjectionWorker {
     containment: Containment,
     retained: Option<Retained>,
     /// The dead-letter policy decided to park this event (position, error) in the next batch.
-    park_next: Option<(i64, String)>,
+    park_next: HashMap<i64, String>,
 }
 
 impl ProjectionWorker {
@@ -288,7 +288,7 @@ impl ProjectionWorker {
             stages: StageTimes::default(),
             prefetch: None,
             retained: None,
-            park_next: None,
+            park_next: HashMap::new(),
         }
     }
 
@@ -704,6 +704,7 @@ impl ProjectionWorker {
                 // The new build may not fail where the old one did.
                 self.containment.clear();
                 self.retained = None;
+                self.park_next.clear();
                 self.needs_setup = true;
                 self.board.update(&self.config.track, |s| {
                     s.plugin_version = self.plugin.version.clone();
@@ -918,6 +919,10 @@ impl ProjectionWorker {
     ) -> Result<(usize, i64), BatchError> {
         let started = Instant::now();
         let from = self.lowest_checkpoint(scope);
+        if step.up_to <= from {
+            // Already applied (another step, or another worker before a re-claim).
+            return Ok((0, from));
+        }
         let retained = self
             .retained
             .as_mut()
@@ -965,7 +970,7 @@ impl ProjectionWorker {
     ) -> Result<usize, BatchError> {
         let partitions = self.config.partitions;
         let active_set: HashSet<PartitionId> = active.iter().map(|(p, _)| *p).collect();
-        let park_next = self.park_next.clone();
+        let mut parked_failing: Vec<i64> = Vec::new();
         let mut mine = Vec::with_capacity(events.len());
         let mut index: Vec<Handed> = Vec::with_capacity(events.len());
         let mut park: Vec<(PartitionId, StoredEvent, String)> = Vec::new();
@@ -974,10 +979,9 @@ impl ProjectionWorker {
             if !active_set.contains(&p) || e.global_position <= self.checkpoint(p) {
                 continue;
             }
-            if let Some((position, error)) = park_next
-                .as_ref()
-                .filter(|(pos, _)| *pos == e.global_position)
-            {
+            if let Some(error) = self.park_next.get(&e.global_position) {
+                let position = e.global_position;
+                parked_failing.push(position);
                 self.parked.insert(e.aggregate_id.clone());
                 park.push((
                     p,
@@ -1045,13 +1049,19 @@ impl ProjectionWorker {
             entry.1 = entry.1.max(covered_to);
         }
         if !park.is_empty() {
-            if let Some((position, _)) = park_next {
+            for position in parked_failing {
+                let partition = park
+                    .iter()
+                    .find(|(_, e, _)| e.global_position == position)
+                    .map_or(0, |(p, _, _)| p.0);
                 tracing::error!(
                     projection = self.name(),
+                    generation = self.metrics.generation.get(),
+                    partition,
                     position,
                     "parked the failing event in the dead-letter list; later events of its aggregate will be parked too (list them with `projection-host dead-letters list`)"
                 );
-                self.park_next = None;
+                self.park_next.remove(&position);
             }
             self.publish_dead_letters().await?;
         }
@@ -1425,7 +1435,7 @@ impl ProjectionWorker {
             OnFailure::DeadLetter => {
                 // The held partition's next step parks it (with its aggregate's later events)
                 // and commits the checkpoint past it.
-                self.park_next = Some((position, message.to_string()));
+                self.park_next.insert(position, message.to_string());
                 self.containment.retry_now(partition, Instant::now());
             }
             OnFailure::Stop => {

@@ -47,19 +47,33 @@ async fn poison_is_contained(label: &str, poison: &str, expected_error: &str) {
         assert!(line.contains("projection=\"faulty\""), "{line}");
     }
 
-    // ... the failing batch rolled back; the host narrowed it down and committed exactly the
-    // events before the poison, none after it ...
+    // ... the failing batch rolled back; the host contained it by partition: the poison's
+    // partition committed exactly the events before it, and every other partition went on
+    // (a4, after the poison but in another partition, is applied) ...
+    assert_ne!(
+        projection_host::ids::PartitionId::of("a3", 32),
+        projection_host::ids::PartitionId::of("a4", 32)
+    );
     eventually(
-        "the events before the poison to be committed",
+        "the other partitions to go past the poison",
         Duration::from_secs(60),
-        || async { (db.lowest_checkpoint("faulty").await == poison_at - 1).then_some(()) },
+        || async {
+            let seen: Vec<String> =
+                sqlx::query_scalar("SELECT aggregate_id FROM faulty.seen ORDER BY 1")
+                    .fetch_all(&db.pool)
+                    .await
+                    .unwrap();
+            (seen == ["a1", "a2", "a4"]).then_some(())
+        },
     )
     .await;
-    let seen: Vec<String> = sqlx::query_scalar("SELECT aggregate_id FROM faulty.seen ORDER BY 1")
-        .fetch_all(&db.pool)
-        .await
-        .unwrap();
-    assert_eq!(seen, ["a1", "a2"]);
+    let poisoned = projection_host::ids::PartitionId::of("a3", 32).as_i32();
+    assert_eq!(
+        db.scalar_i64(&format!("SELECT position FROM projection_host.checkpoints WHERE projection = 'faulty' AND partition = {poisoned}")).await,
+        poison_at - 1,
+        "the poison's partition stops right before it"
+    );
+    assert_eq!(db.lowest_checkpoint("faulty").await, poison_at - 1);
 
     // ... and the other projection keeps going, also with events appended after the failure.
     db.append_w1(2_000, 2_999, 20).await;

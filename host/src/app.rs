@@ -204,6 +204,7 @@ async fn start_and_run(
     );
 
     let board = StatusBoard::default();
+    tokio::spawn(sample_history(board.clone(), stop_rebalancing.clone()));
     let context = PipelineContext {
         runtime: runtime.clone(),
         pool: pool.clone(),
@@ -388,5 +389,17 @@ async fn settled(
             Err(e) => tracing::debug!(error = %e, "--once: cannot read progress yet"),
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Samples the projections for the status page's chart until `stop`.
+async fn sample_history(board: StatusBoard, stop: CancellationToken) {
+    let mut every = tokio::time::interval(crate::pipeline::status::SAMPLE_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = every.tick() => board.sample(),
+        }
     }
 }

@@ -73,6 +73,35 @@ pub struct Status {
     pub workers: Vec<WorkerRow>,
     pub partition_owners: Vec<PartitionRow>,
     pub projections: Vec<ProjectionRow>,
+    /// Partitions halted at a failing event (stop policy).
+    pub halts: Vec<HaltRow>,
+    /// Projections paused by an operator.
+    pub paused: Vec<PausedRow>,
+    /// Parked events per projection (dead-letter policy).
+    pub dead_letters: Vec<DeadLetterCount>,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize, sqlx::FromRow)]
+pub struct HaltRow {
+    pub projection: String,
+    pub partition: i32,
+    pub position: i64,
+    pub error: String,
+    pub halted_at: chrono::DateTime<chrono::Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct PausedRow {
+    pub projection: String,
+    pub reason: Option<String>,
+    pub since: chrono::DateTime<chrono::Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct DeadLetterCount {
+    pub projection: String,
+    pub events: i64,
+    pub oldest: chrono::DateTime<chrono::Utc>,
 }
 
 #[derive(Debug, Serialize, sqlx::FromRow)]
@@ -146,7 +175,31 @@ pub async fn load(
     .bind(head)
     .fetch_all(pool)
     .await?;
+    let halts = sqlx::query_as(
+        "SELECT projection, partition, position, error, halted_at FROM projection_host.halts
+          WHERE replica_set = $1 ORDER BY projection, partition",
+    )
+    .bind(replica_set)
+    .fetch_all(pool)
+    .await?;
+    let paused = sqlx::query_as(
+        "SELECT projection, reason, updated_at AS since FROM projection_host.projection_controls
+          WHERE replica_set = $1 AND paused ORDER BY projection",
+    )
+    .bind(replica_set)
+    .fetch_all(pool)
+    .await?;
+    let dead_letters = sqlx::query_as(
+        "SELECT projection, count(*) AS events, min(parked_at) AS oldest FROM projection_host.dead_letters
+          WHERE replica_set = $1 GROUP BY projection ORDER BY projection",
+    )
+    .bind(replica_set)
+    .fetch_all(pool)
+    .await?;
     Ok(Status {
+        halts,
+        paused,
+        dead_letters,
         replica_set: replica_set.to_string(),
         partitions,
         generation,
@@ -211,15 +264,67 @@ fn render(s: &Status) -> String {
     }
     let _ = writeln!(out, "\nprojections:");
     for p in &s.projections {
+        let mut flags = String::new();
+        if let Some(paused) = s.paused.iter().find(|x| x.projection == p.projection) {
+            let _ = write!(
+                flags,
+                "  PAUSED since {}{}",
+                paused.since.to_rfc3339(),
+                paused
+                    .reason
+                    .as_deref()
+                    .map_or(String::new(), |r| format!(" ({r})"))
+            );
+        }
+        let halted = s
+            .halts
+            .iter()
+            .filter(|h| h.projection == p.projection)
+            .count();
+        if halted > 0 {
+            let _ = write!(flags, "  HALTED partitions: {halted}");
+        }
+        if let Some(parked) = s.dead_letters.iter().find(|d| d.projection == p.projection) {
+            let _ = write!(flags, "  dead letters: {}", parked.events);
+        }
         let _ = writeln!(
             out,
-            "  {:<24} checkpoints {}..{}  lag {} positions  last commit {}",
+            "  {:<24} checkpoints {}..{}  lag {} positions  last commit {}{flags}",
             p.projection,
             p.lowest_checkpoint,
             p.highest_checkpoint,
             p.lag_positions,
             p.last_commit.map_or("-".into(), |t| t.to_rfc3339())
         );
+    }
+    if !s.halts.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nhalted partitions (fix the cause, then `projection-host resume PROJECTION`):"
+        );
+        for h in &s.halts {
+            let _ = writeln!(
+                out,
+                "  {:<24} p{:<4} at position {}  since {}: {}",
+                h.projection,
+                h.partition,
+                h.position,
+                h.halted_at.to_rfc3339(),
+                crate::base::text::plugin_message(&h.error)
+            );
+        }
+    }
+    if !s.dead_letters.is_empty() {
+        let _ = writeln!(out, "\ndead letters (`projection-host dead-letters list`):");
+        for d in &s.dead_letters {
+            let _ = writeln!(
+                out,
+                "  {:<24} {} parked, oldest {}",
+                d.projection,
+                d.events,
+                d.oldest.to_rfc3339()
+            );
+        }
     }
     out
 }

@@ -17,7 +17,9 @@ use crate::coordination::controls;
 use crate::lifecycle::registry;
 use crate::pipeline::dead_letters::{self, DeadLetter};
 use crate::pipeline::status::RecentError;
+use crate::pipeline::status::Sample;
 use crate::pipeline::ProjectionStatus;
+use crate::status::HaltRow;
 
 /// Every admin route, as (method, OpenAPI path).
 pub const ROUTES: &[(&str, &str)] = &[
@@ -98,6 +100,8 @@ pub struct AdminStatus {
     pub partitions: Vec<PartitionStatus>,
     pub projections: Vec<ProjectionView>,
     pub recent_errors: Vec<serde_json::Value>,
+    /// This host's projections over the last minutes, oldest first (the page's chart).
+    pub history: Vec<Sample>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -118,6 +122,9 @@ pub struct ProjectionView {
     pub paused: bool,
     /// Partitions halted by the stop policy: (partition, position).
     pub halted: Vec<(i32, i64)>,
+    /// The same halts with their error and time.
+    pub halts: Vec<HaltRow>,
+    pub paused_reason: Option<String>,
     pub dead_letters: i64,
     pub lowest_checkpoint: i64,
     pub lag_positions: i64,
@@ -143,14 +150,6 @@ async fn status(State(state): State<AppState>) -> Result<Json<AdminStatus>, ApiE
             .insert(projection, position);
     }
     let controls = controls::load(&state.pool, &state.replica_set).await?;
-    let halts: Vec<(String, i32, i64)> = sqlx::query_as("SELECT projection, partition, position FROM projection_host.halts WHERE replica_set = $1 ORDER BY partition")
-        .bind(&state.replica_set)
-        .fetch_all(&state.pool)
-        .await?;
-    let parked: Vec<(String, i64)> = sqlx::query_as("SELECT projection, count(*) FROM projection_host.dead_letters WHERE replica_set = $1 GROUP BY projection")
-        .bind(&state.replica_set)
-        .fetch_all(&state.pool)
-        .await?;
     let local: BTreeMap<String, ProjectionStatus> = state
         .board
         .all()
@@ -171,15 +170,28 @@ async fn status(State(state): State<AppState>) -> Result<Json<AdminStatus>, ApiE
             let stored = db.projections.iter().find(|p| p.projection == name);
             ProjectionView {
                 paused: controls.paused.contains(&name),
-                halted: halts
+                halted: db
+                    .halts
                     .iter()
-                    .filter(|(p, _, _)| *p == name)
-                    .map(|(_, part, pos)| (*part, *pos))
+                    .filter(|h| h.projection == name)
+                    .map(|h| (h.partition, h.position))
                     .collect(),
-                dead_letters: parked
+                halts: db
+                    .halts
                     .iter()
-                    .find(|(p, _)| *p == name)
-                    .map_or(0, |(_, n)| *n),
+                    .filter(|h| h.projection == name)
+                    .cloned()
+                    .collect(),
+                paused_reason: db
+                    .paused
+                    .iter()
+                    .find(|p| p.projection == name)
+                    .and_then(|p| p.reason.clone()),
+                dead_letters: db
+                    .dead_letters
+                    .iter()
+                    .find(|d| d.projection == name)
+                    .map_or(0, |d| d.events),
                 lowest_checkpoint: stored.map_or(0, |p| p.lowest_checkpoint),
                 lag_positions: stored.map_or(db.head, |p| p.lag_positions),
                 last_commit: stored.and_then(|p| p.last_commit),
@@ -230,6 +242,7 @@ async fn status(State(state): State<AppState>) -> Result<Json<AdminStatus>, ApiE
             .iter()
             .map(|e| serde_json::to_value(e).unwrap_or_default())
             .collect(),
+        history: state.board.history(),
     }))
 }
 

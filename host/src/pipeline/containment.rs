@@ -196,12 +196,29 @@ impl Containment {
             });
         }
         match named {
+            _ if handed.len() == 1 => {
+                self.queue(next, Priority::Healthy);
+                self.attempt(handed[0], now)
+            }
             Some((q, partition)) => {
+                // The named event is only a hint (a buffered write may be blamed on a later
+                // event, and a plugin may lie): it is tried alone before it counts as failing.
+                next.extend(
+                    with_events
+                        .iter()
+                        .filter(|p| **p != partition)
+                        .map(|p| Step {
+                            partitions: vec![*p],
+                            up_to: failure.up_to,
+                        })
+                        .take(1),
+                );
                 let others: Vec<PartitionId> = with_events
                     .iter()
                     .filter(|p| **p != partition)
                     .copied()
                     .collect();
+                next.truncate(next.len() - usize::from(!others.is_empty()));
                 if !others.is_empty() {
                     next.push(Step {
                         partitions: others,
@@ -209,7 +226,19 @@ impl Containment {
                     });
                 }
                 self.queue(next, Priority::Healthy);
-                self.attempt((q, partition), now)
+                let mut narrower = Vec::new();
+                if handed.iter().any(|(pos, p)| *p == partition && *pos < q) {
+                    narrower.push(Step {
+                        partitions: vec![partition],
+                        up_to: q - 1,
+                    });
+                }
+                narrower.push(Step {
+                    partitions: vec![partition],
+                    up_to: q,
+                });
+                self.queue(narrower, Priority::Narrowing);
+                Verdict::Narrowed
             }
             None if with_events.len() > 1 => {
                 next.extend(with_events.iter().map(|p| Step {
@@ -219,7 +248,7 @@ impl Containment {
                 self.queue(next, Priority::Healthy);
                 Verdict::Narrowed
             }
-            None if handed.len() > 1 => {
+            None => {
                 // One partition: halve its events; the first half commits if it can.
                 let partition = handed[0].1;
                 let middle = handed[handed.len() / 2 - 1].0;
@@ -238,10 +267,6 @@ impl Containment {
                     Priority::Narrowing,
                 );
                 Verdict::Narrowed
-            }
-            None => {
-                self.queue(next, Priority::Healthy);
-                self.attempt(handed[0], now)
             }
         }
     }
@@ -437,7 +462,7 @@ mod tests {
     }
 
     #[test]
-    fn a_named_position_skips_narrowing() {
+    fn a_named_position_skips_the_search_but_is_tried_alone() {
         let evs = events(64, 4);
         let (committed, verdicts) = run(&evs, &[p(0), p(1), p(2), p(3)], 30, true, 1);
         assert_eq!(
@@ -454,15 +479,48 @@ mod tests {
                 up_to: 29
             }
         );
+        // The named event is tried alone before it counts as failing.
+        assert_eq!(verdicts[0], Verdict::Narrowed);
         assert!(matches!(
-            verdicts[0],
+            verdicts[1],
             Verdict::Retry {
                 event: (30, _),
                 attempt: 1,
                 ..
             }
         ));
-        assert_eq!(verdicts.len(), 2, "{verdicts:?}");
+        assert!(matches!(
+            verdicts[2],
+            Verdict::GiveUp {
+                event: (30, _),
+                attempts: 2
+            }
+        ));
+        assert_eq!(verdicts.len(), 3, "{verdicts:?}");
+    }
+
+    #[test]
+    fn an_event_blamed_for_another_partitions_failure_is_not_given_up_on() {
+        // The plugin names event 8 (partition 0) while event 3 (partition 1) is the culprit.
+        let evs = events(8, 2);
+        let mut c = Containment::new(0);
+        let now = Instant::now();
+        let v = c.failed(
+            Failure {
+                partitions: &[p(0), p(1)],
+                up_to: 8,
+                handed: &evs,
+                position: Some(8),
+            },
+            now,
+        );
+        assert_eq!(
+            v,
+            Verdict::Narrowed,
+            "max_retries=0 must not give up on a hint"
+        );
+        let first = c.next_step(now).unwrap();
+        assert_eq!(first.partitions, vec![p(1)], "the other partition first");
     }
 
     #[test]

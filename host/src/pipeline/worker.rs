@@ -251,6 +251,7 @@ impl ProjectionWorker {
             events_processed: 0,
             lowest_checkpoint: 0,
             lag_events: 0.0,
+            behind: 0,
             last_error: None,
             last_error_at: None,
             last_commit_at: None,
@@ -871,6 +872,7 @@ impl ProjectionWorker {
         self.board.update(self.name(), |s| {
             s.lowest_checkpoint = lowest;
             s.lag_events = lag;
+            s.behind = gap;
             s.caught_up |= caught_up;
         });
     }

@@ -167,12 +167,17 @@ pub async fn load(
     .fetch_all(pool)
     .await?;
     let projections = sqlx::query_as(
-        "SELECT projection, min(position) AS lowest_checkpoint, max(position) AS highest_checkpoint,
-                $2 - min(position) AS lag_positions, max(updated_at) AS last_commit
-           FROM projection_host.checkpoints WHERE replica_set = $1 GROUP BY projection ORDER BY projection",
+        // A partition without a checkpoint row has applied nothing yet: it counts as 0.
+        "SELECT projection, lowest AS lowest_checkpoint, highest_checkpoint, $2 - lowest AS lag_positions, last_commit
+           FROM (SELECT projection,
+                        CASE WHEN count(*) < $3 THEN 0 ELSE min(position) END AS lowest,
+                        max(position) AS highest_checkpoint, max(updated_at) AS last_commit
+                   FROM projection_host.checkpoints WHERE replica_set = $1 GROUP BY projection) AS c
+          ORDER BY projection",
     )
     .bind(replica_set)
     .bind(head)
+    .bind(i64::from(partitions))
     .fetch_all(pool)
     .await?;
     let halts = sqlx::query_as(

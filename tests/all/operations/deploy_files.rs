@@ -22,14 +22,25 @@ fn python() -> PathBuf {
 async fn manifests_validate_and_query_only_exported_metrics() {
     let db = TestDb::new("deploy").await;
     db.append_w1(0, 99, 10).await;
+    // A halted partition too, so that the series only a halt exports are in the scrape.
+    db.append("Faults", "f1", "Reject", serde_json::json!({}))
+        .await;
     let h = HttpHost::run(
         "deploy",
         &db.url,
-        &["--plugin", test_artifacts::BANK_BALANCES],
+        &[
+            "--plugin",
+            test_artifacts::BANK_BALANCES,
+            "--plugin",
+            test_artifacts::GUEST_FAULTY,
+            "--max-retries",
+            "0",
+        ],
     );
-    let scrape = eventually("a scrape after the first batch", Duration::from_secs(30), || async {
+    let scrape = eventually("a scrape after the first batch and the halt", Duration::from_secs(30), || async {
         let s = h.scrape().await;
-        (series(&s, "pupsourcing_orchestrator_events_processed_total{projection=\"bank_balances\",replica_set=\"default\"}") == Some(100.0)).then_some(s)
+        (series(&s, "pupsourcing_orchestrator_events_processed_total{projection=\"bank_balances\",replica_set=\"default\"}") == Some(100.0)
+            && s.contains("projection_host_halted_position{")).then_some(s)
     })
     .await;
     let file = std::env::temp_dir().join(format!("ph-scrape-{:08x}.txt", rand::random::<u32>()));

@@ -3,6 +3,7 @@
 
 mod admin_api;
 mod deploy_files;
+mod failures_visible;
 mod metrics_scrape;
 mod probes;
 mod status_page;

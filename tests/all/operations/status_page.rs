@@ -94,7 +94,7 @@ fn pixels(png_path: &std::path::Path, rgb: [u8; 3]) -> (usize, usize) {
 async fn the_status_page_renders_real_data_in_chromium() {
     let db = TestDb::new("page").await;
     db.append_w1(0, 999, 20).await;
-    db.append("Faults", "f1", "Reject", json!({})).await;
+    let poison = db.append("Faults", "f1", "Reject", json!({})).await;
     let h = HttpHost::run(
         "page",
         &db.url,
@@ -114,6 +114,29 @@ async fn the_status_page_renders_real_data_in_chromium() {
     h.host
         .wait_for_log("rejected on purpose", Duration::from_secs(30))
         .await;
+    // The partition halts (stop policy), and the host has sampled a few seconds of history.
+    eventually(
+        "a halt and a few samples",
+        Duration::from_secs(60),
+        || async {
+            let status: serde_json::Value = reqwest::Client::new()
+                .get(format!("{}/admin/status", h.health))
+                .bearer_auth(ADMIN_TOKEN)
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            let halted = status["projections"]
+                .as_array()?
+                .iter()
+                .any(|p| p["halts"].as_array().is_some_and(|h| !h.is_empty()));
+            (halted && status["history"].as_array()?.len() >= 3).then_some(())
+        },
+    )
+    .await;
+    let partition = projection_host::ids::PartitionId::of("f1", 32).as_i32();
 
     let dir = tempdir("status-page");
     let screenshot = dir.join("status.png");
@@ -138,6 +161,29 @@ async fn the_status_page_renders_real_data_in_chromium() {
         dom.contains("<div id=\"error\"></div>"),
         "the page reported an error:\n{dom}"
     );
+    // The halted partition, with its position and error.
+    let halts = &dom[dom.find("id=\"halts\"").expect("a halts table")..];
+    let row = &halts[..halts.find("</tbody>").unwrap()];
+    assert!(
+        row.contains(&format!(
+            "<td>p{partition}</td><td class=\"num\">{poison}</td>"
+        )) && row.contains("rejected on purpose"),
+        "the halted partition is listed with its position and error:\n{row}"
+    );
+    assert!(dom.contains("1 partition(s) halted"), "{dom}");
+    // The charts: one line per projection, drawn from several samples.
+    for series in ["throughput:bank_balances", "lag:faulty"] {
+        let at = dom
+            .find(&format!("data-series=\"{series}\""))
+            .unwrap_or_else(|| panic!("no {series} line:\n{dom}"));
+        let points = &dom[at..];
+        let points = &points[points.find("points=\"").unwrap() + 8..];
+        let points = &points[..points.find('"').unwrap()];
+        assert!(
+            points.split(' ').count() >= 2,
+            "{series} is drawn from at least two samples: {points}"
+        );
+    }
     // The screenshot shows the partition grid in the owner's colour (the first palette entry,
     // #2563eb) and a page full of content, not a blank or error page.
     let (owner_colour, inked) = pixels(&screenshot, [0x25, 0x63, 0xeb]);

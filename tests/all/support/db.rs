@@ -104,7 +104,11 @@ impl TestDb {
     /// host has not created its tables yet).
     pub async fn lowest_checkpoint(&self, projection: &str) -> i64 {
         sqlx::query_scalar::<_, Option<i64>>(
-            "SELECT min(position) FROM projection_host.checkpoints WHERE projection = $1",
+            // A partition without a checkpoint row has applied nothing: it counts as 0.
+            "SELECT CASE WHEN count(*) < max(r.partitions) THEN 0 ELSE min(c.position) END
+               FROM projection_host.checkpoints c
+               JOIN projection_host.replica_sets r ON r.name = c.replica_set
+              WHERE c.projection = $1",
         )
         .bind(projection)
         .fetch_one(&self.pool)

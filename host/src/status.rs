@@ -141,7 +141,13 @@ pub async fn load(
         sqlx::query_as("SELECT partitions, generation, strategy, phase, leader FROM projection_host.replica_sets WHERE name = $1")
             .bind(replica_set)
             .fetch_optional(pool)
-            .await?;
+            .await
+            .map_err(|e| match &e {
+                sqlx::Error::Database(d) if d.code().as_deref() == Some("42P01") => anyhow::anyhow!(
+                    "this database has no projection host tables yet: run `projection-host migrate` (or start a host) against it, or check DATABASE_URL"
+                ),
+                _ => anyhow::Error::new(e).context("reading the replica set"),
+            })?;
     let (partitions, generation, strategy, phase, leader) = row.with_context(|| {
         format!("replica set '{replica_set}' does not exist (no host has joined it yet)")
     })?;

@@ -3,9 +3,12 @@
 //! files mounted on this host.
 
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+
+use futures::FutureExt;
 
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -120,28 +123,32 @@ impl Supervisor {
     pub async fn run(mut self, stop: CancellationToken, drain: Duration) {
         let mut running: HashMap<String, JoinHandle<()>> = HashMap::new();
         let mut panics = PanicRecord::default();
+        // Each pipeline task says when it ends and whether it panicked.
+        let (ended_tx, mut ended_rx) = tokio::sync::mpsc::unbounded_channel::<(String, bool)>();
+        let mut ended: Vec<(String, bool)> = Vec::new();
         tokio::spawn(forget_lost_partitions(self.context.clone(), stop.clone()));
         let mut registry = self.context.registry.clone();
         let mut next_scan = tokio::time::Instant::now() + self.scan_interval;
         loop {
+            while let Ok(end) = ended_rx.try_recv() {
+                ended.push(end);
+            }
+            for (track, panicked) in ended.drain(..) {
+                running.remove(&track);
+                if panicked {
+                    self.context.metrics.pipeline_panicked(&track);
+                    let delay = panics.record(&track);
+                    // The panic itself was logged by the panic hook, with its message and
+                    // location.
+                    tracing::error!(projection = %track, restart_in = ?delay, "the pipeline task panicked; restarting it");
+                }
+            }
             let current = registry.borrow_and_update().clone();
             for version in &current.running {
-                if running.get(&version.track).is_some_and(|h| h.is_finished()) {
-                    if let Some(finished) = running.remove(&version.track) {
-                        if let Err(e) = finished.await {
-                            if e.is_panic() {
-                                self.context.metrics.pipeline_panicked(&version.track);
-                                let delay = panics.record(&version.track);
-                                // The panic itself was logged by the panic hook, with its
-                                // message and location.
-                                tracing::error!(projection = %version.track, restart_in = ?delay, "the pipeline task panicked; restarting it");
-                            }
-                        }
-                    }
-                }
-                if running.contains_key(&version.track)
-                    || panics.waiting(&version.track, tokio::time::Instant::now())
-                {
+                let alive = running
+                    .get(&version.track)
+                    .is_some_and(|h| !h.is_finished());
+                if alive || panics.waiting(&version.track, tokio::time::Instant::now()) {
                     continue;
                 }
                 match self.cache.get(&version.projection, &version.sha256).await {
@@ -154,28 +161,28 @@ impl Supervisor {
                         tracing::info!(projection = %version.track, version = %plugin.version, sha256 = %&plugin.sha256[..12], state = %version.state, "starting the pipeline");
                         let worker =
                             ProjectionWorker::new(plugin, instance, self.context.clone(), config);
-                        running.insert(
-                            version.track.clone(),
-                            tokio::spawn(worker.run(stop.clone())),
-                        );
+                        running.insert(version.track.clone(), {
+                            let (ended_tx, track, stop) =
+                                (ended_tx.clone(), version.track.clone(), stop.clone());
+                            tokio::spawn(async move {
+                                let panicked = AssertUnwindSafe(worker.run(stop))
+                                    .catch_unwind()
+                                    .await
+                                    .is_err();
+                                let _ = ended_tx.send((track, panicked));
+                            })
+                        });
                     }
                     Err(e) => {
                         tracing::error!(projection = %version.track, error = %format!("{e:#}"), "cannot load the registered plugin; retrying")
                     }
                 }
             }
-            let any_finished = async {
-                if running.is_empty() {
-                    std::future::pending::<()>().await
-                } else {
-                    let _ = futures::future::select_all(running.values_mut()).await;
-                }
-            };
             let next_restart = panics.next_restart();
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = registry.changed() => {}
-                _ = any_finished => {}
+                Some(end) = ended_rx.recv() => ended.push(end),
                 _ = async {
                     match next_restart {
                         Some(at) => tokio::time::sleep_until(at).await,

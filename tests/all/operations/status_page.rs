@@ -132,7 +132,13 @@ async fn the_status_page_renders_real_data_in_chromium() {
                 .as_array()?
                 .iter()
                 .any(|p| p["halts"].as_array().is_some_and(|h| !h.is_empty()));
-            (halted && status["history"].as_array()?.len() >= 3).then_some(())
+            // Three samples that hold the projection: two rates between them.
+            let sampled = status["history"]
+                .as_array()?
+                .iter()
+                .filter(|h| h["projections"]["bank_balances"].is_object())
+                .count();
+            (halted && sampled >= 3).then_some(())
         },
     )
     .await;

@@ -228,9 +228,15 @@ pub(crate) fn ensure_plugin(plugin: &Path) -> anyhow::Result<PathBuf> {
         || "bank-balances".into(),
         |s| s.to_string_lossy().replace('_', "-"),
     );
+    // Test guests build into their own target directory (tests/artifacts does the same).
+    let target_dir = if plugin.starts_with("target/test-wasm") {
+        " --target-dir target/test-wasm"
+    } else {
+        ""
+    };
     bail!(
         "the plugin {} does not exist; build it with \
-         `cargo build --release --target wasm32-wasip2 -p {package}` (or pass its path)",
+         `cargo build --release --target wasm32-wasip2{target_dir} -p {package}` (or pass its path)",
         plugin.display()
     )
 }

@@ -35,6 +35,13 @@ async fn every_metric_family_is_exported_with_live_values() {
         "3s",
     ];
     let a = HttpHost::run("a", &db.url, &[&args[..], &["--worker-id", "a"]].concat());
+    // a holds every partition first, then gives half to b.
+    eventually(
+        "a to export all 32 partitions",
+        Duration::from_secs(60),
+        || async { (exported_partitions(&a.scrape().await).len() == 32).then_some(()) },
+    )
+    .await;
     let b = HttpHost::run("b", &db.url, &[&args[..], &["--worker-id", "b"]].concat());
     let scrapes = eventually("both hosts to hold their share and process events", Duration::from_secs(60), || async {
         let (sa, sb) = (a.scrape().await, b.scrape().await);
@@ -42,11 +49,20 @@ async fn every_metric_family_is_exported_with_live_values() {
             series(s, &format!("pupsourcing_orchestrator_worker_state{{replica_set=\"m\",state=\"running\",worker_id=\"{w}\"}}")) == Some(1.0)
                 && series(s, "pupsourcing_orchestrator_events_processed_total{projection=\"bank_balances\",replica_set=\"m\"}").unwrap_or(0.0) > 0.0
                 && series(s, "pupsourcing_orchestrator_active_workers{replica_set=\"m\"}") == Some(2.0)
+                && series(s, "projection_host_owned_partitions{replica_set=\"m\"}") == Some(16.0)
         };
         (live(&sa, "a") && live(&sb, "b")).then_some((sa, sb))
     })
     .await;
     writer.stop().await;
+    // A partition's series come from the pod that holds it only: a stopped exporting what it
+    // handed to b, so sums over pods count each partition once.
+    let (pa, pb) = (
+        exported_partitions(&scrapes.0),
+        exported_partitions(&scrapes.1),
+    );
+    assert_eq!((pa.len(), pb.len()), (16, 16), "{pa:?} {pb:?}");
+    assert!(pa.is_disjoint(&pb), "{pa:?} {pb:?}");
     for scrape in [&scrapes.0, &scrapes.1] {
         for family in SEED_FAMILIES {
             assert!(
@@ -135,4 +151,17 @@ async fn every_metric_family_is_exported_with_live_values() {
         "every partition was assigned at least once: {assigned}"
     );
     db.drop_db().await;
+}
+
+/// The partitions a scrape has per-partition series for (bank_balances).
+fn exported_partitions(scrape: &str) -> std::collections::BTreeSet<u32> {
+    scrape
+        .lines()
+        .filter(|l| l.starts_with("projection_host_partition_lag_events{"))
+        .filter(|l| l.contains("projection=\"bank_balances\""))
+        .filter_map(|l| {
+            let at = l.find("partition=\"")? + 11;
+            l[at..].split('"').next()?.parse().ok()
+        })
+        .collect()
 }

@@ -42,6 +42,9 @@ use crate::sink::SqlIsolation;
 use crate::source::wakeup::Wakeup;
 use crate::source::{EventReader, SafeHead, StoredEvent};
 
+/// A partition's published state: partition, state, halted position.
+type PublishedState = (u32, &'static str, Option<i64>);
+
 /// Longest interval between two publications of the per-partition series.
 const PARTITION_REPORT_EVERY: Duration = Duration::from_millis(250);
 
@@ -217,7 +220,7 @@ pub struct ProjectionWorker {
     /// Narrowing of plugin failures, and partitions held aside while their event is retried.
     containment: Containment,
     /// The partition states last published to the metrics, and when.
-    published: Option<(Vec<(u32, &'static str, Option<i64>)>, Instant)>,
+    published: Option<(Vec<PublishedState>, Instant)>,
     retained: Option<Retained>,
     /// The dead-letter policy decided to park this event (position, error) in the next batch.
     park_next: HashMap<i64, String>,
@@ -866,7 +869,7 @@ impl ProjectionWorker {
         }
         // Per-partition series cost a few label lookups each: with small batches they are
         // published when a state changes, else at most every PARTITION_REPORT_EVERY.
-        let states: Vec<(u32, &'static str, Option<i64>)> = reports
+        let states: Vec<PublishedState> = reports
             .iter()
             .map(|r| (r.partition, r.state, r.halted_at))
             .collect();

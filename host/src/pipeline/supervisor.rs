@@ -121,20 +121,32 @@ pub struct Supervisor {
 impl Supervisor {
     /// Runs until `stop`, then lets every pipeline finish its batch (up to `drain`).
     pub async fn run(mut self, stop: CancellationToken, drain: Duration) {
-        let mut running: HashMap<String, JoinHandle<()>> = HashMap::new();
+        // Each pipeline task returns whether it panicked, and wakes this loop when it ends.
+        let mut running: HashMap<String, JoinHandle<bool>> = HashMap::new();
         let mut panics = PanicRecord::default();
-        // Each pipeline task says when it ends and whether it panicked.
-        let (ended_tx, mut ended_rx) = tokio::sync::mpsc::unbounded_channel::<(String, bool)>();
-        let mut ended: Vec<(String, bool)> = Vec::new();
+        let (ended_tx, mut ended_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
         tokio::spawn(forget_lost_partitions(self.context.clone(), stop.clone()));
         let mut registry = self.context.registry.clone();
         let mut next_scan = tokio::time::Instant::now() + self.scan_interval;
         loop {
-            while let Ok(end) = ended_rx.try_recv() {
-                ended.push(end);
-            }
-            for (track, panicked) in ended.drain(..) {
-                running.remove(&track);
+            while ended_rx.try_recv().is_ok() {}
+            // Reap the tasks that ended. A track is restarted only once its previous task was
+            // reaped here, so two pipelines of one read model never run at once.
+            let finished: Vec<String> = running
+                .iter()
+                .filter(|(_, h)| h.is_finished())
+                .map(|(track, _)| track.clone())
+                .collect();
+            for track in finished {
+                let Some(handle) = running.remove(&track) else {
+                    continue;
+                };
+                // Finished: the output is ready without waiting.
+                let panicked = match handle.now_or_never() {
+                    Some(Ok(panicked)) => panicked,
+                    Some(Err(e)) => e.is_panic(),
+                    None => false,
+                };
                 if panicked {
                     self.context.metrics.pipeline_panicked(&track);
                     let delay = panics.record(&track);
@@ -145,10 +157,11 @@ impl Supervisor {
             }
             let current = registry.borrow_and_update().clone();
             for version in &current.running {
-                let alive = running
-                    .get(&version.track)
-                    .is_some_and(|h| !h.is_finished());
-                if alive || panics.waiting(&version.track, tokio::time::Instant::now()) {
+                // A task that ended since the reaping above is reaped on the next pass (its end
+                // wakes this loop).
+                if running.contains_key(&version.track)
+                    || panics.waiting(&version.track, tokio::time::Instant::now())
+                {
                     continue;
                 }
                 match self.cache.get(&version.projection, &version.sha256).await {
@@ -162,14 +175,14 @@ impl Supervisor {
                         let worker =
                             ProjectionWorker::new(plugin, instance, self.context.clone(), config);
                         running.insert(version.track.clone(), {
-                            let (ended_tx, track, stop) =
-                                (ended_tx.clone(), version.track.clone(), stop.clone());
+                            let (ended_tx, stop) = (ended_tx.clone(), stop.clone());
                             tokio::spawn(async move {
                                 let panicked = AssertUnwindSafe(worker.run(stop))
                                     .catch_unwind()
                                     .await
                                     .is_err();
-                                let _ = ended_tx.send((track, panicked));
+                                let _ = ended_tx.send(());
+                                panicked
                             })
                         });
                     }
@@ -182,7 +195,7 @@ impl Supervisor {
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = registry.changed() => {}
-                Some(end) = ended_rx.recv() => ended.push(end),
+                Some(()) = ended_rx.recv() => {}
                 _ = async {
                     match next_restart {
                         Some(at) => tokio::time::sleep_until(at).await,
@@ -198,7 +211,7 @@ impl Supervisor {
                 }
             }
         }
-        let handles: Vec<JoinHandle<()>> = running.into_values().collect();
+        let handles: Vec<JoinHandle<bool>> = running.into_values().collect();
         let aborts: Vec<_> = handles.iter().map(JoinHandle::abort_handle).collect();
         if tokio::time::timeout(drain, futures::future::join_all(handles))
             .await

@@ -468,10 +468,13 @@ impl ProjectionWorker {
                         self.committed(&mut progress, events, to, head.raw, started);
                     }
                     Err(e) => {
-                        if !matches!(e, BatchError::Plugin { .. }) {
-                            // Not the plugin's doing (database, fencing): the step runs again.
+                        let narrowed = matches!(&e, BatchError::Plugin { failure, .. } if !failure.is_transient());
+                        if !narrowed {
+                            // Not the plugin's doing (database, fencing, a transient error):
+                            // the step runs again.
                             self.containment.requeue(step);
                         }
+                        self.forget_checkpoints_after(&e, &scope);
                         self.retry_after(&stop, &partitions_of(&scope), e).await;
                     }
                 }
@@ -523,6 +526,7 @@ impl ProjectionWorker {
                 }
                 Err(e) => {
                     drop(lease);
+                    self.forget_checkpoints_after(&e, &active);
                     self.retry_after(&stop, &partitions_of(&active), e).await;
                 }
             }
@@ -538,6 +542,17 @@ impl ProjectionWorker {
             "projection stopped"
         );
         self.stopped();
+    }
+
+    /// After a database error the commit may have happened on the server although its answer
+    /// was lost: the partitions' checkpoints are read again before the next batch, so that
+    /// nothing is applied twice.
+    fn forget_checkpoints_after(&mut self, error: &BatchError, scope: &[(PartitionId, Epoch)]) {
+        if matches!(error, BatchError::Database(_)) {
+            for (p, _) in scope {
+                self.checkpoints.remove(p);
+            }
+        }
     }
 
     /// Book-keeping after a committed batch or step.
@@ -952,36 +967,50 @@ impl ProjectionWorker {
             // Already applied (another step, or another worker before a re-claim).
             return Ok((0, from));
         }
-        let retained = self
+        let partitions = self.config.partitions;
+        let in_step = |p: &PartitionId, e: &StoredEvent| {
+            e.global_position > from
+                && e.global_position <= step.up_to
+                && scope.iter().any(|(q, _)| q == p)
+        };
+        let covered = self
             .retained
-            .as_mut()
-            .ok_or_else(|| BatchError::Refused("a failed batch's events were not kept".into()))?;
-        if retained.events.is_none() {
-            // The range read before, below the safe head: the same events, all of them.
+            .as_ref()
+            .is_some_and(|r| r.from <= from && r.up_to >= step.up_to);
+        let events: Vec<StoredEvent> = if covered {
+            let retained = self.retained.as_mut().expect("checked above");
+            if retained.events.is_none() {
+                // The range read before, below the safe head: the same events, all of them.
+                let mut conn = self.pool.acquire().await?;
+                let events = self
+                    .reader
+                    .read(&mut conn, retained.from, retained.up_to, u32::MAX)
+                    .await?;
+                retained.events = Some(
+                    events
+                        .into_iter()
+                        .map(|e| (PartitionId::of(&e.aggregate_id, partitions), e))
+                        .collect(),
+                );
+            }
+            retained
+                .events
+                .iter()
+                .flatten()
+                .filter(|(p, e)| in_step(p, e))
+                .map(|(_, e)| e.clone())
+                .collect()
+        } else {
+            // A step of an earlier failure (a held event's retry): its own range, which is
+            // below the safe head and no larger than the batch it came from.
             let mut conn = self.pool.acquire().await?;
-            let events = self
-                .reader
-                .read(&mut conn, retained.from, retained.up_to, u32::MAX)
-                .await?;
-            let partitions = self.config.partitions;
-            retained.events = Some(
-                events
-                    .into_iter()
-                    .map(|e| (PartitionId::of(&e.aggregate_id, partitions), e))
-                    .collect(),
-            );
-        }
-        let events: Vec<StoredEvent> = retained
-            .events
-            .iter()
-            .flatten()
-            .filter(|(p, e)| {
-                e.global_position > from
-                    && e.global_position <= step.up_to
-                    && scope.iter().any(|(q, _)| q == p)
-            })
-            .map(|(_, e)| e.clone())
-            .collect();
+            self.reader
+                .read(&mut conn, from, step.up_to, u32::MAX)
+                .await?
+                .into_iter()
+                .filter(|e| in_step(&PartitionId::of(&e.aggregate_id, partitions), e))
+                .collect()
+        };
         self.stages.read += started.elapsed();
         let handed = self.apply(scope, from, step.up_to, events, started).await?;
         Ok((handed, step.up_to))
@@ -1000,6 +1029,9 @@ impl ProjectionWorker {
         let partitions = self.config.partitions;
         let active_set: HashSet<PartitionId> = active.iter().map(|(p, _)| *p).collect();
         let mut parked_failing: Vec<i64> = Vec::new();
+        // Aggregates parked by this batch: known to later events of the batch at once, and to
+        // later batches only once it committed.
+        let mut newly_parked: HashSet<String> = HashSet::new();
         let mut mine = Vec::with_capacity(events.len());
         let mut index: Vec<Handed> = Vec::with_capacity(events.len());
         let mut park: Vec<(PartitionId, StoredEvent, String)> = Vec::new();
@@ -1011,7 +1043,7 @@ impl ProjectionWorker {
             if let Some(error) = self.park_next.get(&e.global_position) {
                 let position = e.global_position;
                 parked_failing.push(position);
-                self.parked.insert(e.aggregate_id.clone());
+                newly_parked.insert(e.aggregate_id.clone());
                 park.push((
                     p,
                     e,
@@ -1025,7 +1057,9 @@ impl ProjectionWorker {
                     position,
                     "parking the failing event"
                 );
-            } else if self.parked.contains(&e.aggregate_id) {
+            } else if self.parked.contains(&e.aggregate_id)
+                || newly_parked.contains(&e.aggregate_id)
+            {
                 park.push((
                     p,
                     e,
@@ -1072,6 +1106,7 @@ impl ProjectionWorker {
         tx.seal(self.config.settings.call_timeout).await?;
         dead_letters::park(tx.conn(), self.caller(), &parked_now).await?;
         self.commit(tx, active, from, covered_to, handed).await?;
+        self.parked.extend(newly_parked);
         self.stages.commit += commit_started.elapsed();
         for (p, e) in active {
             let entry = self.checkpoints.entry(*p).or_insert((*e, 0));
@@ -1438,23 +1473,23 @@ impl ProjectionWorker {
         }
     }
 
-    /// Keeps the failed batch's range so that the narrowing steps can re-run its parts.
+    /// Keeps the failed batch's range so that the narrowing steps can re-run its parts. Only
+    /// the latest failure's range is kept (memory stays at one batch); a step outside it reads
+    /// its own range instead.
     fn retain(&mut self, batch: &FailedBatch) {
-        match &mut self.retained {
-            Some(r) if r.from <= batch.from && r.up_to >= batch.up_to => {}
-            Some(r) => {
-                // A later batch failed while an earlier failure is still contained: one range.
-                r.from = r.from.min(batch.from);
-                r.up_to = r.up_to.max(batch.up_to);
-                r.events = None;
-            }
-            None => {
-                self.retained = Some(Retained {
-                    from: batch.from,
-                    up_to: batch.up_to,
-                    events: None,
-                })
-            }
+        if batch.handed.is_empty() {
+            return;
+        }
+        let covered = self
+            .retained
+            .as_ref()
+            .is_some_and(|r| r.from <= batch.from && r.up_to >= batch.up_to);
+        if !covered {
+            self.retained = Some(Retained {
+                from: batch.from,
+                up_to: batch.up_to,
+                events: None,
+            });
         }
     }
 
@@ -1493,8 +1528,8 @@ impl ProjectionWorker {
                         );
                     }
                     Err(e) => {
-                        // The partition stays held; its next retry fails again and gives up again.
-                        self.containment.retry_now(partition, Instant::now());
+                        // The partition stays held: its next retry (after the backoff, which
+                        // keeps growing) fails again and gives up again.
                         tracing::warn!(projection = self.name(), error = %e, "could not record the halt; retrying")
                     }
                 }

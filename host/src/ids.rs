@@ -17,6 +17,15 @@ impl PartitionId {
     pub fn as_i32(self) -> i32 {
         self.0 as i32
     }
+
+    /// Several partitions for a log line: one string, numbers separated by spaces.
+    pub fn list(partitions: &[PartitionId]) -> String {
+        partitions
+            .iter()
+            .map(|p| p.0.to_string())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
 }
 
 impl fmt::Display for PartitionId {

@@ -610,7 +610,7 @@ impl Coordinator {
             }
         }
         if !lost.is_empty() {
-            tracing::warn!(partitions = lost.len(), partition_list = %partition_list(&lost), "partitions were taken over by another worker; dropping them");
+            tracing::warn!(partitions = lost.len(), partition_list = %PartitionId::list(&lost), "partitions were taken over by another worker; dropping them");
             self.ownership.forfeit(&lost);
         }
         for p in release {
@@ -773,13 +773,4 @@ impl Coordinator {
             wakeup.wake();
         });
     }
-}
-
-/// Partitions for a log line: one string field, numbers separated by spaces.
-fn partition_list(partitions: &[PartitionId]) -> String {
-    partitions
-        .iter()
-        .map(|p| p.0.to_string())
-        .collect::<Vec<_>>()
-        .join(" ")
 }

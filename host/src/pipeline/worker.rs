@@ -1345,11 +1345,7 @@ impl ProjectionWorker {
         error: BatchError,
     ) {
         let generation = self.metrics.generation.get();
-        let partition_list = partitions
-            .iter()
-            .map(|p| p.0.to_string())
-            .collect::<Vec<_>>()
-            .join(" ");
+        let partition_list = PartitionId::list(partitions);
         match error {
             BatchError::Fenced => {
                 self.metrics.batch_fenced(self.name());

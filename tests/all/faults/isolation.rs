@@ -23,6 +23,18 @@ async fn plugins_cannot_reach_outside_their_read_model() {
     ] {
         attempts.push((kind, db.append("Intrusion", kind, kind, json!({})).await));
     }
+    // bank_balances' schema and table exist before the intruder runs: its failures must be
+    // refusals of access, not "does not exist" from a race with the other projection's setup.
+    let mut first = Host::run(
+        "isolation-setup",
+        &db.url,
+        &["--once", "--plugin", test_artifacts::BANK_BALANCES],
+    );
+    assert!(
+        first.wait(Duration::from_secs(120)).await.success(),
+        "{}",
+        first.log()
+    );
     let mut host = Host::run(
         "isolation",
         &db.url,

@@ -289,7 +289,7 @@ async fn set_paused(
         reason.as_deref(),
     )
     .await?;
-    tracing::info!(projection = %name, paused, reason = ?reason, "projection control changed through the admin API");
+    tracing::info!(projection = %name, paused, reason = reason.as_deref().unwrap_or(""), "projection control changed through the admin API");
     Ok(Json(ControlResult {
         projection: name,
         paused,

@@ -576,7 +576,7 @@ impl ProjectionWorker {
             s.events_processed += events as u64;
             s.last_commit_at = Some(chrono::Utc::now());
         });
-        tracing::trace!(projection = self.name(), events, to, elapsed = ?started.elapsed(), "batch committed");
+        tracing::trace!(projection = self.name(), events, up_to = to, elapsed = ?started.elapsed(), "batch committed");
         failpoint_pipeline_panic();
     }
 

@@ -48,23 +48,30 @@ pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 
 impl HttpHost {
     pub fn run(label: &str, db_url: &str, args: &[&str]) -> HttpHost {
-        let health = format!("127.0.0.1:{}", free_port());
-        let metrics = format!("127.0.0.1:{}", free_port());
-        let mut all = vec![
-            "--health-addr",
-            &health,
-            "--metrics-addr",
-            &metrics,
-            "--admin-token",
-            ADMIN_TOKEN,
-        ];
-        all.extend_from_slice(args);
-        let host = Host::run(label, db_url, &all);
-        HttpHost {
-            host,
-            health: format!("http://{health}"),
-            metrics: format!("http://{metrics}"),
+        // A port found free can be taken by a parallel test before the host binds it: the
+        // host then exits naming the port, and is started again on other ports.
+        for _ in 0..5 {
+            let health = format!("127.0.0.1:{}", free_port());
+            let metrics = format!("127.0.0.1:{}", free_port());
+            let mut all = vec![
+                "--health-addr",
+                &health,
+                "--metrics-addr",
+                &metrics,
+                "--admin-token",
+                ADMIN_TOKEN,
+            ];
+            all.extend_from_slice(args);
+            let mut host = Host::run(label, db_url, &all);
+            if bound_or_exited(&mut host, &health, &metrics) {
+                return HttpHost {
+                    host,
+                    health: format!("http://{health}"),
+                    metrics: format!("http://{metrics}"),
+                };
+            }
         }
+        panic!("{label}: no free ports for the host's listeners after 5 tries");
     }
 
     pub async fn get(&self, path: &str) -> Option<(u16, String)> {
@@ -79,6 +86,32 @@ impl HttpHost {
             Err(_) => String::new(),
         }
     }
+}
+
+/// Waits until the host listens on both ports (true), or exits because a port was taken (false).
+/// A host that exits for another reason is returned as is (true): its test reports it.
+fn bound_or_exited(host: &mut Host, health: &str, metrics: &str) -> bool {
+    let started = std::time::Instant::now();
+    while started.elapsed() < std::time::Duration::from_secs(30) {
+        if !host.is_running() {
+            // The log threads may still be reading the last lines.
+            let taken = |log: String| log.contains("binding the") && log.contains("in use");
+            let exited = std::time::Instant::now();
+            while exited.elapsed() < std::time::Duration::from_secs(1) {
+                if taken(host.log()) {
+                    return false;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            return true;
+        }
+        let listening = |addr: &str| std::net::TcpStream::connect(addr).is_ok();
+        if listening(health) && listening(metrics) {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    true
 }
 
 /// The value of one series in a Prometheus scrape (`name{labels}` as printed), if present.

@@ -11,6 +11,15 @@ pub fn backoff(attempt: u32, base: Duration, max: Duration) -> Duration {
     half + full.mul_f64(rand::random::<f64>() * 0.5)
 }
 
+/// Waits until `at`, or for ever when there is nothing to wait for (a `select!` branch that
+/// only fires when a deadline exists).
+pub async fn sleep_until(at: Option<impl Into<tokio::time::Instant>>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

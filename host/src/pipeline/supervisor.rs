@@ -196,12 +196,7 @@ impl Supervisor {
                 _ = stop.cancelled() => break,
                 _ = registry.changed() => {}
                 Some(()) = ended_rx.recv() => {}
-                _ = async {
-                    match next_restart {
-                        Some(at) => tokio::time::sleep_until(at).await,
-                        None => std::future::pending().await,
-                    }
-                } => {}
+                _ = crate::base::retry::sleep_until(next_restart) => {}
                 _ = tokio::time::sleep_until(next_scan) => {
                     next_scan = tokio::time::Instant::now() + self.scan_interval;
                     let pool = self.context.pool.clone();

@@ -25,7 +25,7 @@ use super::dead_letters::{self, ToPark};
 use super::policy::{OnFailure, ProjectionSettings};
 use super::progress::Progress;
 use super::status::{ProjectionState, ProjectionStatus, StatusBoard};
-use crate::base::retry::backoff;
+use crate::base::retry::{backoff, sleep_until};
 use crate::coordination::controls::Shared as Controls;
 use crate::coordination::{Lease, Ownership};
 use crate::db::quote_ident;
@@ -146,8 +146,8 @@ impl FailedBatch {
     }
 }
 
-/// The events of the batch that failed first, kept while its failure is narrowed down so that
-/// each step re-runs a part of it without reading it again.
+/// The events of the latest failed batch, kept while its failure is narrowed down so that each
+/// step re-runs a part of it without reading it again.
 struct Retained {
     from: i64,
     up_to: i64,
@@ -1596,14 +1596,6 @@ fn failpoint_pipeline_panic() {
 
 fn partitions_of(scope: &[(PartitionId, Epoch)]) -> Vec<PartitionId> {
     scope.iter().map(|(p, _)| *p).collect()
-}
-
-/// Waits until `at`, or for ever when there is nothing to wait for.
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
-        None => std::future::pending().await,
-    }
 }
 
 async fn refuse_checkpoints_past_the_head(

@@ -18,8 +18,9 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
+use crate::base::notify::COORDINATION_CHANNEL;
 use crate::config::RunConfig;
-use crate::coordination::{Coordinator, Member, Ownership, COORDINATION_CHANNEL};
+use crate::coordination::{Coordinator, Member, Ownership};
 use crate::db::{StartWait, TlsSummary};
 use crate::http::{AppState, Front};
 use crate::ids::{CommitToken, WorkerId};
@@ -150,12 +151,7 @@ async fn start_and_run(
     tokio::spawn(tracker.run(background.child_token()));
 
     let once_target = if config.once {
-        let head: i64 = sqlx::query_scalar(&format!(
-            "SELECT coalesce(max(global_position), 0) FROM {}",
-            config.events_table
-        ))
-        .fetch_one(&pool)
-        .await?;
+        let head = crate::source::stream_head(&pool, &config.events_table).await?;
         tracing::info!(
             head,
             "--once: running until every projection has caught up with this position"

@@ -4,7 +4,11 @@
 use anyhow::{bail, Context};
 use serde_json::Value;
 
-use crate::cli::AdminArgs;
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand, ValueEnum};
+
+use crate::lifecycle::Mode;
 
 pub struct AdminClient {
     base: String,
@@ -91,8 +95,8 @@ pub async fn set_paused(
 }
 
 /// `projection-host dead-letters ...`.
-pub async fn dead_letters(command: crate::cli::DeadLetterCommand) -> anyhow::Result<()> {
-    use crate::cli::DeadLetterCommand as C;
+pub async fn dead_letters(command: DeadLetterCommand) -> anyhow::Result<()> {
+    use DeadLetterCommand as C;
     match command {
         C::List { admin, projection } => {
             let client = AdminClient::new(&admin)?;
@@ -173,8 +177,8 @@ fn print_plugin(row: &Value) {
 }
 
 /// `projection-host plugins ...`.
-pub async fn plugins(command: crate::cli::PluginCommand) -> anyhow::Result<()> {
-    use crate::cli::PluginCommand as C;
+pub async fn plugins(command: PluginCommand) -> anyhow::Result<()> {
+    use PluginCommand as C;
     match command {
         C::List { admin } => {
             let rows = AdminClient::new(&admin)?.get("/admin/plugins").await?;
@@ -190,10 +194,7 @@ pub async fn plugins(command: crate::cli::PluginCommand) -> anyhow::Result<()> {
         } => {
             let bytes =
                 std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
-            let mode = match mode {
-                crate::lifecycle::Mode::Continue => "continue",
-                crate::lifecycle::Mode::Rebuild => "rebuild",
-            };
+            let mode = Mode::from(mode).as_str();
             let row = AdminClient::new(&admin)?
                 .post_bytes(
                     &format!("/admin/plugins?mode={mode}&activate={}", !no_activate),
@@ -226,4 +227,103 @@ pub async fn plugins(command: crate::cli::PluginCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Where the admin API is, and its token.
+#[derive(Debug, Args, Clone)]
+pub struct AdminArgs {
+    /// Base URL of any host's health/admin port.
+    #[arg(long, env = "ADMIN_URL", default_value = "http://127.0.0.1:8080")]
+    pub admin_url: String,
+    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ControlArgs {
+    #[command(flatten)]
+    pub admin: AdminArgs,
+    /// The projection's name.
+    pub projection: String,
+    /// Why (recorded with the control, shown in status).
+    #[arg(long)]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PluginCommand {
+    /// Registered versions per projection.
+    List {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Upload a component: continue mode swaps it in on every host at the next batch; rebuild
+    /// mode builds its read model from the start beside the active one.
+    Push {
+        #[command(flatten)]
+        admin: AdminArgs,
+        file: PathBuf,
+        #[arg(long, value_enum, default_value_t = ModeArg::Continue)]
+        mode: ModeArg,
+        /// Register only; activate later with `promote`.
+        #[arg(long)]
+        no_activate: bool,
+    },
+    /// Make a version active (a finished rebuild, or a pending or retired version).
+    Promote {
+        #[command(flatten)]
+        admin: AdminArgs,
+        projection: String,
+        sha256: String,
+    },
+    /// Switch back to the previously active version.
+    Rollback {
+        #[command(flatten)]
+        admin: AdminArgs,
+        projection: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeadLetterCommand {
+    /// List parked events.
+    List {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[arg(long)]
+        projection: Option<String>,
+    },
+    /// Apply an aggregate's parked events again, in order.
+    Retry {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[arg(long)]
+        projection: String,
+        #[arg(long)]
+        aggregate: String,
+    },
+    /// Drop one parked event (by id) without applying it.
+    Skip {
+        #[command(flatten)]
+        admin: AdminArgs,
+        id: i64,
+    },
+}
+
+/// `plugins push --mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ModeArg {
+    /// At each partition's next batch boundary, from its checkpoint, on the same read model.
+    Continue,
+    /// Builds its own read model from position 0 beside the active one; promoted once caught up.
+    Rebuild,
+}
+
+impl From<ModeArg> for Mode {
+    fn from(arg: ModeArg) -> Mode {
+        match arg {
+            ModeArg::Continue => Mode::Continue,
+            ModeArg::Rebuild => Mode::Rebuild,
+        }
+    }
 }

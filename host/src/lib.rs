@@ -4,24 +4,31 @@
 //! The modules follow the data flow: `source` (events -> batches, gap-safe) -> `runtime` (the
 //! plugin, sandboxed) -> `sink` (effects + fenced checkpoints in one transaction), driven by
 //! `pipeline` over the partitions `coordination` assigns, observed through `http` and
-//! `metrics`.
+//! `metrics`. `layers.rs` orders them (dependencies point down) and `docs/architecture.md`
+//! draws the map.
+//!
+//! The binary is `cli::main`. The few public modules are what the integration tests in
+//! `tests/all` use; everything else is private, so that the compiler reports dead code.
 
-pub mod app;
-pub mod base;
+mod app;
+mod base;
+#[cfg(feature = "bench")]
 pub mod bench;
 pub mod cli;
-pub mod client;
-pub mod config;
-pub mod coordination;
+mod client;
+mod config;
+mod coordination;
 pub mod db;
 pub mod devdb;
-pub mod http;
+mod http;
 pub mod ids;
-pub mod lifecycle;
-pub mod metrics;
-pub mod operator;
-pub mod pipeline;
-pub mod runtime;
+#[cfg(test)]
+mod layers;
+mod lifecycle;
+mod metrics;
+mod operator;
+mod pipeline;
+mod runtime;
 pub mod sink;
-pub mod source;
-pub mod status;
+mod source;
+mod status;

@@ -3,7 +3,10 @@
 
 use anyhow::bail;
 
-use crate::cli::{ProjectionCommand, ReplicaSetCommand};
+use clap::Subcommand;
+
+use crate::base::units::parse_duration;
+use crate::config::DatabaseArgs;
 use crate::lifecycle::read_models;
 use crate::lifecycle::removal::{self, Removed};
 use crate::status::pool;
@@ -109,4 +112,58 @@ fn report(removed: &Removed) {
             removed.kept.join(", ")
         );
     }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ReplicaSetCommand {
+    /// Make the schema readers query for each projection of FROM show TO's read model instead
+    /// (one transaction). FROM must have no live hosts and TO must have caught up with it.
+    SwitchReaders {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        /// The replica set readers query today.
+        #[arg(long)]
+        from: String,
+        /// The replica set whose read models readers should query.
+        #[arg(long)]
+        to: String,
+        /// Only this projection (default: every projection FROM publishes).
+        #[arg(long)]
+        projection: Option<String>,
+        /// Confirm.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Remove a replica set with no live hosts: its read models, roles, checkpoints, registry,
+    /// dead letters and coordination rows.
+    Remove {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        /// The replica set to remove.
+        name: String,
+        /// Confirm.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProjectionCommand {
+    /// Remove a projection: hosts stop running it, then its schemas, role, checkpoints, registry
+    /// rows, controls, halts and dead letters are dropped. Remove its file from the plugins
+    /// directory first, or hosts register it again (from position 0) at their next start.
+    Remove {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        #[arg(long, env = "REPLICA_SET", default_value = "default")]
+        replica_set: String,
+        /// The projection to remove.
+        name: String,
+        /// How long to wait for hosts to close the projection's sessions before ending them.
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        wait: std::time::Duration,
+        /// Confirm.
+        #[arg(long)]
+        yes: bool,
+    },
 }

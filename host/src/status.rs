@@ -3,10 +3,11 @@
 use std::fmt::Write as _;
 
 use anyhow::Context;
+use clap::Args;
 use serde::Serialize;
 use sqlx::PgPool;
 
-use crate::cli::{DatabaseArgs, MigrateArgs, StatusArgs};
+use crate::config::DatabaseArgs;
 use crate::db::{DbConfig, QualifiedName};
 
 pub(crate) async fn pool(args: &DatabaseArgs) -> anyhow::Result<PgPool> {
@@ -143,7 +144,7 @@ pub async fn load(
             .fetch_optional(pool)
             .await
             .map_err(|e| match &e {
-                sqlx::Error::Database(d) if d.code().as_deref() == Some("42P01") => anyhow::anyhow!(
+                sqlx::Error::Database(d) if d.code().as_deref() == Some(crate::base::sqlstate::UNDEFINED_TABLE) => anyhow::anyhow!(
                     "this database has no projection host tables yet: run `projection-host migrate` (or start a host) against it, or check DATABASE_URL"
                 ),
                 _ => anyhow::Error::new(e).context("reading the replica set"),
@@ -151,12 +152,9 @@ pub async fn load(
     let (partitions, generation, strategy, phase, leader) = row.with_context(|| {
         format!("replica set '{replica_set}' does not exist (no host has joined it yet)")
     })?;
-    let head: i64 = sqlx::query_scalar(&format!(
-        "SELECT coalesce(max(global_position), 0) FROM {events}"
-    ))
-    .fetch_one(pool)
-    .await
-    .with_context(|| format!("reading the head of {events}"))?;
+    let head = crate::source::stream_head(pool, events)
+        .await
+        .with_context(|| format!("reading the head of {events}"))?;
     let workers = sqlx::query_as(
         "SELECT w.worker_id, w.hostname, w.host_version,
                 (extract(epoch FROM now() - w.heartbeat_at) * 1000)::int8 AS heartbeat_age_ms, w.started_at,
@@ -338,4 +336,30 @@ fn render(s: &Status) -> String {
         }
     }
     out
+}
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// Also install an `AFTER INSERT ... FOR EACH STATEMENT` trigger on the events table that
+    /// wakes hosts with NOTIFY. It changes the user's table, so it is opt-in.
+    #[arg(long)]
+    pub install_notify_trigger: bool,
+    /// The events table (optionally schema-qualified).
+    #[arg(long, env = "EVENTS_TABLE", default_value = "events")]
+    pub events_table: String,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    #[arg(long, env = "REPLICA_SET", default_value = "default")]
+    pub replica_set: String,
+    #[arg(long, env = "EVENTS_TABLE", default_value = "events")]
+    pub events_table: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }

@@ -1,5 +1,8 @@
 //! Shared utilities that depend on nothing of the domain.
 
+pub mod notify;
 pub mod retry;
+pub mod sqlstate;
 pub mod status_line;
 pub mod text;
+pub mod units;

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
+use super::args::BenchLiveArgs;
 use super::{connect, ensure_plugin, percentile, server, wait_until, HostChild, ScratchDatabase};
-use crate::cli::BenchLiveArgs;
 
 const APPEND_ONE: &str =
     "INSERT INTO events (bounded_context, aggregate_type, aggregate_id, aggregate_version,

@@ -3,17 +3,26 @@
 //! `rebalance` (pauses when hosts join, leave or die), `poison` (how a failing event is
 //! contained).
 
+mod args;
 mod live;
 mod poison;
 mod rebalance;
 mod swap;
 mod w1;
 
-pub use live::live;
-pub use poison::poison;
-pub use rebalance::rebalance;
-pub use swap::swap;
-pub use w1::{demo, w1};
+pub use args::{BenchCommand, DemoArgs};
+pub use w1::demo;
+
+/// Runs one benchmark.
+pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
+    match command {
+        BenchCommand::W1(args) => w1::w1(args).await,
+        BenchCommand::Live(args) => live::live(args).await,
+        BenchCommand::Rebalance(args) => rebalance::rebalance(args).await,
+        BenchCommand::Swap(args) => swap::swap(args).await,
+        BenchCommand::Poison(args) => poison::poison(args).await,
+    }
+}
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

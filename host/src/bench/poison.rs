@@ -11,8 +11,8 @@ use anyhow::Context;
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
+use super::args::BenchPoisonArgs;
 use super::{ensure_plugin, percentile, server, wait_until, HostChild, ScratchDatabase};
-use crate::cli::BenchPoisonArgs;
 use crate::ids::PartitionId;
 use crate::pipeline::policy::OnFailure;
 
@@ -51,7 +51,7 @@ pub async fn poison(args: BenchPoisonArgs) -> anyhow::Result<()> {
             "run {run}: other partitions' longest pause {:.0} ms (median {:.0} ms), failing event {} after {:.0} ms, mismatches {}",
             figures.longest_pause_ms,
             figures.median_pause_ms,
-            contained_word(args.on_failure),
+            contained_word(OnFailure::from(args.on_failure)),
             figures.contained_ms,
             figures.mismatches
         );
@@ -66,11 +66,11 @@ pub async fn poison(args: BenchPoisonArgs) -> anyhow::Result<()> {
     println!(
         "poison events={} partitions=32 on_failure={} runs={} longest_pause_ms={:.0} median_pause_ms={:.0} {}_ms={:.0} mismatches={}",
         args.events,
-        contained_word(args.on_failure).replace(' ', "_"),
+        contained_word(OnFailure::from(args.on_failure)).replace(' ', "_"),
         runs.len(),
         median(|r| r.longest_pause_ms),
         median(|r| r.median_pause_ms),
-        contained_word(args.on_failure).replace(' ', "_"),
+        contained_word(OnFailure::from(args.on_failure)).replace(' ', "_"),
         median(|r| r.contained_ms),
         runs.iter().map(|r| r.mismatches).sum::<usize>()
     );
@@ -94,7 +94,7 @@ async fn measure(url: &str, plugin: &Path, args: &BenchPoisonArgs) -> anyhow::Re
     crate::status::install_notify_trigger(&pool, &events).await?;
     append(&pool, 0, 1_000, aggregates, -1).await?;
     let batch = args.events.to_string();
-    let policy = match args.on_failure {
+    let policy = match OnFailure::from(args.on_failure) {
         OnFailure::Stop => "stop",
         OnFailure::DeadLetter => "dead-letter",
     };
@@ -143,7 +143,7 @@ async fn measure(url: &str, plugin: &Path, args: &BenchPoisonArgs) -> anyhow::Re
     .await?;
     let trap_partition = PartitionId::of(&trap_aggregate, 32).as_i32();
 
-    let contained_sql = match args.on_failure {
+    let contained_sql = match OnFailure::from(args.on_failure) {
         OnFailure::Stop => {
             "SELECT halted_at FROM projection_host.halts WHERE projection = 'faulty' AND position = $1"
         }
@@ -172,7 +172,7 @@ async fn measure(url: &str, plugin: &Path, args: &BenchPoisonArgs) -> anyhow::Re
         .context("the failing event was not contained")?;
     // Under dead-letter the failing partition goes on past the parked event too; the figures
     // are read once nothing moves any more.
-    let still = match args.on_failure {
+    let still = match OnFailure::from(args.on_failure) {
         OnFailure::Stop => Some(trap_partition),
         OnFailure::DeadLetter => None,
     };

@@ -10,8 +10,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
+use super::args::BenchRebalanceArgs;
 use super::{ensure_plugin, percentile, server, wait_until, HostChild, ScratchDatabase};
-use crate::cli::BenchRebalanceArgs;
 
 type Owners = BTreeMap<i32, (Option<String>, i64)>;
 

@@ -9,8 +9,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
+use super::args::BenchSwapArgs;
 use super::{ensure_plugin, percentile, server, wait_until, HostChild, ScratchDatabase};
-use crate::cli::BenchSwapArgs;
 use crate::lifecycle::{registry, Mode};
 use crate::runtime::{Runtime, RuntimeConfig};
 

@@ -4,10 +4,10 @@ use std::time::Instant;
 
 use anyhow::bail;
 
+use super::args::{BenchW1Args, DemoArgs};
 use super::{
     check_w1, connect, ensure_plugin, run_host, seed_w1, server, sql_ceiling, ScratchDatabase,
 };
-use crate::cli::{BenchW1Args, DemoArgs};
 
 pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let plugin = ensure_plugin(&args.plugin)?;

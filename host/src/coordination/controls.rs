@@ -78,11 +78,7 @@ pub async fn set_paused(
             .execute(&mut *tx)
             .await?;
     }
-    sqlx::query("SELECT pg_notify($1, $2)")
-        .bind(super::COORDINATION_CHANNEL)
-        .bind(replica_set)
-        .execute(&mut *tx)
-        .await?;
+    crate::base::notify::coordination(&mut *tx, replica_set).await?;
     tx.commit().await
 }
 

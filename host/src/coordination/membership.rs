@@ -5,14 +5,11 @@ use std::time::Duration;
 use sqlx::PgPool;
 
 use super::CoordinationError;
-use crate::cli::Strategy;
+use crate::base::notify;
 use crate::ids::WorkerId;
 
 /// Partitions of a new replica set when `--partitions` is not given.
 pub const DEFAULT_PARTITIONS: u32 = 32;
-
-/// NOTIFY channel for membership and assignment changes (payload: the replica set).
-pub const COORDINATION_CHANNEL: &str = "projection_host_coordination";
 
 /// This process in its replica set.
 #[derive(Debug, Clone)]
@@ -55,7 +52,7 @@ pub async fn ensure_replica_set(
     partitions: Option<u32>,
     strategy: Strategy,
 ) -> Result<u32, CoordinationError> {
-    let strategy = strategy_name(strategy);
+    let strategy = strategy.as_str();
     let mut tx = pool.begin().await?;
     sqlx::query(
         "INSERT INTO projection_host.replica_sets (name, partitions, strategy) VALUES ($1, $2, $3)
@@ -103,10 +100,22 @@ pub async fn ensure_replica_set(
     Ok(stored)
 }
 
-fn strategy_name(strategy: Strategy) -> &'static str {
-    match strategy {
-        Strategy::Cooperative => "cooperative",
-        Strategy::Recreate => "recreate",
+/// How partitions move when membership changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    /// Only partitions that must move pause; the rest keep running.
+    Cooperative,
+    /// Every worker stops, then all restart with the new assignment (behind a stop barrier).
+    Recreate,
+}
+
+impl Strategy {
+    /// The name stored in `replica_sets.strategy`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::Cooperative => "cooperative",
+            Strategy::Recreate => "recreate",
+        }
     }
 }
 
@@ -203,11 +212,7 @@ impl Member {
             .bind(self.worker.as_str())
             .execute(&mut *tx)
             .await?;
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(COORDINATION_CHANNEL)
-            .bind(&self.replica_set)
-            .execute(&mut *tx)
-            .await?;
+        notify::coordination(&mut *tx, &self.replica_set).await?;
         tx.commit().await?;
         Ok(released)
     }
@@ -255,10 +260,5 @@ pub async fn remove_stale(
 }
 
 pub async fn notify(pool: &PgPool, replica_set: &str) -> Result<(), sqlx::Error> {
-    sqlx::query("SELECT pg_notify($1, $2)")
-        .bind(COORDINATION_CHANNEL)
-        .bind(replica_set)
-        .execute(pool)
-        .await?;
-    Ok(())
+    notify::coordination(pool, replica_set).await
 }

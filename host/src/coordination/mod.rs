@@ -20,11 +20,11 @@ use sqlx::PgPool;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::Strategy;
+use crate::base::notify;
 use crate::ids::{Epoch, Generation, PartitionId, WorkerId};
 use crate::metrics::HostMetrics;
 use crate::source::wakeup::Wakeup;
-pub use membership::{Member, COORDINATION_CHANNEL, DEFAULT_PARTITIONS};
+pub use membership::{Member, Strategy};
 pub use ownership::{Lease, Ownership};
 
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +43,8 @@ pub enum CoordinationError {
     IdentityTaken { replica_set: String, worker: String },
     #[error("database error during coordination: {0}")]
     Sql(#[from] sqlx::Error),
+    #[error("the host's coordination tables hold a value this host does not know: {0}")]
+    Corrupt(String),
 }
 
 #[derive(Debug, Clone)]
@@ -112,9 +114,40 @@ struct PartitionRow {
     epoch: i64,
 }
 
+/// `replica_sets.phase`: a recreate-strategy generation starts `stopping` (every owner of the
+/// previous one releases first) and becomes `running` once the barrier is lifted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Running,
+    Stopping,
+}
+
+impl Phase {
+    fn as_str(self) -> &'static str {
+        match self {
+            Phase::Running => "running",
+            Phase::Stopping => "stopping",
+        }
+    }
+}
+
+impl TryFrom<String> for Phase {
+    type Error = CoordinationError;
+
+    fn try_from(stored: String) -> Result<Phase, CoordinationError> {
+        match stored.as_str() {
+            "running" => Ok(Phase::Running),
+            "stopping" => Ok(Phase::Stopping),
+            _ => Err(CoordinationError::Corrupt(format!(
+                "replica_sets.phase is '{stored}' (expected running or stopping)"
+            ))),
+        }
+    }
+}
+
 struct ReplicaSetRow {
     generation: i64,
-    phase: String,
+    phase: Phase,
     leader: bool,
     leader_until_ms: Option<i64>,
 }
@@ -343,7 +376,7 @@ impl Coordinator {
         .await?;
         Ok(ReplicaSetRow {
             generation: row.0,
-            phase: row.1,
+            phase: Phase::try_from(row.1)?,
             leader: row.2,
             leader_until_ms: row.3,
         })
@@ -359,7 +392,7 @@ impl Coordinator {
         .await?;
         Ok(ReplicaSetRow {
             generation: row.0,
-            phase: row.1,
+            phase: Phase::try_from(row.1)?,
             leader: row.2,
             leader_until_ms: None,
         })
@@ -408,7 +441,15 @@ impl Coordinator {
                 .await?;
         }
         self.lift_recreate_barrier(&workers).await?;
-        self.plugin_duties().await;
+        crate::lifecycle::duties::run(&crate::lifecycle::duties::Duties {
+            pool: &self.pool,
+            replica_set: &self.config.replica_set,
+            events_table: &self.config.events_table,
+            partitions: self.partitions,
+            promote_lag: self.config.promote_lag,
+            retired_grace: self.config.retired_grace,
+        })
+        .await;
         // Next stale check: when the oldest heartbeat would expire.
         let oldest_ms: Option<f64> = sqlx::query_scalar(
             "SELECT (extract(epoch FROM min(heartbeat_at) + $2 * interval '1 millisecond' - now()) * 1000)::float8
@@ -481,11 +522,7 @@ impl Coordinator {
         .bind(moved as i32)
         .execute(&mut *tx)
         .await?;
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(COORDINATION_CHANNEL)
-            .bind(&self.config.replica_set)
-            .execute(&mut *tx)
-            .await?;
+        notify::coordination(&mut *tx, &self.config.replica_set).await?;
         tx.commit().await?;
         self.metrics.generations_total.inc();
         self.metrics
@@ -500,42 +537,6 @@ impl Coordinator {
             "new generation: partitions reassigned"
         );
         Ok(())
-    }
-
-    /// Promotes rebuilds that caught up and drops the data of long-retired versions. Failures
-    /// are logged; the next round tries again.
-    async fn plugin_duties(&self) {
-        let head: Result<i64, sqlx::Error> = sqlx::query_scalar(&format!(
-            "SELECT coalesce(max(global_position), 0) FROM {}",
-            self.config.events_table
-        ))
-        .fetch_one(&self.pool)
-        .await;
-        let result = match head {
-            Ok(head) => crate::lifecycle::registry::promote_caught_up(
-                &self.pool,
-                &self.config.replica_set,
-                self.partitions,
-                self.config.promote_lag,
-                head,
-            )
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        if let Err(e) = result {
-            tracing::warn!(error = %e, "promoting caught-up rebuilds failed");
-        }
-        if let Err(e) = crate::lifecycle::registry::drop_retired_data(
-            &self.pool,
-            &self.config.replica_set,
-            self.config.retired_grace,
-        )
-        .await
-        {
-            tracing::warn!(error = %e, "dropping the data of retired plugin versions failed");
-        }
     }
 
     /// Recreate strategy: the new generation starts only once every owner of the previous one
@@ -564,7 +565,7 @@ impl Coordinator {
     /// Worker duties: forget what we lost, release what is no longer ours, claim what is.
     async fn reconcile(&mut self, rs: &ReplicaSetRow) -> Result<Duration, CoordinationError> {
         let me = self.member.worker.as_str();
-        let running = rs.phase == "running";
+        let running = rs.phase == Phase::Running;
         let rows = self.partition_rows().await?;
         let workers: HashSet<String> = self
             .live_workers()
@@ -632,7 +633,7 @@ impl Coordinator {
                 tracing::warn!(
                     waited = ?since.elapsed(),
                     missing = assigned.iter().filter(|p| !held_now.contains(p)).count(),
-                    phase = %rs.phase,
+                    phase = rs.phase.as_str(),
                     "still waiting for assigned partitions to be released (COORDINATION_TIMEOUT exceeded)"
                 );
                 self.waiting_since = Some(Instant::now());
@@ -669,7 +670,7 @@ impl Coordinator {
             registered: true,
             leader: rs.leader,
             generation: rs.generation,
-            phase: rs.phase.clone(),
+            phase: rs.phase.as_str().to_string(),
             partitions: self.partitions,
             live_workers: workers.len(),
             assigned: assigned.len(),
@@ -707,7 +708,10 @@ impl Coordinator {
         .await
         {
             Ok(rows) => rows,
-            Err(e) if crate::db::sqlstate(&e).as_deref() == Some("55P03") => {
+            Err(e)
+                if crate::base::sqlstate::of(&e).as_deref()
+                    == Some(crate::base::sqlstate::LOCK_NOT_AVAILABLE) =>
+            {
                 tracing::info!("a partition row is locked by a previous owner's commit; retrying the claim shortly");
                 return Ok(());
             }

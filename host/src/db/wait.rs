@@ -4,7 +4,8 @@
 
 use std::time::{Duration, Instant};
 
-use super::{sqlstate, DbConfig, DbError};
+use super::{DbConfig, DbError};
+use crate::base::sqlstate;
 
 /// How long to wait, and where to show what the start is waiting for (`/ready`).
 #[derive(Debug, Clone, Default)]

@@ -3,9 +3,10 @@
 //! rollback).
 
 pub mod cache;
+pub mod duties;
 pub mod read_models;
 pub mod registry;
 pub mod removal;
 
 pub use cache::PluginCache;
-pub use registry::{Mode, PluginRow, Registry, State};
+pub use registry::{Mode, Registry};

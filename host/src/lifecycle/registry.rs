@@ -7,13 +7,12 @@ use serde::{Deserialize, Serialize};
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 
 use super::read_models::{publish_views, stable_schema, ReaderGrants};
-use crate::coordination::COORDINATION_CHANNEL;
 use crate::db::quote_ident;
 use crate::runtime::bindings::{INTERFACE, INTERFACE_VERSION};
 use crate::runtime::Plugin;
 
 /// How a new version takes over.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
     /// At each partition's next batch boundary, from its checkpoint, on the same read model.
@@ -23,7 +22,7 @@ pub enum Mode {
 }
 
 impl Mode {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Mode::Continue => "continue",
             Mode::Rebuild => "rebuild",
@@ -31,12 +30,72 @@ impl Mode {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl TryFrom<String> for Mode {
+    type Error = String;
+
+    fn try_from(stored: String) -> Result<Mode, String> {
+        match stored.as_str() {
+            "continue" => Ok(Mode::Continue),
+            "rebuild" => Ok(Mode::Rebuild),
+            _ => Err(format!("unknown plugin mode '{stored}'")),
+        }
+    }
+}
+
+/// Where a registered version stands (`plugins.state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum State {
+    /// Registered, not activated (`plugins push --no-activate`).
     Pending,
+    /// A rebuild building its own read model beside the active version.
     Building,
+    /// The version the fleet runs.
     Active,
+    /// Replaced; kept for rollback until its data is dropped.
     Retired,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Pending => "pending",
+            State::Building => "building",
+            State::Active => "active",
+            State::Retired => "retired",
+        }
+    }
+
+    /// A version hosts run: the active one, or a rebuild.
+    pub fn runs(self) -> bool {
+        matches!(self, State::Active | State::Building)
+    }
+}
+
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl TryFrom<String> for State {
+    type Error = String;
+
+    fn try_from(stored: String) -> Result<State, String> {
+        match stored.as_str() {
+            "pending" => Ok(State::Pending),
+            "building" => Ok(State::Building),
+            "active" => Ok(State::Active),
+            "retired" => Ok(State::Retired),
+            _ => Err(format!("unknown plugin state '{stored}'")),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow)]
@@ -45,8 +104,10 @@ pub struct PluginRow {
     pub sha256: String,
     pub version: String,
     pub interface: String,
-    pub state: String,
-    pub mode: String,
+    #[sqlx(try_from = "String")]
+    pub state: State,
+    #[sqlx(try_from = "String")]
+    pub mode: Mode,
     pub track: String,
     pub namespace: String,
     pub source: String,
@@ -60,7 +121,8 @@ pub struct PluginRow {
 pub struct Running {
     pub projection: String,
     pub sha256: String,
-    pub state: String,
+    #[sqlx(try_from = "String")]
+    pub state: State,
     pub track: String,
     pub namespace: String,
     /// The generation that activated it: orders builds of one read model.
@@ -164,7 +226,7 @@ async fn insert(
     replica_set: &str,
     plugin: &Plugin,
     bytes: &[u8],
-    state: &str,
+    state: State,
     mode: Mode,
     track: &str,
     namespace: &str,
@@ -181,7 +243,7 @@ async fn insert(
     .bind(&plugin.version)
     .bind(format!("{INTERFACE}@{INTERFACE_VERSION}"))
     .bind(bytes)
-    .bind(state)
+    .bind(state.as_str())
     .bind(mode.as_str())
     .bind(track)
     .bind(namespace)
@@ -214,11 +276,7 @@ pub(super) async fn new_generation(
         .await?;
         tracing::info!(replica_set, generation, reason, "new generation");
     }
-    sqlx::query("SELECT pg_notify($1, $2)")
-        .bind(COORDINATION_CHANNEL)
-        .bind(replica_set)
-        .execute(&mut **tx)
-        .await?;
+    crate::base::notify::coordination(&mut **tx, replica_set).await?;
     Ok(generation.unwrap_or(0))
 }
 
@@ -328,7 +386,7 @@ pub async fn register_mounted(
                 replica_set,
                 plugin,
                 bytes,
-                "active",
+                State::Active,
                 Mode::Continue,
                 &plugin.name,
                 &stable,
@@ -355,7 +413,7 @@ pub async fn register_mounted(
                 replica_set,
                 plugin,
                 bytes,
-                "pending",
+                State::Pending,
                 Mode::Continue,
                 &plugin.name,
                 &stable,
@@ -385,7 +443,7 @@ pub async fn push(
     lock(&mut tx, replica_set, &name).await?;
     let existing = find(&mut tx, replica_set, &name, &plugin.sha256).await?;
     if let Some(row) = &existing {
-        if row.state == "active" || row.state == "building" {
+        if row.state.runs() {
             return Err(RegistryError::Refused(format!(
                 "{name} {} is already {}",
                 &plugin.sha256[..12],
@@ -399,7 +457,7 @@ pub async fn push(
             replica_set,
             plugin,
             bytes,
-            "pending",
+            State::Pending,
             mode,
             &name,
             &stable,
@@ -470,14 +528,14 @@ pub async fn promote(
     let row = find(&mut tx, replica_set, projection, sha256)
         .await?
         .ok_or_else(|| RegistryError::Refused(format!("{projection} has no version {sha256}")))?;
-    match row.state.as_str() {
-        "active" => {
+    match row.state {
+        State::Active => {
             return Err(RegistryError::Refused(format!(
                 "{projection} {} is already active",
                 &sha256[..12]
             )))
         }
-        "building" => promote_rebuild(&mut tx, replica_set, projection, &row).await?,
+        State::Building => promote_rebuild(&mut tx, replica_set, projection, &row).await?,
         _ => activate_continue(&mut tx, replica_set, projection, sha256).await?,
     }
     let row = find(&mut tx, replica_set, projection, sha256)

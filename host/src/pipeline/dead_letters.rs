@@ -280,10 +280,5 @@ pub async fn clear_halts(
 }
 
 async fn notify(conn: &mut PgConnection, replica_set: &str) -> Result<(), sqlx::Error> {
-    sqlx::query("SELECT pg_notify($1, $2)")
-        .bind(crate::coordination::COORDINATION_CHANNEL)
-        .bind(replica_set)
-        .execute(&mut *conn)
-        .await?;
-    Ok(())
+    crate::base::notify::coordination(&mut *conn, replica_set).await
 }

@@ -10,6 +10,6 @@ pub mod status;
 pub mod supervisor;
 mod worker;
 
-pub use status::{ProjectionState, ProjectionStatus, StatusBoard};
+pub use status::{ProjectionStatus, StatusBoard};
 pub use supervisor::{MountedPlugins, Supervisor};
-pub use worker::{PipelineConfig, PipelineContext, ProjectionWorker};
+pub use worker::{PipelineConfig, PipelineContext};

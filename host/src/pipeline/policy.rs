@@ -7,8 +7,10 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::base::units::parse_bytes;
+
 /// What happens once a plugin failed on one event `max_retries` times.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum OnFailure {
     /// The event's partition halts at it until an operator resumes the projection. The
@@ -16,6 +18,21 @@ pub enum OnFailure {
     Stop,
     /// The event is parked with every later event of its aggregate; the rest keeps flowing.
     DeadLetter,
+}
+
+impl std::str::FromStr for OnFailure {
+    type Err = String;
+
+    /// The names `ON_FAILURE` accepts, in any case.
+    fn from_str(value: &str) -> Result<OnFailure, String> {
+        match value.trim().to_ascii_lowercase().as_str() {
+            "stop" => Ok(OnFailure::Stop),
+            "dead-letter" => Ok(OnFailure::DeadLetter),
+            _ => Err(format!(
+                "on_failure must be stop or dead-letter, not '{value}'"
+            )),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -64,17 +81,16 @@ impl Settings {
             let value = value.trim();
             match key.trim() {
                 "on_failure" => {
-                    settings.on_failure = <OnFailure as clap::ValueEnum>::from_str(value, true)
-                        .map_err(|_| format!("on_failure must be stop or dead-letter, not '{value}'"))?
+                    settings.on_failure = value.parse()?
                 }
                 "max_retries" => settings.max_retries = value.parse().map_err(|_| format!("max_retries must be a number, not '{value}'"))?,
-                "memory" => settings.memory_limit = crate::cli::parse_bytes(value)?,
+                "memory" => settings.memory_limit = parse_bytes(value)?,
                 "timeout" => {
                     settings.call_timeout = humantime::parse_duration(value).map_err(|e| format!("timeout '{value}': {e}"))?
                 }
-                "max_batch_bytes" => settings.max_batch_bytes = crate::cli::parse_bytes(value)?,
-                "max_write_bytes" => settings.max_write_bytes = crate::cli::parse_bytes(value)?,
-                "max_query_bytes" => settings.max_query_bytes = crate::cli::parse_bytes(value)?,
+                "max_batch_bytes" => settings.max_batch_bytes = parse_bytes(value)?,
+                "max_write_bytes" => settings.max_write_bytes = parse_bytes(value)?,
+                "max_query_bytes" => settings.max_query_bytes = parse_bytes(value)?,
                 other => {
                     return Err(format!(
                         "unknown setting '{other}' (known: on_failure, max_retries, memory, timeout, max_batch_bytes, max_write_bytes, max_query_bytes)"

@@ -154,8 +154,4 @@ impl StatusBoard {
             .map(|h| h.iter().cloned().collect())
             .unwrap_or_default()
     }
-
-    pub fn get(&self, name: &str) -> Option<ProjectionStatus> {
-        self.inner.lock().ok().and_then(|m| m.get(name).cloned())
-    }
 }

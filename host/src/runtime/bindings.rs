@@ -7,7 +7,6 @@ wasmtime::component::bindgen!({
     exports: { default: async },
 });
 
-pub use exports::pupsourcing::projection::handler;
 pub use pupsourcing::projection::{log, read_model, types};
 
 /// The contract version this host implements (the WIT package version).

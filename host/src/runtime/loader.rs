@@ -9,6 +9,7 @@ use wasmtime::component::Component;
 use super::bindings::{ProjectionPre, INTERFACE, INTERFACE_VERSION};
 use super::instance::PluginInstance;
 use super::Runtime;
+use crate::source::Subscription;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -105,14 +106,6 @@ pub struct Plugin {
     pub sha256: String,
     pub source: PathBuf,
     pub(super) pre: ProjectionPre<super::state::StoreState>,
-}
-
-/// What a projection subscribed to; empty lists mean "all".
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Subscription {
-    pub bounded_contexts: Vec<String>,
-    pub aggregate_types: Vec<String>,
-    pub event_types: Vec<String>,
 }
 
 impl std::fmt::Debug for Plugin {

@@ -14,8 +14,8 @@ use wasmtime::component::{HasSelf, Linker};
 use wasmtime::{Config, Engine};
 
 pub use imports::TransientDatabaseError;
-pub use instance::{CallOutcome, PluginFailure, PluginInstance};
-pub use loader::{LoadError, Plugin};
+pub use instance::{PluginFailure, PluginInstance};
+pub use loader::Plugin;
 use state::StoreState;
 
 /// Sandbox settings for every plugin instance.
@@ -60,10 +60,6 @@ impl Runtime {
             linker,
             config,
         })
-    }
-
-    pub fn config(&self) -> &RuntimeConfig {
-        &self.config
     }
 
     /// Identifies the engine's code generation settings: compiled artifacts are only reused by

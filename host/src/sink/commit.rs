@@ -84,3 +84,23 @@ pub async fn record_batch(
         CommitOutcome::Fenced
     })
 }
+
+/// The stored checkpoints of a projection's partitions (a partition without a row has none
+/// yet: nothing applied).
+pub async fn load_checkpoints(
+    pool: &sqlx::PgPool,
+    replica_set: &str,
+    projection: &str,
+    partitions: &[i32],
+) -> Result<std::collections::HashMap<i32, i64>, sqlx::Error> {
+    let rows: Vec<(i32, i64)> = sqlx::query_as(
+        "SELECT partition, position FROM projection_host.checkpoints
+          WHERE replica_set = $1 AND projection = $2 AND partition = ANY($3)",
+    )
+    .bind(replica_set)
+    .bind(projection)
+    .bind(partitions)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().collect())
+}

@@ -69,8 +69,8 @@ impl EffectError {
     /// Classifies a PostgreSQL error raised by a statement of the plugin's batch (its own SQL
     /// or the host's SQL on its behalf) by SQLSTATE class.
     pub fn from_sql(error: &sqlx::Error) -> Self {
-        use crate::db::sqlstate::{INSUFFICIENT_PRIVILEGE, QUERY_CANCELED};
-        let code = crate::db::sqlstate(error).unwrap_or_default();
+        use crate::base::sqlstate::{INSUFFICIENT_PRIVILEGE, QUERY_CANCELED};
+        let code = crate::base::sqlstate::of(error).unwrap_or_default();
         let kind = if code == INSUFFICIENT_PRIVILEGE {
             EffectErrorKind::PermissionDenied
         } else if code == QUERY_CANCELED {
@@ -103,8 +103,8 @@ impl EffectError {
                     && !matches!(
                         code.as_str(),
                         QUERY_CANCELED
-                            | crate::db::sqlstate::INVALID_SQL_STATEMENT_NAME
-                            | crate::db::sqlstate::PROTOCOL_VIOLATION
+                            | crate::base::sqlstate::INVALID_SQL_STATEMENT_NAME
+                            | crate::base::sqlstate::PROTOCOL_VIOLATION
                     ),
             }),
         }

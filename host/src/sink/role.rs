@@ -17,7 +17,8 @@ use base64::Engine as _;
 use sha2::{Digest, Sha256};
 use sqlx::{PgConnection, PgPool};
 
-use crate::db::{quote_ident, quote_literal, sqlstate, API_SCHEMA};
+use crate::base::sqlstate;
+use crate::db::{quote_ident, quote_literal, API_SCHEMA};
 
 /// Secrets older than this are replaced at the next setup of the projection.
 pub const ROTATE_AFTER: Duration = Duration::from_secs(24 * 3600);
@@ -232,16 +233,14 @@ async fn ensure_role_once(conn: &mut PgConnection, role: &str) -> Result<Option<
         .await;
         return match created {
             Ok(_) => Ok(Some(false)),
-            Err(e) if crate::db::sqlstate(&e).as_deref() == Some(sqlstate::DUPLICATE_OBJECT) => {
+            Err(e) if sqlstate::of(&e).as_deref() == Some(sqlstate::DUPLICATE_OBJECT) => {
                 // Created by another host a moment ago: check it again.
                 sqlx::query("ROLLBACK TO SAVEPOINT create_role")
                     .execute(&mut *conn)
                     .await?;
                 Ok(None)
             }
-            Err(e)
-                if crate::db::sqlstate(&e).as_deref() == Some(sqlstate::INSUFFICIENT_PRIVILEGE) =>
-            {
+            Err(e) if sqlstate::of(&e).as_deref() == Some(sqlstate::INSUFFICIENT_PRIVILEGE) => {
                 Err(RoleError::CannotCreateRole {
                     role: role.to_string(),
                 })

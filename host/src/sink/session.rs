@@ -18,7 +18,8 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool, Postgres, Row};
 
 use super::role::{self, RoleCredentials};
-use crate::db::{quote_ident, quote_literal, sqlstate};
+use crate::base::sqlstate;
+use crate::db::{quote_ident, quote_literal};
 
 /// Connections per projection and host: a batch and, rarely, a setup or replay.
 const SESSIONS: u32 = 2;
@@ -173,7 +174,7 @@ fn login(base: &PgConnectOptions, credentials: Option<&RoleCredentials>) -> PgCo
 }
 
 fn is_auth_failure(error: &sqlx::Error) -> bool {
-    crate::db::sqlstate(error)
+    sqlstate::of(error)
         .is_some_and(|c| c == sqlstate::INVALID_PASSWORD || c == sqlstate::INVALID_AUTHORIZATION)
 }
 

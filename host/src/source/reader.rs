@@ -5,8 +5,8 @@ use sqlx::postgres::PgRow;
 use sqlx::PgConnection;
 
 use super::StoredEvent;
+use super::Subscription;
 use crate::db::QualifiedName;
-use crate::runtime::loader::Subscription;
 
 pub struct EventReader {
     sql: String,

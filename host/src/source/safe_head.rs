@@ -96,13 +96,6 @@ impl SafeHead {
         .await;
         *self.rx.borrow()
     }
-
-    /// A head that never moves (tests of other parts).
-    pub fn fixed(head: Head) -> SafeHead {
-        let (tx, rx) = watch::channel(head);
-        std::mem::forget(tx);
-        SafeHead { rx }
-    }
 }
 
 #[derive(Debug, Clone)]

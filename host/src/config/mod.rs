@@ -5,7 +5,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::cli::{RunArgs, SqlIsolationArg, Strategy};
+mod args;
+
+pub use args::{DatabaseArgs, OnFailureArg, RunArgs};
+
 use crate::coordination::CoordinationConfig;
 use crate::db::{DbConfig, QualifiedName};
 use crate::pipeline::policy::{ProjectionSettings, Settings};
@@ -69,7 +72,7 @@ pub struct HttpConfig {
 }
 
 /// `DATABASE_URL`, or empty when libpq's `PG*` variables say where to connect.
-pub fn database_url(args: &crate::cli::DatabaseArgs) -> Result<String, ConfigError> {
+pub fn database_url(args: &DatabaseArgs) -> Result<String, ConfigError> {
     let url = args.database_url.clone().filter(|u| !u.trim().is_empty());
     match url {
         Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => Ok(url),
@@ -174,7 +177,7 @@ impl RunConfig {
         }
         let mut settings = Settings {
             defaults: ProjectionSettings {
-                on_failure: p.on_failure,
+                on_failure: p.on_failure.into(),
                 max_retries: p.max_retries,
                 memory_limit: p.plugin_memory_limit,
                 call_timeout: p.plugin_call_timeout,
@@ -286,17 +289,14 @@ impl RunConfig {
                     .then(|| p.plugin_cache_dir.clone()),
             },
             settings,
-            isolation: match p.sql_isolation {
-                SqlIsolationArg::Role => SqlIsolation::Role,
-                SqlIsolationArg::Unconfined => SqlIsolation::Unconfined,
-            },
+            isolation: p.sql_isolation.into(),
             coordination: CoordinationConfig {
                 replica_set: c.replica_set.clone(),
                 partitions: c.partitions,
                 heartbeat_interval: c.heartbeat_interval,
                 stale_timeout: c.stale_worker_timeout,
                 coordination_timeout: c.coordination_timeout,
-                strategy: c.strategy,
+                strategy: c.strategy.into(),
                 revoke_timeout: p.plugin_call_timeout + Duration::from_secs(10),
                 events_table: events_table.clone(),
                 promote_lag: p.promote_lag,
@@ -317,10 +317,6 @@ impl RunConfig {
             shutdown_timeout: args.shutdown_timeout,
             db_wait_timeout: Some(args.db_wait_timeout).filter(|t| !t.is_zero()),
         })
-    }
-
-    pub fn strategy(&self) -> Strategy {
-        self.coordination.strategy
     }
 }
 
@@ -371,18 +367,19 @@ mod tests {
         let plugin = std::env::current_exe().unwrap();
         let mut argv = vec![
             "projection-host".to_string(),
-            "run".into(),
             "--database-url".into(),
             "postgres://u:p@localhost/db".into(),
             "--plugin".into(),
             plugin.display().to_string(),
         ];
         argv.extend(extra.iter().map(|s| s.to_string()));
-        let cli = crate::cli::Cli::try_parse_from(argv).expect("parses");
-        match cli.command {
-            crate::cli::Command::Run(args) => RunConfig::from_args(*args),
-            _ => unreachable!(),
+        /// `run`'s flags, as the command line parses them.
+        #[derive(Parser)]
+        struct Run {
+            #[command(flatten)]
+            args: RunArgs,
         }
+        RunConfig::from_args(Run::try_parse_from(argv).expect("parses").args)
     }
 
     #[test]

@@ -19,6 +19,7 @@ use crate::pipeline::dead_letters::{self, DeadLetter};
 use crate::pipeline::status::RecentError;
 use crate::pipeline::status::Sample;
 use crate::pipeline::ProjectionStatus;
+use crate::sink::commit;
 use crate::status::HaltRow;
 
 /// Every admin route, as (method, OpenAPI path).
@@ -137,18 +138,8 @@ async fn status(State(state): State<AppState>) -> Result<Json<AdminStatus>, ApiE
     let db = crate::status::load(&state.pool, &state.replica_set, &state.events_table)
         .await
         .map_err(ApiError::Internal)?;
-    let checkpoints: Vec<(String, i32, i64)> =
-        sqlx::query_as("SELECT projection, partition, position FROM projection_host.checkpoints WHERE replica_set = $1")
-            .bind(&state.replica_set)
-            .fetch_all(&state.pool)
-            .await?;
-    let mut by_partition: BTreeMap<i32, BTreeMap<String, i64>> = BTreeMap::new();
-    for (projection, partition, position) in checkpoints {
-        by_partition
-            .entry(partition)
-            .or_default()
-            .insert(projection, position);
-    }
+    let mut by_partition =
+        commit::checkpoints_by_partition(&state.pool, &state.replica_set).await?;
     let controls = controls::load(&state.pool, &state.replica_set).await?;
     let local: BTreeMap<String, ProjectionStatus> = state
         .board
@@ -299,12 +290,13 @@ async fn set_paused(
 /// Refuses a name no plugin of this replica set was ever registered under, naming the known
 /// ones: a typo must not store a control that a projection deployed later would inherit.
 async fn known_projection(state: &AppState, name: &str) -> Result<(), ApiError> {
-    let known: Vec<String> = sqlx::query_scalar(
-        "SELECT DISTINCT projection FROM projection_host.plugins WHERE replica_set = $1 ORDER BY 1",
-    )
-    .bind(&state.replica_set)
-    .fetch_all(&state.pool)
-    .await?;
+    // The registry lists its rows ordered by projection, so one name's versions are adjacent.
+    let mut known: Vec<String> = registry::list(&state.pool, &state.replica_set)
+        .await?
+        .into_iter()
+        .map(|row| row.projection)
+        .collect();
+    known.dedup();
     if known.iter().any(|k| k == name) {
         return Ok(());
     }

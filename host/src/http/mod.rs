@@ -2,6 +2,7 @@
 //! metrics port.
 
 pub mod admin;
+pub mod api;
 mod error;
 mod probes;
 
@@ -125,10 +126,10 @@ async fn front_dispatch(State(front): State<Front>, request: Request) -> Respons
             let reason = front.starting.get();
             (
                 StatusCode::SERVICE_UNAVAILABLE,
-                Json(serde_json::json!({
-                    "ready": false,
-                    "reasons": [format!("starting: {reason}")],
-                })),
+                Json(api::Starting {
+                    ready: false,
+                    reasons: vec![format!("starting: {reason}")],
+                }),
             )
                 .into_response()
         }

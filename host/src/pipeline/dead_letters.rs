@@ -3,14 +3,13 @@
 
 use std::collections::{HashMap, HashSet};
 
-use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
 
 use crate::ids::PartitionId;
 use crate::sink::commit::Caller;
 
-/// One parked event.
-#[derive(Debug, Clone, Serialize, serde::Deserialize, sqlx::FromRow)]
+/// One parked event, as stored (the admin API answers with `http::api::DeadLetter`).
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct DeadLetter {
     pub id: i64,
     pub projection: String,

@@ -250,10 +250,8 @@ async fn start_and_run(
             pool: pool.clone(),
             coordination: joined.status.clone(),
             board: board.clone(),
-            metrics: metrics.clone(),
             shutting_down: shutting_down.clone(),
             worker: worker.clone(),
-            head: head.clone(),
             runtime: runtime.clone(),
         });
     }

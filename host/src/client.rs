@@ -1,13 +1,16 @@
 //! The CLI side of the admin API: subcommands that act on a running fleet call a host's admin
-//! endpoint (any host will do; the state lives in PostgreSQL).
+//! endpoint (any host will do; the state lives in PostgreSQL). Bodies are the types of
+//! [`crate::http::api`], so an answer this client does not understand is an error, not a blank.
 
 use anyhow::{bail, Context};
-use serde_json::Value;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand, ValueEnum};
 
+use crate::http::api;
 use crate::lifecycle::Mode;
 
 pub struct AdminClient {
@@ -28,43 +31,74 @@ impl AdminClient {
             token,
             http: reqwest::Client::builder()
                 .timeout(std::time::Duration::from_secs(30))
-                .build()?,
+                .build()
+                .context("building the admin API's HTTP client")?,
         })
     }
 
-    pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
-        self.send(self.http.get(format!("{}{path}", self.base)))
-            .await
+    pub async fn get<Q: Serialize, R: DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &Q,
+    ) -> anyhow::Result<R> {
+        self.send(self.http.get(self.url(path)).query(query)).await
     }
 
-    pub async fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
-        self.send(self.http.post(format!("{}{path}", self.base)).json(&body))
-            .await
+    pub async fn post<B: Serialize, R: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<R> {
+        self.send(self.http.post(self.url(path)).json(body)).await
     }
 
-    pub async fn post_bytes(&self, path: &str, bytes: Vec<u8>) -> anyhow::Result<Value> {
+    pub async fn post_bytes<Q: Serialize, R: DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &Q,
+        bytes: Vec<u8>,
+    ) -> anyhow::Result<R> {
         self.send(
             self.http
-                .post(format!("{}{path}", self.base))
+                .post(self.url(path))
+                .query(query)
                 .header(reqwest::header::CONTENT_TYPE, "application/wasm")
                 .body(bytes),
         )
         .await
     }
 
-    async fn send(&self, request: reqwest::RequestBuilder) -> anyhow::Result<Value> {
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn send<R: DeserializeOwned>(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> anyhow::Result<R> {
         let response = request
             .bearer_auth(&self.token)
             .send()
             .await
             .with_context(|| format!("calling the admin API at {} (check ADMIN_URL)", self.base))?;
         let status = response.status();
-        let body: Value = response.json().await.unwrap_or(Value::Null);
+        let body = response.bytes().await;
         if !status.is_success() {
-            let message = body["error"].as_str().unwrap_or("no details");
+            // A proxy in front of the host may answer without our error body.
+            let message = body
+                .ok()
+                .and_then(|b| serde_json::from_slice::<api::ErrorBody>(&b).ok())
+                .map_or_else(|| "no details".to_string(), |e| e.error);
             bail!("the admin API answered {status}: {message}");
         }
-        Ok(body)
+        let body =
+            body.with_context(|| format!("reading the answer of the admin API at {}", self.base))?;
+        serde_json::from_slice(&body).with_context(|| {
+            format!(
+                "the admin API at {} answered {status} with a body this client does not understand (a host of another version?)",
+                self.base
+            )
+        })
     }
 }
 
@@ -77,19 +111,18 @@ pub async fn set_paused(
 ) -> anyhow::Result<()> {
     let client = AdminClient::new(args)?;
     let action = if paused { "pause" } else { "resume" };
-    let body = client
+    let request = api::PauseRequest {
+        reason: reason.map(str::to_string),
+    };
+    let result: api::ControlResult = client
         .post(
             &format!("/admin/projections/{projection}/{action}"),
-            serde_json::json!({ "reason": reason }),
+            &request,
         )
         .await?;
     println!(
         "{projection}: {} (every host acts at its next batch boundary)",
-        if body["paused"].as_bool() == Some(true) {
-            "paused"
-        } else {
-            "running"
-        }
+        if result.paused { "paused" } else { "running" }
     );
     Ok(())
 }
@@ -99,31 +132,15 @@ pub async fn dead_letters(command: DeadLetterCommand) -> anyhow::Result<()> {
     use DeadLetterCommand as C;
     match command {
         C::List { admin, projection } => {
-            let client = AdminClient::new(&admin)?;
-            let path = match &projection {
-                Some(p) => format!("/admin/dead-letters?projection={p}"),
-                None => "/admin/dead-letters".to_string(),
-            };
-            let rows = client.get(&path).await?;
-            let rows = rows.as_array().cloned().unwrap_or_default();
+            let query = api::DeadLetterQuery { projection };
+            let rows: Vec<api::DeadLetter> = AdminClient::new(&admin)?
+                .get("/admin/dead-letters", &query)
+                .await?;
             if rows.is_empty() {
                 println!("no parked events");
             }
-            for r in rows {
-                println!(
-                    "#{:<6} {:<24} position {:<10} aggregate {:<20} {:<16} {}{}",
-                    r["id"],
-                    r["projection"].as_str().unwrap_or(""),
-                    r["position"],
-                    r["aggregate_id"].as_str().unwrap_or(""),
-                    r["event_type"].as_str().unwrap_or(""),
-                    r["error"].as_str().unwrap_or(""),
-                    if r["retry_requested"] == true {
-                        " (retry requested)"
-                    } else {
-                        ""
-                    }
-                );
+            for row in &rows {
+                print_dead_letter(row);
             }
         }
         C::Retry {
@@ -131,48 +148,59 @@ pub async fn dead_letters(command: DeadLetterCommand) -> anyhow::Result<()> {
             projection,
             aggregate,
         } => {
-            let client = AdminClient::new(&admin)?;
-            let body = client
-                .post(
-                    "/admin/dead-letters/retry",
-                    serde_json::json!({ "projection": projection, "aggregate_id": aggregate }),
-                )
+            let request = api::RetryRequest {
+                projection,
+                aggregate_id: aggregate,
+            };
+            let result: api::RetryResult = AdminClient::new(&admin)?
+                .post("/admin/dead-letters/retry", &request)
                 .await?;
             println!(
-                "retrying {} parked event(s) of {aggregate} in {projection}, in order",
-                body["events"]
+                "retrying {} parked event(s) of {} in {}, in order",
+                result.events, request.aggregate_id, request.projection
             );
         }
         C::Skip { admin, id } => {
-            let client = AdminClient::new(&admin)?;
-            let body = client
-                .post(
-                    &format!("/admin/dead-letters/{id}/skip"),
-                    serde_json::json!({}),
-                )
+            let skipped: api::DeadLetter = AdminClient::new(&admin)?
+                .post(&format!("/admin/dead-letters/{id}/skip"), &api::Empty {})
                 .await?;
             println!(
                 "skipped #{id}: position {} of aggregate {} in {} (never applied)",
-                body["position"],
-                body["aggregate_id"].as_str().unwrap_or(""),
-                body["projection"].as_str().unwrap_or("")
+                skipped.position, skipped.aggregate_id, skipped.projection
             );
         }
     }
     Ok(())
 }
 
-fn print_plugin(row: &Value) {
+fn print_dead_letter(row: &api::DeadLetter) {
+    println!(
+        "#{:<6} {:<24} position {:<10} aggregate {:<20} {:<16} {}{}",
+        row.id,
+        row.projection,
+        row.position,
+        row.aggregate_id,
+        row.event_type,
+        row.error,
+        if row.retry_requested {
+            " (retry requested)"
+        } else {
+            ""
+        }
+    );
+}
+
+fn print_plugin(row: &api::Plugin) {
     println!(
         "{:<24} {:<10} {:<10} {:<9} {}  track {}  schema {}  ({})",
-        row["projection"].as_str().unwrap_or(""),
-        row["state"].as_str().unwrap_or(""),
-        row["version"].as_str().unwrap_or(""),
-        row["mode"].as_str().unwrap_or(""),
-        row["sha256"].as_str().unwrap_or(""),
-        row["track"].as_str().unwrap_or(""),
-        row["namespace"].as_str().unwrap_or(""),
-        row["source"].as_str().unwrap_or("")
+        row.projection,
+        row.state,
+        row.version,
+        row.mode,
+        row.sha256,
+        row.track,
+        row.namespace,
+        row.source
     );
 }
 
@@ -181,9 +209,11 @@ pub async fn plugins(command: PluginCommand) -> anyhow::Result<()> {
     use PluginCommand as C;
     match command {
         C::List { admin } => {
-            let rows = AdminClient::new(&admin)?.get("/admin/plugins").await?;
-            for row in rows.as_array().cloned().unwrap_or_default() {
-                print_plugin(&row);
+            let rows: Vec<api::Plugin> = AdminClient::new(&admin)?
+                .get("/admin/plugins", &api::Empty {})
+                .await?;
+            for row in &rows {
+                print_plugin(row);
             }
         }
         C::Push {
@@ -194,12 +224,12 @@ pub async fn plugins(command: PluginCommand) -> anyhow::Result<()> {
         } => {
             let bytes =
                 std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
-            let mode = Mode::from(mode).as_str();
-            let row = AdminClient::new(&admin)?
-                .post_bytes(
-                    &format!("/admin/plugins?mode={mode}&activate={}", !no_activate),
-                    bytes,
-                )
+            let query = api::PushQuery {
+                mode: Some(Mode::from(mode)),
+                activate: Some(!no_activate),
+            };
+            let row: api::Plugin = AdminClient::new(&admin)?
+                .post_bytes("/admin/plugins", &query, bytes)
                 .await?;
             print_plugin(&row);
         }
@@ -208,19 +238,19 @@ pub async fn plugins(command: PluginCommand) -> anyhow::Result<()> {
             projection,
             sha256,
         } => {
-            let row = AdminClient::new(&admin)?
+            let row: api::Plugin = AdminClient::new(&admin)?
                 .post(
                     &format!("/admin/plugins/{projection}/promote"),
-                    serde_json::json!({ "sha256": sha256 }),
+                    &api::PromoteRequest { sha256 },
                 )
                 .await?;
             print_plugin(&row);
         }
         C::Rollback { admin, projection } => {
-            let row = AdminClient::new(&admin)?
+            let row: api::Plugin = AdminClient::new(&admin)?
                 .post(
                     &format!("/admin/plugins/{projection}/rollback"),
-                    serde_json::json!({}),
+                    &api::Empty {},
                 )
                 .await?;
             print_plugin(&row);

@@ -7,13 +7,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
+use prometheus::core::Collector;
 use prometheus::{
     Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
     IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
-
-const SEED: &str = "pupsourcing_orchestrator";
-const HOST: &str = "projection_host";
 
 /// States of `projection_host_partition_state`: committing, paused by an operator, halted at a
 /// failing event (stop policy), or held while its failing event waits for a retry.
@@ -25,7 +23,6 @@ pub const WORKER_STATES: [&str; 5] = ["pending", "ready", "running", "stopping",
 #[derive(Clone)]
 pub struct HostMetrics {
     registry: Registry,
-    replica_set: String,
     // Seed families.
     pub generations_total: IntCounter,
     pub workers_registered_total: IntCounter,
@@ -73,330 +70,241 @@ fn latency_buckets() -> Vec<f64> {
     ]
 }
 
+/// Creates families on the host's registry, every one labelled with its replica set.
+struct Families {
+    registry: Registry,
+    replica_set: std::collections::HashMap<String, String>,
+}
+
+impl Families {
+    fn new(replica_set: &str) -> Families {
+        Families {
+            registry: Registry::new(),
+            replica_set: labels(&[("replica_set", replica_set)]),
+        }
+    }
+
+    fn opts(&self, name: &str, help: &str) -> Opts {
+        Opts::new(name, help).const_labels(self.replica_set.clone())
+    }
+
+    fn histogram_opts(&self, name: &str, help: &str, buckets: Vec<f64>) -> HistogramOpts {
+        HistogramOpts::new(name, help)
+            .const_labels(self.replica_set.clone())
+            .buckets(buckets)
+    }
+
+    /// The names, helps and labels are constants of this file: an invalid or duplicate one is
+    /// a bug that the first test run finds, hence the `expect`s.
+    fn register<C: Collector + Clone + 'static>(&self, family: prometheus::Result<C>) -> C {
+        let family = family.expect("valid metric");
+        self.registry
+            .register(Box::new(family.clone()))
+            .expect("unique metric");
+        family
+    }
+
+    fn counter(&self, name: &str, help: &str) -> IntCounter {
+        self.register(IntCounter::with_opts(self.opts(name, help)))
+    }
+
+    fn counter_vec(&self, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+        self.register(IntCounterVec::new(self.opts(name, help), labels))
+    }
+
+    fn int_gauge(&self, name: &str, help: &str) -> IntGauge {
+        self.register(IntGauge::with_opts(self.opts(name, help)))
+    }
+
+    fn int_gauge_vec(&self, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+        self.register(IntGaugeVec::new(self.opts(name, help), labels))
+    }
+
+    fn gauge(&self, name: &str, help: &str) -> Gauge {
+        self.register(Gauge::with_opts(self.opts(name, help)))
+    }
+
+    fn gauge_vec(&self, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+        self.register(GaugeVec::new(self.opts(name, help), labels))
+    }
+
+    /// Latency buckets.
+    fn histogram(&self, name: &str, help: &str) -> Histogram {
+        let opts = self.histogram_opts(name, help, latency_buckets());
+        self.register(Histogram::with_opts(opts))
+    }
+
+    /// Per projection.
+    fn histogram_vec(&self, name: &str, help: &str, buckets: Vec<f64>) -> HistogramVec {
+        let opts = self.histogram_opts(name, help, buckets);
+        self.register(HistogramVec::new(opts, &["projection"]))
+    }
+}
+
 impl HostMetrics {
     /// Creates and registers every family; label sets that are known up front are
     /// pre-initialised so that the series exist from the first scrape.
     pub fn new(replica_set: &str, worker_id: &str) -> HostMetrics {
-        let registry = Registry::new();
-        let rs = [("replica_set", replica_set)];
-        let counter = |name: &str, help: &str| {
-            let c = IntCounter::with_opts(
-                Opts::new(format!("{SEED}_{name}"), help).const_labels(labels(&rs)),
-            )
-            .expect("valid metric");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("unique metric");
-            c
-        };
-        let generations_total = counter(
-            "generations_total",
-            "Generations (assignment changes) created by this worker as leader.",
-        );
-        let workers_registered_total = counter(
-            "workers_registered_total",
-            "Times this worker registered in its replica set.",
-        );
-        let partition_assignments_total = counter(
-            "partition_assignments_total",
-            "Partitions (re)assigned by this worker as leader.",
-        );
-        let reconfiguration_total = counter(
-            "reconfiguration_total",
-            "Generations that changed this worker's partitions.",
-        );
-        let stale_workers_cleaned_total = counter(
-            "stale_workers_cleaned_total",
-            "Workers removed by this worker as leader after their heartbeat went stale.",
-        );
-
-        let counter_vec = |prefix: &str, name: &str, help: &str, names: &[&str]| {
-            let c = IntCounterVec::new(
-                Opts::new(format!("{prefix}_{name}"), help).const_labels(labels(&rs)),
-                names,
-            )
-            .expect("valid metric");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("unique metric");
-            c
-        };
-        let events_processed_total = counter_vec(
-            SEED,
-            "events_processed_total",
-            "Events applied to read models (committed).",
-            &["projection"],
-        );
-        let projection_errors_total = counter_vec(
-            SEED,
-            "projection_errors_total",
-            "Failed batch attempts (plugin failures and database errors).",
-            &["projection"],
-        );
-
-        let gauge = |prefix: &str, name: &str, help: &str| {
-            let g = IntGauge::with_opts(
-                Opts::new(format!("{prefix}_{name}"), help).const_labels(labels(&rs)),
-            )
-            .expect("valid metric");
-            registry
-                .register(Box::new(g.clone()))
-                .expect("unique metric");
-            g
-        };
-        let active_workers = gauge(
-            SEED,
-            "active_workers",
-            "Live workers in the replica set, as last seen by this worker.",
-        );
-        let current_generation_partitions = gauge(
-            SEED,
-            "current_generation_partitions",
-            "Partitions this worker owns in the current generation.",
-        );
-        let generation = gauge(
-            HOST,
-            "generation",
-            "The replica set's current generation, as last seen by this worker.",
-        );
-        let owned_partitions = gauge(
-            HOST,
-            "owned_partitions",
-            "Partitions this worker holds right now.",
-        );
-
-        let worker_state = IntGaugeVec::new(
-            Opts::new(
-                format!("{SEED}_worker_state"),
-                "1 for this worker's current state, 0 for the others.",
-            )
-            .const_labels(labels(&rs)),
-            &["worker_id", "state"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(worker_state.clone()))
-            .expect("unique metric");
-
-        let histogram = |prefix: &str, name: &str, help: &str| {
-            let h = Histogram::with_opts(
-                HistogramOpts::new(format!("{prefix}_{name}"), help)
-                    .const_labels(labels(&rs))
-                    .buckets(latency_buckets()),
-            )
-            .expect("valid metric");
-            registry
-                .register(Box::new(h.clone()))
-                .expect("unique metric");
-            h
-        };
-        let coordination_duration_seconds = histogram(
-            SEED,
-            "coordination_duration_seconds",
-            "Duration of one coordination round (leader duties, claims, releases).",
-        );
-        let heartbeat_latency_seconds = histogram(
-            SEED,
-            "heartbeat_latency_seconds",
-            "Round trip of one heartbeat write.",
-        );
-
-        let histogram_vec = |prefix: &str, name: &str, help: &str, buckets: Vec<f64>| {
-            let h = HistogramVec::new(
-                HistogramOpts::new(format!("{prefix}_{name}"), help)
-                    .const_labels(labels(&rs))
-                    .buckets(buckets),
+        let f = Families::new(replica_set);
+        let metrics = HostMetrics {
+            generations_total: f.counter(
+                "pupsourcing_orchestrator_generations_total",
+                "Generations (assignment changes) created by this worker as leader.",
+            ),
+            workers_registered_total: f.counter(
+                "pupsourcing_orchestrator_workers_registered_total",
+                "Times this worker registered in its replica set.",
+            ),
+            partition_assignments_total: f.counter(
+                "pupsourcing_orchestrator_partition_assignments_total",
+                "Partitions (re)assigned by this worker as leader.",
+            ),
+            reconfiguration_total: f.counter(
+                "pupsourcing_orchestrator_reconfiguration_total",
+                "Generations that changed this worker's partitions.",
+            ),
+            stale_workers_cleaned_total: f.counter(
+                "pupsourcing_orchestrator_stale_workers_cleaned_total",
+                "Workers removed by this worker as leader after their heartbeat went stale.",
+            ),
+            events_processed_total: f.counter_vec(
+                "pupsourcing_orchestrator_events_processed_total",
+                "Events applied to read models (committed).",
                 &["projection"],
-            )
-            .expect("valid metric");
-            registry
-                .register(Box::new(h.clone()))
-                .expect("unique metric");
-            h
-        };
-        let event_processing_duration_seconds = histogram_vec(
-            SEED,
-            "event_processing_duration_seconds",
-            "Duration of one batch: read, plugin, write, commit.",
-            latency_buckets(),
-        );
-        let plugin_call_duration_seconds = histogram_vec(
-            HOST,
-            "plugin_call_duration_seconds",
-            "Duration of one handle-batch call including its writes.",
-            latency_buckets(),
-        );
-        let batch_events = histogram_vec(
-            HOST,
-            "batch_events",
-            "Events handed to the plugin per batch.",
-            vec![
-                1.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 50000.0,
-            ],
-        );
-
-        let projection_lag_events = GaugeVec::new(
-            Opts::new(
+            ),
+            projection_errors_total: f.counter_vec(
+                "pupsourcing_orchestrator_projection_errors_total",
+                "Failed batch attempts (plugin failures and database errors).",
+                &["projection"],
+            ),
+            active_workers: f.int_gauge(
+                "pupsourcing_orchestrator_active_workers",
+                "Live workers in the replica set, as last seen by this worker.",
+            ),
+            current_generation_partitions: f.int_gauge(
+                "pupsourcing_orchestrator_current_generation_partitions",
+                "Partitions this worker owns in the current generation.",
+            ),
+            worker_state: f.int_gauge_vec(
+                "pupsourcing_orchestrator_worker_state",
+                "1 for this worker's current state, 0 for the others.",
+                &["worker_id", "state"],
+            ),
+            coordination_duration_seconds: f.histogram(
+                "pupsourcing_orchestrator_coordination_duration_seconds",
+                "Duration of one coordination round (leader duties, claims, releases).",
+            ),
+            event_processing_duration_seconds: f.histogram_vec(
+                "pupsourcing_orchestrator_event_processing_duration_seconds",
+                "Duration of one batch: read, plugin, write, commit.",
+                latency_buckets(),
+            ),
+            heartbeat_latency_seconds: f.histogram(
+                "pupsourcing_orchestrator_heartbeat_latency_seconds",
+                "Round trip of one heartbeat write.",
+            ),
+            projection_lag_events: f.gauge_vec(
                 "projection_lag_events",
                 "Events between the stream head and this host's checkpoints of the projection (position gap summed over owned partitions, divided by the partition count).",
-            )
-            .const_labels(labels(&rs)),
-            &["projection"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(projection_lag_events.clone()))
-            .expect("unique metric");
-
-        let plugin_limit_trips_total = counter_vec(
-            HOST,
-            "plugin_limit_trips_total",
-            "Plugin calls stopped by a sandbox limit.",
-            &["projection", "limit"],
-        );
-        let batch_retries_total = counter_vec(
-            HOST,
-            "batch_retries_total",
-            "Batches rolled back and retried.",
-            &["projection", "reason"],
-        );
-        let fenced_batches_total = counter_vec(
-            HOST,
-            "fenced_batches_total",
-            "Batches rolled back because this worker no longer owned a partition.",
-            &["projection"],
-        );
-        let int_gauge_vec = |name: &str, help: &str, names: &[&str]| {
-            let g = IntGaugeVec::new(
-                Opts::new(format!("{HOST}_{name}"), help).const_labels(labels(&rs)),
-                names,
-            )
-            .expect("valid metric");
-            registry
-                .register(Box::new(g.clone()))
-                .expect("unique metric");
-            g
-        };
-        let dead_letters = int_gauge_vec(
-            "dead_letters",
-            "Events parked in the dead-letter list.",
-            &["projection"],
-        );
-        let plugin_info = int_gauge_vec(
-            "plugin_info",
-            "1 for the plugin build each projection runs.",
-            &["projection", "version", "sha256"],
-        );
-        let checkpoint_position = int_gauge_vec(
-            "checkpoint_position",
-            "Lowest checkpoint of the projection over the partitions this host holds (halted ones included); absent while it holds none.",
-            &["projection"],
-        );
-        let partition_state = int_gauge_vec(
-            "partition_state",
-            "1 for the state of each partition this host holds (running, paused, halted, retrying), 0 for the others.",
-            &["projection", "partition", "state"],
-        );
-        let partition_lag_events = int_gauge_vec(
-            "partition_lag_events",
-            "Positions between the stream head and the partition's checkpoint (a halted or paused partition counts in full).",
-            &["projection", "partition"],
-        );
-        let halted_position = int_gauge_vec(
-            "halted_position",
-            "Position of the event a halted partition stopped at (present only while halted).",
-            &["projection", "partition"],
-        );
-        let partition_dead_letters = int_gauge_vec(
-            "partition_dead_letters",
-            "Events parked in the dead-letter list, per partition this host holds.",
-            &["projection", "partition"],
-        );
-        let pipeline_panics_total = counter_vec(
-            HOST,
-            "pipeline_panics_total",
-            "Pipeline tasks that panicked (each was logged and restarted).",
-            &["projection"],
-        );
-
-        let plain_counter = |name: &str, help: &str| {
-            let c = IntCounter::with_opts(
-                Opts::new(format!("{HOST}_{name}"), help).const_labels(labels(&rs)),
-            )
-            .expect("valid metric");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("unique metric");
-            c
-        };
-        let holes_passed = plain_counter(
-            "holes_passed_total",
-            "Positions passed as proven-final holes in global_position.",
-        );
-        let plain_gauge = |name: &str, help: &str| {
-            let g = Gauge::with_opts(
-                Opts::new(format!("{HOST}_{name}"), help).const_labels(labels(&rs)),
-            )
-            .expect("valid metric");
-            registry
-                .register(Box::new(g.clone()))
-                .expect("unique metric");
-            g
-        };
-        let oldest_writer_seconds = plain_gauge(
-            "oldest_open_writer_seconds",
-            "Age of the oldest open transaction writing to the events table.",
-        );
-        let safe_head_held_back_seconds = plain_gauge(
-            "safe_head_held_back_seconds",
-            "How long the oldest unproven hole has held reading back.",
-        );
-        let stream_head = plain_gauge("stream_head_position", "Highest visible global_position.");
-
-        let metrics = HostMetrics {
-            registry,
-            replica_set: replica_set.to_string(),
-            generations_total,
-            workers_registered_total,
-            partition_assignments_total,
-            reconfiguration_total,
-            stale_workers_cleaned_total,
-            events_processed_total,
-            projection_errors_total,
-            active_workers,
-            current_generation_partitions,
-            worker_state,
-            coordination_duration_seconds,
-            event_processing_duration_seconds,
-            heartbeat_latency_seconds,
-            projection_lag_events,
-            generation,
-            batch_events,
-            plugin_call_duration_seconds,
-            plugin_limit_trips_total,
-            batch_retries_total,
-            fenced_batches_total,
-            dead_letters,
-            plugin_info,
-            checkpoint_position,
-            partition_state,
-            partition_lag_events,
-            halted_position,
-            partition_dead_letters,
+                &["projection"],
+            ),
+            generation: f.int_gauge(
+                "projection_host_generation",
+                "The replica set's current generation, as last seen by this worker.",
+            ),
+            batch_events: f.histogram_vec(
+                "projection_host_batch_events",
+                "Events handed to the plugin per batch.",
+                vec![
+                    1.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 50000.0,
+                ],
+            ),
+            plugin_call_duration_seconds: f.histogram_vec(
+                "projection_host_plugin_call_duration_seconds",
+                "Duration of one handle-batch call including its writes.",
+                latency_buckets(),
+            ),
+            plugin_limit_trips_total: f.counter_vec(
+                "projection_host_plugin_limit_trips_total",
+                "Plugin calls stopped by a sandbox limit.",
+                &["projection", "limit"],
+            ),
+            batch_retries_total: f.counter_vec(
+                "projection_host_batch_retries_total",
+                "Batches rolled back and retried.",
+                &["projection", "reason"],
+            ),
+            fenced_batches_total: f.counter_vec(
+                "projection_host_fenced_batches_total",
+                "Batches rolled back because this worker no longer owned a partition.",
+                &["projection"],
+            ),
+            dead_letters: f.int_gauge_vec(
+                "projection_host_dead_letters",
+                "Events parked in the dead-letter list.",
+                &["projection"],
+            ),
+            plugin_info: f.int_gauge_vec(
+                "projection_host_plugin_info",
+                "1 for the plugin build each projection runs.",
+                &["projection", "version", "sha256"],
+            ),
+            checkpoint_position: f.int_gauge_vec(
+                "projection_host_checkpoint_position",
+                "Lowest checkpoint of the projection over the partitions this host holds (halted ones included); absent while it holds none.",
+                &["projection"],
+            ),
+            partition_state: f.int_gauge_vec(
+                "projection_host_partition_state",
+                "1 for the state of each partition this host holds (running, paused, halted, retrying), 0 for the others.",
+                &["projection", "partition", "state"],
+            ),
+            partition_lag_events: f.int_gauge_vec(
+                "projection_host_partition_lag_events",
+                "Positions between the stream head and the partition's checkpoint (a halted or paused partition counts in full).",
+                &["projection", "partition"],
+            ),
+            halted_position: f.int_gauge_vec(
+                "projection_host_halted_position",
+                "Position of the event a halted partition stopped at (present only while halted).",
+                &["projection", "partition"],
+            ),
+            partition_dead_letters: f.int_gauge_vec(
+                "projection_host_partition_dead_letters",
+                "Events parked in the dead-letter list, per partition this host holds.",
+                &["projection", "partition"],
+            ),
             exported: Arc::default(),
-            pipeline_panics_total,
-            holes_passed,
-            oldest_writer_seconds,
-            safe_head_held_back_seconds,
-            stream_head,
-            owned_partitions,
+            pipeline_panics_total: f.counter_vec(
+                "projection_host_pipeline_panics_total",
+                "Pipeline tasks that panicked (each was logged and restarted).",
+                &["projection"],
+            ),
+            holes_passed: f.counter(
+                "projection_host_holes_passed_total",
+                "Positions passed as proven-final holes in global_position.",
+            ),
+            oldest_writer_seconds: f.gauge(
+                "projection_host_oldest_open_writer_seconds",
+                "Age of the oldest open transaction writing to the events table.",
+            ),
+            safe_head_held_back_seconds: f.gauge(
+                "projection_host_safe_head_held_back_seconds",
+                "How long the oldest unproven hole has held reading back.",
+            ),
+            stream_head: f.gauge(
+                "projection_host_stream_head_position",
+                "Highest visible global_position.",
+            ),
+            owned_partitions: f.int_gauge(
+                "projection_host_owned_partitions",
+                "Partitions this worker holds right now.",
+            ),
+            // Last: every family above registers on it first.
+            registry: f.registry,
         };
         metrics.set_worker_state(worker_id, "pending");
         metrics
-    }
-
-    pub fn replica_set(&self) -> &str {
-        &self.replica_set
     }
 
     /// Creates every per-projection series at zero.
@@ -621,6 +529,8 @@ fn labels(pairs: &[(&str, &str)]) -> std::collections::HashMap<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const SEED: &str = "pupsourcing_orchestrator";
 
     #[test]
     fn every_seed_family_is_exported_from_the_first_scrape() {

@@ -82,7 +82,7 @@ pub struct Status {
     pub dead_letters: Vec<DeadLetterCount>,
 }
 
-#[derive(Debug, Clone, Serialize, serde::Deserialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct HaltRow {
     pub projection: String,
     pub partition: i32,

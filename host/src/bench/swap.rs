@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
@@ -67,8 +68,8 @@ async fn run(url: &str, old: &Path, new: &Path) -> anyhow::Result<String> {
         call_timeout: Duration::from_secs(10),
         cache_dir: None,
     })?;
-    let (plugin, _) = runtime.load_file(new).await?;
-    let bytes = std::fs::read(new)?;
+    let bytes = std::fs::read(new).with_context(|| format!("reading {}", new.display()))?;
+    let (plugin, _) = runtime.load_bytes(new, &bytes).await?;
     let t0: DateTime<Utc> = sqlx::query_scalar("SELECT clock_timestamp()")
         .fetch_one(&pool)
         .await?;

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 mod args;
 
-pub use args::{DatabaseArgs, OnFailureArg, RunArgs};
+#[cfg(feature = "bench")]
+pub use args::OnFailureArg;
+pub use args::{DatabaseArgs, RunArgs};
 
 use crate::coordination::CoordinationConfig;
 use crate::db::{DbConfig, QualifiedName};

@@ -1,7 +1,8 @@
-//! The admin API (JSON, bearer token): status, pause and resume. Every route is listed in
-//! `ROUTES` and described in `openapi.json`; a test keeps the two in sync.
+//! The admin API (JSON, bearer token): status, pause and resume, dead letters, plugins. Every
+//! route is listed in `ROUTES` and described in `openapi.json`; a test keeps the two in sync.
+//! Every body is a type of [`super::api`], which the CLI client reads too.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use axum::extract::{Path, Query, Request, State};
 use axum::http::header;
@@ -9,19 +10,21 @@ use axum::middleware::Next;
 use axum::response::Response;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::{Deserialize, Serialize};
 
+use super::api::{
+    self, AdminStatus, ControlResult, DeadLetter, DeadLetterQuery, PartitionStatus, PauseRequest,
+    Plugin, ProjectionView, PromoteRequest, PushQuery, RetryRequest, RetryResult,
+};
 use super::error::ApiError;
 use super::AppState;
 use crate::coordination::controls;
 use crate::lifecycle::registry;
-use crate::pipeline::dead_letters::{self, DeadLetter};
-use crate::pipeline::status::RecentError;
-use crate::pipeline::status::Sample;
-use crate::pipeline::ProjectionStatus;
-use crate::status::HaltRow;
+use crate::pipeline::dead_letters;
+use crate::pipeline::{ProjectionStatus, StatusBoard};
+use crate::sink::commit;
 
 /// Every admin route, as (method, OpenAPI path).
+#[cfg(test)]
 pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/admin/status"),
     ("post", "/admin/projections/{name}/pause"),
@@ -86,72 +89,48 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-pub struct AdminStatus {
-    pub replica_set: String,
-    pub generation: i64,
-    pub phase: String,
-    pub strategy: String,
-    pub leader: Option<String>,
-    pub partitions_total: i32,
-    pub stream_head: i64,
-    pub this_worker: String,
-    pub workers: Vec<serde_json::Value>,
-    pub partitions: Vec<PartitionStatus>,
-    pub projections: Vec<ProjectionView>,
-    pub recent_errors: Vec<serde_json::Value>,
-    /// This host's projections over the last minutes, oldest first (the page's chart).
-    pub history: Vec<Sample>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct PartitionStatus {
-    pub partition: i32,
-    pub owner: Option<String>,
-    pub epoch: i64,
-    pub assigned_to: Option<String>,
-    /// Checkpoint per projection.
-    pub checkpoints: BTreeMap<String, i64>,
-    /// Stream head minus checkpoint, per projection.
-    pub lag: BTreeMap<String, i64>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct ProjectionView {
-    pub name: String,
-    pub paused: bool,
-    /// Partitions halted by the stop policy: (partition, position).
-    pub halted: Vec<(i32, i64)>,
-    /// The same halts with their error and time.
-    pub halts: Vec<HaltRow>,
-    pub paused_reason: Option<String>,
-    pub dead_letters: i64,
-    pub lowest_checkpoint: i64,
-    pub lag_positions: i64,
-    pub last_commit: Option<chrono::DateTime<chrono::Utc>>,
-    /// What this host runs and how it is doing, when it runs the projection.
-    pub on_this_host: Option<serde_json::Value>,
-}
-
 async fn status(State(state): State<AppState>) -> Result<Json<AdminStatus>, ApiError> {
     let db = crate::status::load(&state.pool, &state.replica_set, &state.events_table)
         .await
         .map_err(ApiError::Internal)?;
-    let checkpoints: Vec<(String, i32, i64)> =
-        sqlx::query_as("SELECT projection, partition, position FROM projection_host.checkpoints WHERE replica_set = $1")
-            .bind(&state.replica_set)
-            .fetch_all(&state.pool)
-            .await?;
-    let mut by_partition: BTreeMap<i32, BTreeMap<String, i64>> = BTreeMap::new();
-    for (projection, partition, position) in checkpoints {
-        by_partition
-            .entry(partition)
-            .or_default()
-            .insert(projection, position);
-    }
+    let checkpoints = commit::checkpoints_by_partition(&state.pool, &state.replica_set).await?;
     let controls = controls::load(&state.pool, &state.replica_set).await?;
-    let local: BTreeMap<String, ProjectionStatus> = state
-        .board
+    let projections = projection_views(&db, &controls.paused, &state.board);
+    let partitions = partition_statuses(&db, checkpoints);
+    Ok(Json(AdminStatus {
+        replica_set: db.replica_set,
+        generation: db.generation,
+        phase: db.phase,
+        strategy: db.strategy,
+        leader: db.leader,
+        partitions_total: db.partitions,
+        stream_head: db.head,
+        this_worker: state.worker.to_string(),
+        workers: db.workers.iter().map(api::Worker::from).collect(),
+        partitions,
+        projections,
+        recent_errors: state
+            .board
+            .recent_errors()
+            .iter()
+            .map(api::RecentError::from)
+            .collect(),
+        history: state
+            .board
+            .history()
+            .iter()
+            .map(api::Sample::from)
+            .collect(),
+    }))
+}
+
+/// Every projection the database or this host knows, by name.
+fn projection_views(
+    db: &crate::status::Status,
+    paused: &BTreeSet<String>,
+    board: &StatusBoard,
+) -> Vec<ProjectionView> {
+    let local: BTreeMap<String, ProjectionStatus> = board
         .all()
         .into_iter()
         .map(|s| (s.name.clone(), s))
@@ -164,49 +143,60 @@ async fn status(State(state): State<AppState>) -> Result<Json<AdminStatus>, ApiE
     names.extend(local.keys().cloned());
     names.sort();
     names.dedup();
-    let projections = names
+    names
         .into_iter()
         .map(|name| {
-            let stored = db.projections.iter().find(|p| p.projection == name);
-            ProjectionView {
-                paused: controls.paused.contains(&name),
-                halted: db
-                    .halts
-                    .iter()
-                    .filter(|h| h.projection == name)
-                    .map(|h| (h.partition, h.position))
-                    .collect(),
-                halts: db
-                    .halts
-                    .iter()
-                    .filter(|h| h.projection == name)
-                    .cloned()
-                    .collect(),
-                paused_reason: db
-                    .paused
-                    .iter()
-                    .find(|p| p.projection == name)
-                    .and_then(|p| p.reason.clone()),
-                dead_letters: db
-                    .dead_letters
-                    .iter()
-                    .find(|d| d.projection == name)
-                    .map_or(0, |d| d.events),
-                lowest_checkpoint: stored.map_or(0, |p| p.lowest_checkpoint),
-                lag_positions: stored.map_or(db.head, |p| p.lag_positions),
-                last_commit: stored.and_then(|p| p.last_commit),
-                on_this_host: local
-                    .get(&name)
-                    .map(|s| serde_json::to_value(s).unwrap_or_default()),
-                name,
-            }
+            let on_this_host = local.get(&name).map(api::LocalProjection::from);
+            projection_view(db, paused.contains(&name), on_this_host, name)
         })
+        .collect()
+}
+
+fn projection_view(
+    db: &crate::status::Status,
+    paused: bool,
+    on_this_host: Option<api::LocalProjection>,
+    name: String,
+) -> ProjectionView {
+    let stored = db.projections.iter().find(|p| p.projection == name);
+    let halts: Vec<api::Halt> = db
+        .halts
+        .iter()
+        .filter(|h| h.projection == name)
+        .map(api::Halt::from)
         .collect();
-    let partitions = db
-        .partition_owners
+    ProjectionView {
+        paused,
+        halted: halts.iter().map(|h| (h.partition, h.position)).collect(),
+        halts,
+        paused_reason: db
+            .paused
+            .iter()
+            .find(|p| p.projection == name)
+            .and_then(|p| p.reason.clone()),
+        dead_letters: db
+            .dead_letters
+            .iter()
+            .find(|d| d.projection == name)
+            .map_or(0, |d| d.events),
+        lowest_checkpoint: stored.map_or(0, |p| p.lowest_checkpoint),
+        // Nothing applied yet: the whole stream is ahead of it.
+        lag_positions: stored.map_or(db.head, |p| p.lag_positions),
+        last_commit: stored.and_then(|p| p.last_commit),
+        on_this_host,
+        name,
+    }
+}
+
+/// Every partition with its owner and, per projection, its checkpoint and lag.
+fn partition_statuses(
+    db: &crate::status::Status,
+    mut checkpoints: BTreeMap<i32, BTreeMap<String, i64>>,
+) -> Vec<PartitionStatus> {
+    db.partition_owners
         .iter()
         .map(|p| {
-            let checkpoints = by_partition.remove(&p.partition).unwrap_or_default();
+            let checkpoints = checkpoints.remove(&p.partition).unwrap_or_default();
             let lag = checkpoints
                 .iter()
                 .map(|(k, v)| (k.clone(), (db.head - v).max(0)))
@@ -220,47 +210,13 @@ async fn status(State(state): State<AppState>) -> Result<Json<AdminStatus>, ApiE
                 lag,
             }
         })
-        .collect();
-    let errors: Vec<RecentError> = state.board.recent_errors();
-    Ok(Json(AdminStatus {
-        replica_set: db.replica_set,
-        generation: db.generation,
-        phase: db.phase,
-        strategy: db.strategy,
-        leader: db.leader,
-        partitions_total: db.partitions,
-        stream_head: db.head,
-        this_worker: state.worker.to_string(),
-        workers: db
-            .workers
-            .iter()
-            .map(|w| serde_json::to_value(w).unwrap_or_default())
-            .collect(),
-        partitions,
-        projections,
-        recent_errors: errors
-            .iter()
-            .map(|e| serde_json::to_value(e).unwrap_or_default())
-            .collect(),
-        history: state.board.history(),
-    }))
-}
-
-#[derive(Debug, Default, Deserialize)]
-struct PauseBody {
-    reason: Option<String>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct ControlResult {
-    pub projection: String,
-    pub paused: bool,
+        .collect()
 }
 
 async fn pause(
     State(state): State<AppState>,
     Path(name): Path<String>,
-    body: Option<Json<PauseBody>>,
+    body: Option<Json<PauseRequest>>,
 ) -> Result<Json<ControlResult>, ApiError> {
     set_paused(&state, name, true, body.and_then(|b| b.0.reason)).await
 }
@@ -299,12 +255,13 @@ async fn set_paused(
 /// Refuses a name no plugin of this replica set was ever registered under, naming the known
 /// ones: a typo must not store a control that a projection deployed later would inherit.
 async fn known_projection(state: &AppState, name: &str) -> Result<(), ApiError> {
-    let known: Vec<String> = sqlx::query_scalar(
-        "SELECT DISTINCT projection FROM projection_host.plugins WHERE replica_set = $1 ORDER BY 1",
-    )
-    .bind(&state.replica_set)
-    .fetch_all(&state.pool)
-    .await?;
+    // The registry lists its rows ordered by projection, so one name's versions are adjacent.
+    let mut known: Vec<String> = registry::list(&state.pool, &state.replica_set)
+        .await?
+        .into_iter()
+        .map(|row| row.projection)
+        .collect();
+    known.dedup();
     if known.iter().any(|k| k == name) {
         return Ok(());
     }
@@ -319,40 +276,20 @@ async fn known_projection(state: &AppState, name: &str) -> Result<(), ApiError> 
     )))
 }
 
-#[derive(Debug, Deserialize)]
-struct DeadLetterFilter {
-    projection: Option<String>,
-}
-
 async fn list_dead_letters(
     State(state): State<AppState>,
-    Query(filter): Query<DeadLetterFilter>,
+    Query(filter): Query<DeadLetterQuery>,
 ) -> Result<Json<Vec<DeadLetter>>, ApiError> {
     if let Some(name) = &filter.projection {
         known_projection(&state, name).await?;
     }
-    Ok(Json(
-        dead_letters::list(
-            &state.pool,
-            &state.replica_set,
-            filter.projection.as_deref(),
-        )
-        .await?,
-    ))
-}
-
-#[derive(Debug, Deserialize)]
-struct RetryRequest {
-    projection: String,
-    aggregate_id: String,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct RetryResult {
-    pub projection: String,
-    pub aggregate_id: String,
-    /// Parked events that will be applied again, in order.
-    pub events: u64,
+    let rows = dead_letters::list(
+        &state.pool,
+        &state.replica_set,
+        filter.projection.as_deref(),
+    )
+    .await?;
+    Ok(Json(rows.into_iter().map(DeadLetter::from).collect()))
 }
 
 async fn retry_dead_letters(
@@ -389,28 +326,21 @@ async fn skip_dead_letter(
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no parked event with id {id}")))?;
     tracing::warn!(projection = %skipped.projection, position = skipped.position, aggregate = %skipped.aggregate_id, "parked event skipped through the admin API: it will never be applied");
-    Ok(Json(skipped))
+    Ok(Json(skipped.into()))
 }
 
-async fn list_plugins(
-    State(state): State<AppState>,
-) -> Result<Json<Vec<registry::PluginRow>>, ApiError> {
-    Ok(Json(registry::list(&state.pool, &state.replica_set).await?))
-}
-
-#[derive(Debug, Deserialize)]
-struct PushOptions {
-    mode: Option<registry::Mode>,
-    activate: Option<bool>,
+async fn list_plugins(State(state): State<AppState>) -> Result<Json<Vec<Plugin>>, ApiError> {
+    let rows = registry::list(&state.pool, &state.replica_set).await?;
+    Ok(Json(rows.into_iter().map(Plugin::from).collect()))
 }
 
 /// Registers an uploaded component after the same checks as a mounted one (a valid component,
 /// the right contract version, a valid name).
 async fn push_plugin(
     State(state): State<AppState>,
-    Query(options): Query<PushOptions>,
+    Query(options): Query<PushQuery>,
     body: axum::body::Bytes,
-) -> Result<Json<registry::PluginRow>, ApiError> {
+) -> Result<Json<Plugin>, ApiError> {
     let label = std::path::PathBuf::from("upload");
     let (plugin, _) = state
         .runtime
@@ -429,19 +359,14 @@ async fn push_plugin(
     .await
     .map_err(registry_error)?;
     tracing::info!(projection = %row.projection, version = %row.version, sha256 = %row.sha256, state = %row.state, mode = %row.mode, "plugin pushed through the admin API");
-    Ok(Json(row))
-}
-
-#[derive(Debug, Deserialize)]
-struct PromoteRequest {
-    sha256: String,
+    Ok(Json(row.into()))
 }
 
 async fn promote_plugin(
     State(state): State<AppState>,
     Path(projection): Path<String>,
     Json(request): Json<PromoteRequest>,
-) -> Result<Json<registry::PluginRow>, ApiError> {
+) -> Result<Json<Plugin>, ApiError> {
     let row = registry::promote(
         &state.pool,
         &state.replica_set,
@@ -450,18 +375,17 @@ async fn promote_plugin(
     )
     .await
     .map_err(registry_error)?;
-    Ok(Json(row))
+    Ok(Json(row.into()))
 }
 
 async fn rollback_plugin(
     State(state): State<AppState>,
     Path(projection): Path<String>,
-) -> Result<Json<registry::PluginRow>, ApiError> {
-    Ok(Json(
-        registry::rollback(&state.pool, &state.replica_set, &projection)
-            .await
-            .map_err(registry_error)?,
-    ))
+) -> Result<Json<Plugin>, ApiError> {
+    let row = registry::rollback(&state.pool, &state.replica_set, &projection)
+        .await
+        .map_err(registry_error)?;
+    Ok(Json(row.into()))
 }
 
 fn registry_error(e: registry::RegistryError) -> ApiError {

@@ -3,7 +3,8 @@
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
+
+use super::api::ErrorBody;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -43,7 +44,9 @@ impl IntoResponse for ApiError {
             _ => {}
         }
         let status = self.status_code();
-        let body = Json(json!({ "error": self.to_string() }));
+        let body = Json(ErrorBody {
+            error: self.to_string(),
+        });
         if status == StatusCode::UNAUTHORIZED {
             return (status, [(header::WWW_AUTHENTICATE, "Bearer")], body).into_response();
         }

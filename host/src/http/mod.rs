@@ -2,6 +2,7 @@
 //! metrics port.
 
 pub mod admin;
+pub mod api;
 mod error;
 mod probes;
 
@@ -25,7 +26,6 @@ use crate::coordination::CoordinationStatus;
 use crate::ids::WorkerId;
 use crate::metrics::HostMetrics;
 use crate::pipeline::StatusBoard;
-use crate::source::SafeHead;
 
 /// Everything the handlers read.
 #[derive(Clone)]
@@ -37,10 +37,8 @@ pub struct AppState {
     pub pool: PgPool,
     pub coordination: watch::Receiver<CoordinationStatus>,
     pub board: StatusBoard,
-    pub metrics: HostMetrics,
     pub shutting_down: Arc<AtomicBool>,
     pub worker: WorkerId,
-    pub head: SafeHead,
     /// For checking uploaded plugins.
     pub runtime: std::sync::Arc<crate::runtime::Runtime>,
 }
@@ -125,10 +123,10 @@ async fn front_dispatch(State(front): State<Front>, request: Request) -> Respons
             let reason = front.starting.get();
             (
                 StatusCode::SERVICE_UNAVAILABLE,
-                Json(serde_json::json!({
-                    "ready": false,
-                    "reasons": [format!("starting: {reason}")],
-                })),
+                Json(api::Starting {
+                    ready: false,
+                    reasons: vec![format!("starting: {reason}")],
+                }),
             )
                 .into_response()
         }

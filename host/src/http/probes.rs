@@ -5,14 +5,13 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use super::api::Ready;
+use super::AppState;
+use crate::metrics::HostMetrics;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::Json;
-use serde_json::json;
-
-use super::AppState;
-use crate::metrics::HostMetrics;
 
 pub async fn health() -> impl IntoResponse {
     (StatusCode::OK, "OK")
@@ -50,13 +49,13 @@ pub async fn ready(State(state): State<AppState>) -> impl IntoResponse {
     };
     (
         status,
-        Json(json!({
-            "ready": reasons.is_empty(),
-            "worker": state.worker.as_str(),
-            "reasons": reasons,
-            "generation": coordination.generation,
-            "partitions_held": coordination.owned,
-        })),
+        Json(Ready {
+            ready: reasons.is_empty(),
+            worker: state.worker.as_str().to_string(),
+            reasons,
+            generation: coordination.generation,
+            partitions_held: coordination.owned,
+        }),
     )
 }
 

@@ -3,14 +3,13 @@
 
 use std::collections::{HashMap, HashSet};
 
-use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
 
 use crate::ids::PartitionId;
 use crate::sink::commit::Caller;
 
-/// One parked event.
-#[derive(Debug, Clone, Serialize, serde::Deserialize, sqlx::FromRow)]
+/// One parked event, as stored (the admin API answers with `http::api::DeadLetter`).
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct DeadLetter {
     pub id: i64,
     pub projection: String,
@@ -211,17 +210,6 @@ pub async fn retry_failed(pool: &PgPool, ids: &[i64], error: &str) -> Result<(),
     Ok(())
 }
 
-/// Projections with requested retries.
-pub async fn projections_to_retry(
-    pool: &PgPool,
-    replica_set: &str,
-) -> Result<Vec<String>, sqlx::Error> {
-    sqlx::query_scalar("SELECT DISTINCT projection FROM projection_host.dead_letters WHERE replica_set = $1 AND retry_requested")
-        .bind(replica_set)
-        .fetch_all(pool)
-        .await
-}
-
 /// Halted partitions of a projection, with the position they halted at.
 pub async fn halts(
     pool: &PgPool,
@@ -261,22 +249,6 @@ pub async fn halt(
     .execute(pool)
     .await?;
     Ok(())
-}
-
-/// Clears a projection's halts (an operator resumed it): its partitions try again.
-pub async fn clear_halts(
-    pool: &PgPool,
-    replica_set: &str,
-    projection: &str,
-) -> Result<u64, sqlx::Error> {
-    Ok(
-        sqlx::query("DELETE FROM projection_host.halts WHERE replica_set = $1 AND projection = $2")
-            .bind(replica_set)
-            .bind(projection)
-            .execute(pool)
-            .await?
-            .rows_affected(),
-    )
 }
 
 async fn notify(conn: &mut PgConnection, replica_set: &str) -> Result<(), sqlx::Error> {

@@ -13,12 +13,6 @@ use crate::source::Subscription;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("cannot read plugin {path}: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
     #[error("plugin {path} is not a WebAssembly file (it does not start with \\0asm)")]
     NotWasm { path: PathBuf },
     #[error(
@@ -120,16 +114,8 @@ impl std::fmt::Debug for Plugin {
 }
 
 impl Runtime {
-    /// Reads, checks and compiles a component, then asks it to describe itself. The returned
-    /// instance is the one that described itself, ready for work.
-    pub async fn load_file(&self, path: &Path) -> Result<(Arc<Plugin>, PluginInstance), LoadError> {
-        let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        self.load_bytes(path, &bytes).await
-    }
-
+    /// Checks and compiles a component (`path` names it in errors), then asks it to describe
+    /// itself. The returned instance is the one that described itself, ready for work.
     pub async fn load_bytes(
         &self,
         path: &Path,

@@ -9,6 +9,8 @@ pub const LAYERS: &[&[&str]] = &[
     &["base"],
     // Identities, the metric registry, database plumbing, the throwaway dev server.
     &["ids", "metrics", "db", "devdb"],
+    // The host's own tables, one module per table.
+    &["store"],
     // Events in (gap-safe reading) and effects out (buffered writes, fenced commits).
     &["source", "sink"],
     // The sandboxed plugin.

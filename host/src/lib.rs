@@ -32,3 +32,4 @@ mod runtime;
 pub mod sink;
 mod source;
 mod status;
+mod store;

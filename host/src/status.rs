@@ -123,14 +123,7 @@ pub struct PartitionRow {
     pub epoch: i64,
 }
 
-#[derive(Debug, Serialize, sqlx::FromRow)]
-pub struct ProjectionRow {
-    pub projection: String,
-    pub lowest_checkpoint: i64,
-    pub highest_checkpoint: i64,
-    pub lag_positions: i64,
-    pub last_commit: Option<chrono::DateTime<chrono::Utc>>,
-}
+pub use crate::store::checkpoints::Progress as ProjectionRow;
 
 /// Reads the replica set's state from the database.
 pub async fn load(
@@ -170,20 +163,8 @@ pub async fn load(
     .bind(replica_set)
     .fetch_all(pool)
     .await?;
-    let projections = sqlx::query_as(
-        // A partition without a checkpoint row has applied nothing yet: it counts as 0.
-        "SELECT projection, lowest AS lowest_checkpoint, highest_checkpoint, $2 - lowest AS lag_positions, last_commit
-           FROM (SELECT projection,
-                        CASE WHEN count(*) < $3 THEN 0 ELSE min(position) END AS lowest,
-                        max(position) AS highest_checkpoint, max(updated_at) AS last_commit
-                   FROM projection_host.checkpoints WHERE replica_set = $1 GROUP BY projection) AS c
-          ORDER BY projection",
-    )
-    .bind(replica_set)
-    .bind(head)
-    .bind(i64::from(partitions))
-    .fetch_all(pool)
-    .await?;
+    let projections =
+        crate::store::checkpoints::progress(pool, replica_set, head, i64::from(partitions)).await?;
     let halts = sqlx::query_as(
         "SELECT projection, partition, position, error, halted_at FROM projection_host.halts
           WHERE replica_set = $1 ORDER BY projection, partition",

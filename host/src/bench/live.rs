@@ -46,9 +46,8 @@ async fn run(url: &str, plugin: &Path, args: &BenchLiveArgs) -> anyhow::Result<S
         move || {
             let pool = pool.clone();
             async move {
-                let (rows, low): (i64, Option<i64>) =
-                    sqlx::query_as("SELECT count(*), min(position) FROM projection_host.checkpoints WHERE projection = 'bank_balances'")
-                        .fetch_one(&pool)
+                let (rows, low) =
+                    crate::store::checkpoints::count_and_lowest(&pool, "bank_balances", None)
                         .await
                         .unwrap_or((0, None));
                 Ok(rows == 32 && low.unwrap_or(0) >= target)

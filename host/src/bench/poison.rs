@@ -15,6 +15,7 @@ use super::args::BenchPoisonArgs;
 use super::{ensure_plugin, percentile, server, wait_until, HostChild, ScratchDatabase};
 use crate::ids::PartitionId;
 use crate::pipeline::policy::OnFailure;
+use crate::store::checkpoints;
 
 const PROJECTION: &str = "faulty";
 
@@ -229,14 +230,7 @@ async fn append(
 
 /// Every partition (but `except`) has a checkpoint at `target` or beyond.
 async fn caught_up(pool: &PgPool, target: i64, except: Option<i32>) -> anyhow::Result<bool> {
-    let (rows, low): (i64, Option<i64>) = sqlx::query_as(
-        "SELECT count(*), min(position) FROM projection_host.checkpoints
-          WHERE projection = $1 AND partition IS DISTINCT FROM $2",
-    )
-    .bind(PROJECTION)
-    .bind(except)
-    .fetch_one(pool)
-    .await?;
+    let (rows, low) = checkpoints::count_and_lowest(pool, PROJECTION, except).await?;
     let expected = if except.is_some() { 31 } else { 32 };
     Ok(rows == expected && low.unwrap_or(0) >= target)
 }
@@ -244,14 +238,7 @@ async fn caught_up(pool: &PgPool, target: i64, except: Option<i32>) -> anyhow::R
 /// Aggregates whose applied count differs from the events up to their partition's checkpoint
 /// (the failing event and, under dead-letter, its aggregate's later events excluded).
 async fn mismatches(pool: &PgPool, trap: i64) -> anyhow::Result<usize> {
-    let checkpoints: HashMap<i32, i64> = sqlx::query_as(
-        "SELECT partition, position FROM projection_host.checkpoints WHERE projection = $1",
-    )
-    .bind(PROJECTION)
-    .fetch_all(pool)
-    .await?
-    .into_iter()
-    .collect();
+    let checkpoints = checkpoints::of_projection(pool, PROJECTION).await?;
     let parked: Vec<i64> = sqlx::query_scalar("SELECT position FROM projection_host.dead_letters")
         .fetch_all(pool)
         .await?;

@@ -9,6 +9,7 @@ mod args;
 
 #[cfg(feature = "bench")]
 pub use args::OnFailureArg;
+use args::{CoordinationArgs, PluginArgs, SourceArgs};
 pub use args::{DatabaseArgs, RunArgs};
 
 use crate::coordination::CoordinationConfig;
@@ -105,163 +106,13 @@ impl RunConfig {
             ));
         }
 
-        let events_table: QualifiedName = args
-            .source
-            .events_table
-            .parse()
-            .map_err(|e: String| invalid("EVENTS_TABLE", "events-table", e))?;
+        let events_table = check_source(&args.source)?;
         let s = &args.source;
-        if s.batch_size == 0 {
-            return Err(invalid("BATCH_SIZE", "batch-size", "must be at least 1"));
-        }
-        if s.max_batch_size < s.batch_size {
-            return Err(invalid(
-                "MAX_BATCH_SIZE",
-                "max-batch-size",
-                format!(
-                    "must be at least BATCH_SIZE ({}), got {}",
-                    s.batch_size, s.max_batch_size
-                ),
-            ));
-        }
-        if s.poll_interval < Duration::from_millis(10) {
-            return Err(invalid(
-                "POLL_INTERVAL",
-                "poll-interval",
-                "must be at least 10ms",
-            ));
-        }
-        for channel in &s.notify_channels {
-            let ok = !channel.is_empty()
-                && channel.len() <= 63
-                && channel
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_');
-            if !ok {
-                return Err(invalid(
-                    "NOTIFY_CHANNELS",
-                    "notify-channels",
-                    format!("'{channel}' is not a channel name (letters, digits, '_')"),
-                ));
-            }
-        }
-
         let p = &args.plugins;
-        if p.plugin_memory_limit < (1 << 20) {
-            return Err(invalid(
-                "PLUGIN_MEMORY_LIMIT",
-                "plugin-memory-limit",
-                "must be at least 1MiB",
-            ));
-        }
-        if p.plugin_call_timeout < Duration::from_millis(10) {
-            return Err(invalid(
-                "PLUGIN_CALL_TIMEOUT",
-                "plugin-call-timeout",
-                "must be at least 10ms",
-            ));
-        }
-        let (plugin_files, plugin_dirs) = collect_plugins(&p.plugins, p.plugins_dir.as_ref())?;
-        for (env, flag, value) in [
-            ("MAX_WRITE_BYTES", "max-write-bytes", p.max_write_bytes),
-            ("MAX_QUERY_BYTES", "max-query-bytes", p.max_query_bytes),
-        ] {
-            if value < 64 * 1024 {
-                return Err(invalid(env, flag, "must be at least 64KiB"));
-            }
-        }
-        if p.max_batch_bytes < 1024 {
-            return Err(invalid(
-                "MAX_BATCH_BYTES",
-                "max-batch-bytes",
-                "must be at least 1KiB",
-            ));
-        }
-        let mut settings = Settings {
-            defaults: ProjectionSettings {
-                on_failure: p.on_failure.into(),
-                max_retries: p.max_retries,
-                memory_limit: p.plugin_memory_limit,
-                call_timeout: p.plugin_call_timeout,
-                max_batch_bytes: p.max_batch_bytes,
-                max_write_bytes: p.max_write_bytes,
-                max_query_bytes: p.max_query_bytes,
-            },
-            overrides: Default::default(),
-        };
-        for spec in p
-            .projection_settings
-            .iter()
-            .filter(|s| !s.trim().is_empty())
-        {
-            settings
-                .add_override(spec.trim())
-                .map_err(|e| invalid("PROJECTION_SETTINGS", "projection", e))?;
-        }
-
+        let (plugin_files, plugin_dirs, settings) = check_plugins(p)?;
         let c = &args.coordination;
-        let name_ok = !c.replica_set.is_empty()
-            && c.replica_set.len() <= 63
-            && c.replica_set
-                .chars()
-                .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch));
-        if !name_ok {
-            return Err(invalid(
-                "REPLICA_SET",
-                "replica-set",
-                "use 1 to 63 letters, digits, '-', '_' or '.'",
-            ));
-        }
-        if let Some(n) = c.partitions {
-            if !(1..=4096).contains(&n) {
-                return Err(invalid(
-                    "PARTITIONS",
-                    "partitions",
-                    format!("must be between 1 and 4096, got {n}"),
-                ));
-            }
-        }
-        if c.heartbeat_interval < Duration::from_millis(50) {
-            return Err(invalid(
-                "HEARTBEAT_INTERVAL",
-                "heartbeat-interval",
-                "must be at least 50ms",
-            ));
-        }
-        if c.stale_worker_timeout <= c.heartbeat_interval {
-            return Err(invalid(
-                "STALE_WORKER_TIMEOUT",
-                "stale-worker-timeout",
-                format!(
-                    "must be larger than HEARTBEAT_INTERVAL ({}), got {}; a few heartbeats must fit in it (e.g. 30s with 5s)",
-                    humantime::format_duration(c.heartbeat_interval),
-                    humantime::format_duration(c.stale_worker_timeout)
-                ),
-            ));
-        }
-        if c.coordination_timeout.is_zero() {
-            return Err(invalid(
-                "COORDINATION_TIMEOUT",
-                "coordination-timeout",
-                "must be larger than 0",
-            ));
-        }
-        if let Some(token) = &args.http.admin_token {
-            if !token.is_empty() && token.len() < 16 {
-                return Err(invalid(
-                    "ADMIN_TOKEN",
-                    "admin-token",
-                    "must be at least 16 characters (or empty to disable the admin API)",
-                ));
-            }
-        }
-        if args.shutdown_timeout.is_zero() {
-            return Err(invalid(
-                "SHUTDOWN_TIMEOUT",
-                "shutdown-timeout",
-                "must be larger than 0",
-            ));
-        }
+        check_coordination(c)?;
+        check_http_and_shutdown(&args)?;
 
         let database = DbConfig {
             url,
@@ -320,6 +171,177 @@ impl RunConfig {
             db_wait_timeout: Some(args.db_wait_timeout).filter(|t| !t.is_zero()),
         })
     }
+}
+
+/// `EVENTS_TABLE`, batch sizes, polling and NOTIFY channels.
+fn check_source(s: &SourceArgs) -> Result<QualifiedName, ConfigError> {
+    let events_table: QualifiedName = s
+        .events_table
+        .parse()
+        .map_err(|e: String| invalid("EVENTS_TABLE", "events-table", e))?;
+    if s.batch_size == 0 {
+        return Err(invalid("BATCH_SIZE", "batch-size", "must be at least 1"));
+    }
+    if s.max_batch_size < s.batch_size {
+        return Err(invalid(
+            "MAX_BATCH_SIZE",
+            "max-batch-size",
+            format!(
+                "must be at least BATCH_SIZE ({}), got {}",
+                s.batch_size, s.max_batch_size
+            ),
+        ));
+    }
+    if s.poll_interval < Duration::from_millis(10) {
+        return Err(invalid(
+            "POLL_INTERVAL",
+            "poll-interval",
+            "must be at least 10ms",
+        ));
+    }
+    for channel in &s.notify_channels {
+        let ok = !channel.is_empty()
+            && channel.len() <= 63
+            && channel
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !ok {
+            return Err(invalid(
+                "NOTIFY_CHANNELS",
+                "notify-channels",
+                format!("'{channel}' is not a channel name (letters, digits, '_')"),
+            ));
+        }
+    }
+    Ok(events_table)
+}
+
+/// The plugin files, the sandbox limits and the per-projection settings.
+fn check_plugins(p: &PluginArgs) -> Result<(Vec<PathBuf>, Vec<PathBuf>, Settings), ConfigError> {
+    if p.plugin_memory_limit < (1 << 20) {
+        return Err(invalid(
+            "PLUGIN_MEMORY_LIMIT",
+            "plugin-memory-limit",
+            "must be at least 1MiB",
+        ));
+    }
+    if p.plugin_call_timeout < Duration::from_millis(10) {
+        return Err(invalid(
+            "PLUGIN_CALL_TIMEOUT",
+            "plugin-call-timeout",
+            "must be at least 10ms",
+        ));
+    }
+    let (plugin_files, plugin_dirs) = collect_plugins(&p.plugins, p.plugins_dir.as_ref())?;
+    for (env, flag, value) in [
+        ("MAX_WRITE_BYTES", "max-write-bytes", p.max_write_bytes),
+        ("MAX_QUERY_BYTES", "max-query-bytes", p.max_query_bytes),
+    ] {
+        if value < 64 * 1024 {
+            return Err(invalid(env, flag, "must be at least 64KiB"));
+        }
+    }
+    if p.max_batch_bytes < 1024 {
+        return Err(invalid(
+            "MAX_BATCH_BYTES",
+            "max-batch-bytes",
+            "must be at least 1KiB",
+        ));
+    }
+    let mut settings = Settings {
+        defaults: ProjectionSettings {
+            on_failure: p.on_failure.into(),
+            max_retries: p.max_retries,
+            memory_limit: p.plugin_memory_limit,
+            call_timeout: p.plugin_call_timeout,
+            max_batch_bytes: p.max_batch_bytes,
+            max_write_bytes: p.max_write_bytes,
+            max_query_bytes: p.max_query_bytes,
+        },
+        overrides: Default::default(),
+    };
+    for spec in p
+        .projection_settings
+        .iter()
+        .filter(|s| !s.trim().is_empty())
+    {
+        settings
+            .add_override(spec.trim())
+            .map_err(|e| invalid("PROJECTION_SETTINGS", "projection", e))?;
+    }
+    Ok((plugin_files, plugin_dirs, settings))
+}
+
+/// The replica set's name, partitions and timings.
+fn check_coordination(c: &CoordinationArgs) -> Result<(), ConfigError> {
+    let name_ok = !c.replica_set.is_empty()
+        && c.replica_set.len() <= 63
+        && c.replica_set
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch));
+    if !name_ok {
+        return Err(invalid(
+            "REPLICA_SET",
+            "replica-set",
+            "use 1 to 63 letters, digits, '-', '_' or '.'",
+        ));
+    }
+    if let Some(n) = c.partitions {
+        if !(1..=4096).contains(&n) {
+            return Err(invalid(
+                "PARTITIONS",
+                "partitions",
+                format!("must be between 1 and 4096, got {n}"),
+            ));
+        }
+    }
+    if c.heartbeat_interval < Duration::from_millis(50) {
+        return Err(invalid(
+            "HEARTBEAT_INTERVAL",
+            "heartbeat-interval",
+            "must be at least 50ms",
+        ));
+    }
+    if c.stale_worker_timeout <= c.heartbeat_interval {
+        return Err(invalid(
+            "STALE_WORKER_TIMEOUT",
+            "stale-worker-timeout",
+            format!(
+                "must be larger than HEARTBEAT_INTERVAL ({}), got {}; a few heartbeats must fit in it (e.g. 30s with 5s)",
+                humantime::format_duration(c.heartbeat_interval),
+                humantime::format_duration(c.stale_worker_timeout)
+            ),
+        ));
+    }
+    if c.coordination_timeout.is_zero() {
+        return Err(invalid(
+            "COORDINATION_TIMEOUT",
+            "coordination-timeout",
+            "must be larger than 0",
+        ));
+    }
+    Ok(())
+}
+
+/// The admin token and the shutdown timeout.
+fn check_http_and_shutdown(args: &RunArgs) -> Result<(), ConfigError> {
+    if let Some(token) = &args.http.admin_token {
+        if !token.is_empty() && token.len() < 16 {
+            return Err(invalid(
+                "ADMIN_TOKEN",
+                "admin-token",
+                "must be at least 16 characters (or empty to disable the admin API)",
+            ));
+        }
+    }
+    if args.shutdown_timeout.is_zero() {
+        return Err(invalid(
+            "SHUTDOWN_TIMEOUT",
+            "shutdown-timeout",
+            "must be larger than 0",
+        ));
+    }
+    Ok(())
 }
 
 /// Checks the plugin files and directories. An empty directory is fine (the host then runs

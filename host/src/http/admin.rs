@@ -21,7 +21,7 @@ use crate::coordination::controls;
 use crate::lifecycle::registry;
 use crate::pipeline::dead_letters;
 use crate::pipeline::{ProjectionStatus, StatusBoard};
-use crate::sink::commit;
+use crate::store::checkpoints;
 
 /// Every admin route, as (method, OpenAPI path).
 #[cfg(test)]
@@ -93,7 +93,7 @@ async fn status(State(state): State<AppState>) -> Result<Json<AdminStatus>, ApiE
     let db = crate::status::load(&state.pool, &state.replica_set, &state.events_table)
         .await
         .map_err(ApiError::Internal)?;
-    let checkpoints = commit::checkpoints_by_partition(&state.pool, &state.replica_set).await?;
+    let checkpoints = checkpoints::by_partition(&state.pool, &state.replica_set).await?;
     let controls = controls::load(&state.pool, &state.replica_set).await?;
     let projections = projection_views(&db, &controls.paused, &state.board);
     let partitions = partition_statuses(&db, checkpoints);

@@ -263,9 +263,9 @@ async fn switch_one(
              let it catch up before switching readers"
         )));
     };
-    let reached = lowest_checkpoint(tx, to, &track).await?;
+    let reached = crate::store::checkpoints::lowest_of_track(tx, to, &track).await?;
     if let Some((_, old_track)) = active_version(tx, from, projection).await? {
-        let old = lowest_checkpoint(tx, from, &old_track).await?;
+        let old = crate::store::checkpoints::lowest_of_track(tx, from, &old_track).await?;
         if reached < old {
             return Err(RegistryError::Refused(format!(
                 "replica set {to} has applied {projection} up to position {reached} in every \
@@ -386,25 +386,6 @@ pub async fn publish_views(
             .await?;
     }
     Ok(())
-}
-
-/// The lowest checkpoint of a track over the set's partitions (a partition without one: 0).
-async fn lowest_checkpoint(
-    tx: &mut Transaction<'static, Postgres>,
-    replica_set: &str,
-    track: &str,
-) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT CASE WHEN count(c.position) < max(r.partitions) THEN 0 ELSE coalesce(min(c.position), 0) END
-           FROM projection_host.replica_sets r
-           LEFT JOIN projection_host.checkpoints c ON c.replica_set = r.name AND c.projection = $2
-          WHERE r.name = $1",
-    )
-    .bind(replica_set)
-    .bind(track)
-    .fetch_optional(&mut **tx)
-    .await
-    .map(|v: Option<Option<i64>>| v.flatten().unwrap_or(0))
 }
 
 #[cfg(test)]

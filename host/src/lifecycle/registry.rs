@@ -678,18 +678,9 @@ pub async fn promote_caught_up(
     max_lag: i64,
     head: i64,
 ) -> Result<Vec<String>, RegistryError> {
-    let ready: Vec<(String, String)> = sqlx::query_as(
-        "SELECT p.projection, p.sha256 FROM projection_host.plugins p
-          WHERE p.replica_set = $1 AND p.state = 'building'
-            AND (SELECT count(*) FROM projection_host.checkpoints c
-                  WHERE c.replica_set = $1 AND c.projection = p.track AND c.position >= $2 - $3) = $4",
-    )
-    .bind(replica_set)
-    .bind(head)
-    .bind(max_lag)
-    .bind(partitions as i64)
-    .fetch_all(pool)
-    .await?;
+    let ready =
+        crate::store::checkpoints::rebuilds_caught_up(pool, replica_set, partitions, max_lag, head)
+            .await?;
     let mut promoted = Vec::new();
     for (projection, sha) in ready {
         promote(pool, replica_set, &projection, &sha).await?;

@@ -34,20 +34,9 @@ pub async fn check(
         return Ok(Settled::Not);
     }
     // A partition without a checkpoint row has applied nothing (position 0).
-    let behind: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM unnest($3::text[]) AS t(track)
-           CROSS JOIN generate_series(0, $4 - 1) AS g(partition)
-          WHERE NOT EXISTS (SELECT 1 FROM projection_host.halts h
-                             WHERE h.replica_set = $1 AND h.projection = t.track AND h.partition = g.partition)
-            AND coalesce((SELECT c.position FROM projection_host.checkpoints c
-                           WHERE c.replica_set = $1 AND c.projection = t.track AND c.partition = g.partition), 0) < $2",
-    )
-    .bind(replica_set)
-    .bind(target)
-    .bind(tracks)
-    .bind(partitions as i32)
-    .fetch_one(pool)
-    .await?;
+    let behind =
+        crate::store::checkpoints::partitions_below(pool, replica_set, target, tracks, partitions)
+            .await?;
     if behind > 0 {
         return Ok(Settled::Not);
     }

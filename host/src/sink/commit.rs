@@ -5,9 +5,7 @@
 //! epoch and writes nothing. Only the host process can record a batch: the call carries its
 //! secret commit token.
 
-use std::collections::BTreeMap;
-
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgConnection;
 
 use crate::ids::{CommitToken, Epoch, PartitionId, WorkerId};
 
@@ -85,46 +83,4 @@ pub async fn record_batch(
     } else {
         CommitOutcome::Fenced
     })
-}
-
-/// The stored checkpoints of a projection's partitions (a partition without a row has none
-/// yet: nothing applied).
-pub async fn load_checkpoints(
-    pool: &PgPool,
-    replica_set: &str,
-    projection: &str,
-    partitions: &[i32],
-) -> Result<std::collections::HashMap<i32, i64>, sqlx::Error> {
-    let rows: Vec<(i32, i64)> = sqlx::query_as(
-        "SELECT partition, position FROM projection_host.checkpoints
-          WHERE replica_set = $1 AND projection = $2 AND partition = ANY($3)",
-    )
-    .bind(replica_set)
-    .bind(projection)
-    .bind(partitions)
-    .fetch_all(pool)
-    .await?;
-    Ok(rows.into_iter().collect())
-}
-
-/// Every checkpoint of the replica set, by partition and then read model (its track), for the
-/// admin API's status. A partition or read model without a row has applied nothing yet.
-pub async fn checkpoints_by_partition(
-    pool: &PgPool,
-    replica_set: &str,
-) -> Result<BTreeMap<i32, BTreeMap<String, i64>>, sqlx::Error> {
-    let rows: Vec<(String, i32, i64)> = sqlx::query_as(
-        "SELECT projection, partition, position FROM projection_host.checkpoints WHERE replica_set = $1",
-    )
-    .bind(replica_set)
-    .fetch_all(pool)
-    .await?;
-    let mut by_partition: BTreeMap<i32, BTreeMap<String, i64>> = BTreeMap::new();
-    for (projection, partition, position) in rows {
-        by_partition
-            .entry(partition)
-            .or_default()
-            .insert(projection, position);
-    }
-    Ok(by_partition)
 }

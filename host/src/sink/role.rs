@@ -373,15 +373,12 @@ async fn check_schema(
         .fetch_one(&mut *conn)
         .await?;
     if owner == legacy_role || owner == host_user {
-        let ran_here: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM projection_host.checkpoints c
-                              JOIN projection_host.plugins p ON p.replica_set = c.replica_set AND p.track = c.projection
-                             WHERE c.replica_set = $1 AND p.projection = $2 AND p.namespace = $3)",
+        let ran_here = crate::store::checkpoints::committed_into_schema(
+            &mut *conn,
+            replica_set,
+            projection,
+            schema,
         )
-        .bind(replica_set)
-        .bind(projection)
-        .bind(schema)
-        .fetch_one(&mut *conn)
         .await?;
         if ran_here {
             return Ok(());

@@ -190,10 +190,7 @@ impl SafeHeadTracker {
         // scan starts there. Lower positions matter only to a reader that starts later (a new
         // projection, a rebuild): they count as proven once every writer open now has ended.
         // A checkpoint only moves where scanning starts, never what is published as safe.
-        let lowest: Option<i64> =
-            sqlx::query_scalar("SELECT min(position) FROM projection_host.checkpoints")
-                .fetch_one(&mut conn)
-                .await?;
+        let lowest = crate::store::checkpoints::lowest_of_all(&mut conn).await?;
         let prefix = lowest.unwrap_or(0).clamp(0, head);
         let (tx, rx) = watch::channel(Head {
             safe: 0,

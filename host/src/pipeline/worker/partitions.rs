@@ -10,7 +10,7 @@ use super::failure::BatchError;
 use super::{PipelineConfig, ProjectionWorker};
 use crate::coordination::Lease;
 use crate::pipeline::dead_letters;
-use crate::sink::commit::load_checkpoints;
+use crate::store::checkpoints;
 
 impl ProjectionWorker {
     /// Loads the checkpoints (and parked aggregates) of partitions claimed since the last batch:
@@ -21,7 +21,7 @@ impl ProjectionWorker {
             return Ok(());
         }
         let stale_ids: Vec<i32> = stale.iter().map(|p| p.as_i32()).collect();
-        let found = load_checkpoints(
+        let found = checkpoints::load(
             &self.pool,
             &self.config.replica_set,
             &self.config.track,
@@ -112,10 +112,9 @@ async fn refuse_checkpoints_past_the_head(
         .collect();
     Err(BatchError::Refused(format!(
         "projection {} has checkpoints above the highest event position {head} ({}): they would skip events. \
-         Not running it; correct them (UPDATE projection_host.checkpoints SET position = ... WHERE replica_set = '{}' AND projection = '{}')",
+         Not running it; correct them ({})",
         config.track,
         list.join(", "),
-        config.replica_set,
-        config.track
+        checkpoints::correction_hint(&config.replica_set, &config.track)
     )))
 }

@@ -143,6 +143,8 @@ mod tests {
         paused: bool,
         checkpoints: Checkpoints,
         head: Head,
+        /// One instant for the whole test, so that no retry comes due while it runs.
+        now: Instant,
     }
 
     impl World {
@@ -153,6 +155,7 @@ mod tests {
                 paused: false,
                 checkpoints: Checkpoints::default(),
                 head: head(safe_head),
+                now: Instant::now(),
             }
         }
 
@@ -163,7 +166,7 @@ mod tests {
                 paused: self.paused,
                 checkpoints: &self.checkpoints,
                 head: self.head,
-                now: Instant::now(),
+                now: self.now,
             }
         }
 
@@ -262,7 +265,7 @@ mod tests {
     /// A failure of a batch over partitions 0 and 1 in which only partition 1 had an event (at
     /// 20): the failing event is known at once, so partition 0 commits first and partition 1 is
     /// held for the event's retry.
-    fn failed_on_partition_1(containment: &mut Containment) {
+    fn failed_on_partition_1(containment: &mut Containment, now: Instant) {
         containment.failed(
             Failure {
                 partitions: &[p(0), p(1)],
@@ -270,7 +273,7 @@ mod tests {
                 handed: &[(20, p(1))],
                 position: Some(20),
             },
-            Instant::now(),
+            now,
         );
     }
 
@@ -278,7 +281,7 @@ mod tests {
     fn after_a_failure_the_healthy_partitions_run_first_as_a_narrowing_step() {
         let world = World::new(&[0, 1], 100);
         let mut containment = Containment::new(3);
-        failed_on_partition_1(&mut containment);
+        failed_on_partition_1(&mut containment, world.now);
         match world.decide(&mut containment) {
             WorkerStep::Narrow { scope, step } => {
                 assert_eq!(scope, leased(&[0]));
@@ -290,10 +293,10 @@ mod tests {
 
     #[test]
     fn a_narrowing_step_for_a_partition_no_longer_leased_is_dropped() {
-        let mut containment = Containment::new(3);
-        failed_on_partition_1(&mut containment);
         // Partition 0 moved to another worker: its healthy step has nothing left to run here.
         let world = World::new(&[1], 100);
+        let mut containment = Containment::new(3);
+        failed_on_partition_1(&mut containment, world.now);
         let step = world.decide(&mut containment);
         assert!(
             !matches!(&step, WorkerStep::Narrow { scope, .. } if scope.iter().any(|(q, _)| *q == p(0))),
@@ -321,9 +324,9 @@ mod tests {
 
     #[test]
     fn a_partition_held_for_a_retry_is_left_out_of_ordinary_batches() {
-        let mut containment = Containment::new(3);
-        failed_on_partition_1(&mut containment);
         let mut world = World::new(&[0, 1], 100);
+        let mut containment = Containment::new(3);
+        failed_on_partition_1(&mut containment, world.now);
         // Partition 0 (no event in the failed batch) and partition 1 up to its failing event
         // commit first; then partition 1 waits for the retry.
         let (committed, _) = commit_narrowing_steps(&world, &mut containment);
@@ -342,10 +345,10 @@ mod tests {
 
     #[test]
     fn when_only_held_partitions_remain_the_worker_waits_for_the_retry() {
-        let mut containment = Containment::new(3);
-        failed_on_partition_1(&mut containment);
         // Partition 0 went to another worker: its step is dropped, not run here.
         let world = World::new(&[1], 100);
+        let mut containment = Containment::new(3);
+        failed_on_partition_1(&mut containment, world.now);
         let (committed, next) = commit_narrowing_steps(&world, &mut containment);
         assert_eq!(committed, vec![leased(&[1])]);
         assert!(
@@ -357,5 +360,67 @@ mod tests {
             ),
             "expected a wait for the retry, got {next:?}"
         );
+    }
+
+    #[test]
+    fn a_batch_reads_no_further_than_the_safe_head_even_when_more_is_visible() {
+        let mut world = World::new(&[0], 100);
+        world.head.raw = 150;
+        assert_eq!(
+            world.decide(&mut Containment::new(3)),
+            WorkerStep::Batch {
+                active: leased(&[0]),
+                from: 0,
+                up_to: 100
+            }
+        );
+    }
+
+    #[test]
+    fn below_the_unproven_prefix_the_worker_waits_instead_of_reading() {
+        let mut world = World::new(&[0], 100);
+        world.head.unproven_below = 50;
+        world.checkpoints.loaded(p(0), Epoch(1), 10);
+        assert_eq!(
+            world.decide(&mut Containment::new(3)),
+            WorkerStep::CaughtUp {
+                from: 10,
+                next_retry: None
+            }
+        );
+    }
+
+    #[test]
+    fn a_paused_projection_runs_no_narrowing_step_either() {
+        let mut world = World::new(&[0, 1], 100);
+        let mut containment = Containment::new(3);
+        failed_on_partition_1(&mut containment, world.now);
+        world.paused = true;
+        assert_eq!(
+            world.decide(&mut containment),
+            WorkerStep::WaitForOperator { paused: true }
+        );
+    }
+
+    #[test]
+    fn an_empty_lease_idles_even_when_paused() {
+        let mut world = World::new(&[], 100);
+        world.paused = true;
+        assert_eq!(world.decide(&mut Containment::new(3)), WorkerStep::Idle);
+    }
+
+    #[test]
+    fn a_held_partition_that_was_revoked_is_released_from_the_containment() {
+        // Partition 1 failed, then moved to another worker: nothing of it stays held here.
+        let world = World::new(&[0], 100);
+        let mut containment = Containment::new(3);
+        failed_on_partition_1(&mut containment, world.now);
+        let (committed, next) = commit_narrowing_steps(&world, &mut containment);
+        assert_eq!(committed, vec![leased(&[0])]);
+        assert!(
+            containment.is_idle(),
+            "partition 1 is still held although it is not leased"
+        );
+        assert!(matches!(next, WorkerStep::Batch { .. }), "got {next:?}");
     }
 }

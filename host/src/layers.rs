@@ -1,7 +1,11 @@
 //! The host's layers, lowest first. A module may use modules of lower layers only, so that
 //! dependencies point down (shared utilities at the bottom, the command line on top) and no
-//! two modules depend on each other. `docs/architecture.md` draws the same map; the test below
-//! reads every `crate::` path in `src/` and fails on an edge that points sideways or up.
+//! two modules depend on each other. `docs/architecture.md` draws the same map; the tests below
+//! read every `crate::` path in `src/` and fail on an edge that points sideways or up, and on a
+//! host table named outside its module in `store/`.
+
+/// Host tables that have their module in `store/`, and that module's file under `src/`.
+pub const TABLE_OWNERS: &[(&str, &str)] = &[("checkpoints", "store/checkpoints.rs")];
 
 /// Top-level modules by layer, lowest first.
 pub const LAYERS: &[&[&str]] = &[
@@ -42,7 +46,7 @@ mod tests {
     use std::collections::BTreeSet;
     use std::path::{Path, PathBuf};
 
-    use super::LAYERS;
+    use super::{LAYERS, TABLE_OWNERS};
 
     fn layer_of(module: &str) -> Option<usize> {
         LAYERS.iter().position(|layer| layer.contains(&module))
@@ -175,5 +179,35 @@ mod tests {
             "dependencies that point sideways or up (see layers.rs):\n{}",
             upward.join("\n")
         );
+    }
+
+    #[test]
+    fn tables_are_named_only_by_their_module() {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut files = Vec::new();
+        rust_files(&src, &mut files);
+        let mut strays = Vec::new();
+        for file in &files {
+            let relative = file.strip_prefix(&src).expect("under src");
+            if relative == Path::new("layers.rs") {
+                continue;
+            }
+            let source = std::fs::read_to_string(file).expect("source is readable");
+            for (table, owner) in TABLE_OWNERS {
+                let named = format!("projection_host.{table}");
+                let names_it = source.match_indices(&named).any(|(at, _)| {
+                    // `projection_host.checkpoints_x` would be another table.
+                    !source[at + named.len()..]
+                        .starts_with(|c: char| c.is_alphanumeric() || c == '_')
+                });
+                if names_it && relative != Path::new(owner) {
+                    strays.push(format!(
+                        "{} names {named} (its SQL belongs in {owner})",
+                        relative.display()
+                    ));
+                }
+            }
+        }
+        assert!(strays.is_empty(), "{}", strays.join("\n"));
     }
 }

@@ -11,6 +11,7 @@ pub mod assignment;
 pub mod controls;
 pub mod membership;
 pub mod ownership;
+mod reconcile;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -577,39 +578,19 @@ impl Coordinator {
         let releasing: HashSet<PartitionId> =
             self.releasing.lock().map(|r| r.clone()).unwrap_or_default();
 
-        let mut lost = Vec::new();
-        let mut release = Vec::new();
-        let mut claim = Vec::new();
-        let mut assigned = Vec::new();
-        for row in &rows {
-            let p = PartitionId(row.partition as u32);
-            let owner_is_me = row.owner.as_deref() == Some(me);
-            let assigned_to_me = row.assigned_to.as_deref() == Some(me);
-            if assigned_to_me {
-                assigned.push(p);
-            }
-            if releasing.contains(&p) {
-                continue;
-            }
-            match held.get(&p) {
-                Some(epoch) if !owner_is_me || row.epoch != epoch.0 => lost.push(p),
-                Some(_) if !assigned_to_me || !running => release.push(p),
-                Some(_) => {}
-                // Held in the database by this worker id but not by this process (a release
-                // that failed half-way, or a previous process): hand it back.
-                None if owner_is_me && (!assigned_to_me || !running) => release.push(p),
-                None if assigned_to_me && running => {
-                    let owner_gone = row
-                        .owner
-                        .as_ref()
-                        .is_none_or(|o| o == me || !workers.contains(o));
-                    if owner_gone {
-                        claim.push(p);
-                    }
-                }
-                None => {}
-            }
-        }
+        let reconcile::Plan {
+            lost,
+            release,
+            claim,
+            assigned,
+        } = reconcile::plan(&reconcile::Seen {
+            rows: &rows,
+            me,
+            running,
+            held: &held,
+            releasing: &releasing,
+            live_workers: &workers,
+        });
         if !lost.is_empty() {
             tracing::warn!(partitions = lost.len(), partition_list = %PartitionId::list(&lost), "partitions were taken over by another worker; dropping them");
             self.ownership.forfeit(&lost);
@@ -642,9 +623,23 @@ impl Coordinator {
             self.waiting_since = None;
         }
 
+        self.publish(rs, &assigned, &held_now, holds_assignment, workers.len());
+        Ok(next)
+    }
+
+    /// Publishes what reconciling found: the generation (counting a reconfiguration when the
+    /// assignment changed), the metrics, and the status probes and the admin API read.
+    fn publish(
+        &mut self,
+        rs: &ReplicaSetRow,
+        assigned: &[PartitionId],
+        held_now: &HashSet<PartitionId>,
+        holds_assignment: bool,
+        live_workers: usize,
+    ) {
         let generation = Generation(rs.generation);
         if self.last_generation != Some(generation) {
-            if self.last_generation.is_some() && assigned != self.last_assigned {
+            if self.last_generation.is_some() && assigned != self.last_assigned.as_slice() {
                 self.metrics.reconfiguration_total.inc();
             }
             tracing::info!(
@@ -654,10 +649,10 @@ impl Coordinator {
                 "running generation"
             );
             self.last_generation = Some(generation);
-            self.last_assigned = assigned.clone();
+            self.last_assigned = assigned.to_vec();
         }
         self.metrics.generation.set(rs.generation);
-        self.metrics.active_workers.set(workers.len() as i64);
+        self.metrics.active_workers.set(live_workers as i64);
         self.metrics
             .current_generation_partitions
             .set(assigned.len() as i64);
@@ -672,12 +667,11 @@ impl Coordinator {
             generation: rs.generation,
             phase: rs.phase.as_str().to_string(),
             partitions: self.partitions,
-            live_workers: workers.len(),
+            live_workers,
             assigned: assigned.len(),
             owned: held_now.len(),
             holds_assignment,
         });
-        Ok(next)
     }
 
     async fn claim(

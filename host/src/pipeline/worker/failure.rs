@@ -166,39 +166,7 @@ impl ProjectionWorker {
         let blame = error.blame();
         self.metrics.batch_failed(self.name(), blame.label());
         self.reading.limit = self.config.batch_size;
-        let (message, verdict) = match &error {
-            BatchError::Plugin { failure, batch } => {
-                if let PluginFailure::Limit { breach, .. } = failure {
-                    self.metrics.limit_tripped(
-                        self.name(),
-                        match breach {
-                            Breach::Deadline(_) => "deadline",
-                            Breach::Memory(_) => "memory",
-                        },
-                    );
-                }
-                let named = failure
-                    .position()
-                    .filter(|p| batch.handed.iter().any(|(q, _)| q == p));
-                let message = format!("{error} [while handling {}]", batch.describe(named));
-                let verdict = if failure.is_transient() {
-                    Verdict::Unlocated
-                } else {
-                    self.reading.retain(batch);
-                    self.failures.containment.failed(
-                        Failure {
-                            partitions: &batch.partitions,
-                            up_to: batch.up_to,
-                            handed: &batch.handed,
-                            position: named,
-                        },
-                        Instant::now(),
-                    )
-                };
-                (message, verdict)
-            }
-            other => (other.to_string(), Verdict::Unlocated),
-        };
+        let (message, verdict) = self.judge(&error);
         // Server messages can carry plugin data (a trigger's RAISE): one bounded line.
         let message = crate::base::text::plugin_message(&message);
         self.report_error(&message);
@@ -258,6 +226,45 @@ impl ProjectionWorker {
                     _ = tokio::time::sleep(delay) => {}
                 }
             }
+        }
+    }
+
+    /// What the failure says (with where it happened) and what follows it. A plugin failure
+    /// that is not transient goes to the containment, which keeps the batch's range for the
+    /// narrowing steps.
+    fn judge(&mut self, error: &BatchError) -> (String, Verdict) {
+        match error {
+            BatchError::Plugin { failure, batch } => {
+                if let PluginFailure::Limit { breach, .. } = failure {
+                    self.metrics.limit_tripped(
+                        self.name(),
+                        match breach {
+                            Breach::Deadline(_) => "deadline",
+                            Breach::Memory(_) => "memory",
+                        },
+                    );
+                }
+                let named = failure
+                    .position()
+                    .filter(|p| batch.handed.iter().any(|(q, _)| q == p));
+                let message = format!("{error} [while handling {}]", batch.describe(named));
+                let verdict = if failure.is_transient() {
+                    Verdict::Unlocated
+                } else {
+                    self.reading.retain(batch);
+                    self.failures.containment.failed(
+                        Failure {
+                            partitions: &batch.partitions,
+                            up_to: batch.up_to,
+                            handed: &batch.handed,
+                            position: named,
+                        },
+                        Instant::now(),
+                    )
+                };
+                (message, verdict)
+            }
+            other => (other.to_string(), Verdict::Unlocated),
         }
     }
 

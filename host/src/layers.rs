@@ -4,8 +4,13 @@
 //! read every `crate::` path in `src/` and fail on an edge that points sideways or up, and on a
 //! host table named outside its module in `store/`.
 
-/// Host tables that have their module in `store/`, and that module's file under `src/`.
-pub const TABLE_OWNERS: &[(&str, &str)] = &[("checkpoints", "store/checkpoints.rs")];
+/// Host tables whose SQL lives in one module, and that module's file under `src/`. Modules of
+/// `store/` may also join each other's tables. (The other tables are moving to `store/`.)
+pub const TABLE_OWNERS: &[(&str, &str)] = &[
+    ("checkpoints", "store/checkpoints.rs"),
+    ("holes", "source/safe_head.rs"),
+    ("locks", "db/mod.rs"),
+];
 
 /// Top-level modules by layer, lowest first.
 pub const LAYERS: &[&[&str]] = &[
@@ -200,7 +205,8 @@ mod tests {
                     !source[at + named.len()..]
                         .starts_with(|c: char| c.is_alphanumeric() || c == '_')
                 });
-                if names_it && relative != Path::new(owner) {
+                let in_store = relative.starts_with("store");
+                if names_it && relative != Path::new(owner) && !in_store {
                     strays.push(format!(
                         "{} names {named} (its SQL belongs in {owner})",
                         relative.display()

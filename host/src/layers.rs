@@ -8,6 +8,10 @@
 /// `store/` may also join each other's tables. (The other tables are moving to `store/`.)
 pub const TABLE_OWNERS: &[(&str, &str)] = &[
     ("checkpoints", "store/checkpoints.rs"),
+    ("dead_letters", "store/dead_letters.rs"),
+    ("halts", "store/halts.rs"),
+    ("projection_controls", "store/controls.rs"),
+    ("projection_roles", "sink/role.rs"),
     ("holes", "source/safe_head.rs"),
     ("locks", "db/mod.rs"),
 ];

@@ -82,28 +82,9 @@ pub struct Status {
     pub dead_letters: Vec<DeadLetterCount>,
 }
 
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
-pub struct HaltRow {
-    pub projection: String,
-    pub partition: i32,
-    pub position: i64,
-    pub error: String,
-    pub halted_at: chrono::DateTime<chrono::Utc>,
-}
-
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
-pub struct PausedRow {
-    pub projection: String,
-    pub reason: Option<String>,
-    pub since: chrono::DateTime<chrono::Utc>,
-}
-
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
-pub struct DeadLetterCount {
-    pub projection: String,
-    pub events: i64,
-    pub oldest: chrono::DateTime<chrono::Utc>,
-}
+pub use crate::store::controls::Paused as PausedRow;
+pub use crate::store::dead_letters::Count as DeadLetterCount;
+pub use crate::store::halts::Row as HaltRow;
 
 #[derive(Debug, Serialize, sqlx::FromRow)]
 pub struct WorkerRow {
@@ -165,27 +146,9 @@ pub async fn load(
     .await?;
     let projections =
         crate::store::checkpoints::progress(pool, replica_set, head, i64::from(partitions)).await?;
-    let halts = sqlx::query_as(
-        "SELECT projection, partition, position, error, halted_at FROM projection_host.halts
-          WHERE replica_set = $1 ORDER BY projection, partition",
-    )
-    .bind(replica_set)
-    .fetch_all(pool)
-    .await?;
-    let paused = sqlx::query_as(
-        "SELECT projection, reason, updated_at AS since FROM projection_host.projection_controls
-          WHERE replica_set = $1 AND paused ORDER BY projection",
-    )
-    .bind(replica_set)
-    .fetch_all(pool)
-    .await?;
-    let dead_letters = sqlx::query_as(
-        "SELECT projection, count(*) AS events, min(parked_at) AS oldest FROM projection_host.dead_letters
-          WHERE replica_set = $1 GROUP BY projection ORDER BY projection",
-    )
-    .bind(replica_set)
-    .fetch_all(pool)
-    .await?;
+    let halts = crate::store::halts::list(pool, replica_set).await?;
+    let paused = crate::store::controls::paused(pool, replica_set).await?;
+    let dead_letters = crate::store::dead_letters::counts(pool, replica_set).await?;
     Ok(Status {
         halts,
         paused,

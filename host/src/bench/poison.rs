@@ -144,21 +144,18 @@ async fn measure(url: &str, plugin: &Path, args: &BenchPoisonArgs) -> anyhow::Re
     .await?;
     let trap_partition = PartitionId::of(&trap_aggregate, 32).as_i32();
 
-    let contained_sql = match OnFailure::from(args.on_failure) {
-        OnFailure::Stop => {
-            "SELECT halted_at FROM projection_host.halts WHERE projection = 'faulty' AND position = $1"
-        }
-        OnFailure::DeadLetter => {
-            "SELECT parked_at FROM projection_host.dead_letters WHERE projection = 'faulty' AND position = $1"
-        }
-    };
+    let on_failure = OnFailure::from(args.on_failure);
     let contained = || {
         let pool = pool.clone();
         async move {
-            let at: Option<DateTime<Utc>> = sqlx::query_scalar(contained_sql)
-                .bind(trap_position)
-                .fetch_optional(&pool)
-                .await?;
+            let at: Option<DateTime<Utc>> = match on_failure {
+                OnFailure::Stop => {
+                    crate::store::halts::halted_at(&pool, "faulty", trap_position).await?
+                }
+                OnFailure::DeadLetter => {
+                    crate::store::dead_letters::parked_at(&pool, "faulty", trap_position).await?
+                }
+            };
             Ok::<_, anyhow::Error>(at)
         }
     };
@@ -239,9 +236,7 @@ async fn caught_up(pool: &PgPool, target: i64, except: Option<i32>) -> anyhow::R
 /// (the failing event and, under dead-letter, its aggregate's later events excluded).
 async fn mismatches(pool: &PgPool, trap: i64) -> anyhow::Result<usize> {
     let checkpoints = checkpoints::of_projection(pool, PROJECTION).await?;
-    let parked: Vec<i64> = sqlx::query_scalar("SELECT position FROM projection_host.dead_letters")
-        .fetch_all(pool)
-        .await?;
+    let parked = crate::store::dead_letters::all_positions(pool).await?;
     let events: Vec<(String, i64)> =
         sqlx::query_as("SELECT aggregate_id, global_position FROM events")
             .fetch_all(pool)

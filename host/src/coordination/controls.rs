@@ -23,18 +23,7 @@ pub struct Controls {
 pub type Shared = Arc<Controls>;
 
 pub async fn load(pool: &PgPool, replica_set: &str) -> Result<Shared, sqlx::Error> {
-    let rows: Vec<(String, String)> = sqlx::query_as(
-        "SELECT 'paused', projection FROM projection_host.projection_controls WHERE replica_set = $1 AND paused
-         UNION SELECT 'halted', projection FROM projection_host.halts WHERE replica_set = $1
-         UNION SELECT 'retry', projection FROM projection_host.dead_letters WHERE replica_set = $1 AND retry_requested
-         UNION SELECT 'revision', concat_ws('/',
-                  (SELECT max(updated_at)::text FROM projection_host.projection_controls WHERE replica_set = $1),
-                  (SELECT count(*)::text || ':' || coalesce(max(id), 0)::text FROM projection_host.dead_letters WHERE replica_set = $1),
-                  (SELECT count(*)::text FROM projection_host.halts WHERE replica_set = $1))",
-    )
-    .bind(replica_set)
-    .fetch_all(pool)
-    .await?;
+    let rows = crate::store::controls::load(pool, replica_set).await?;
     let mut controls = Controls::default();
     for (kind, projection) in rows {
         match kind.as_str() {
@@ -60,23 +49,9 @@ pub async fn set_paused(
     reason: Option<&str>,
 ) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
-    sqlx::query(
-        "INSERT INTO projection_host.projection_controls (replica_set, projection, paused, reason, updated_at)
-         VALUES ($1, $2, $3, $4, now())
-         ON CONFLICT (replica_set, projection) DO UPDATE SET paused = $3, reason = $4, updated_at = now()",
-    )
-    .bind(replica_set)
-    .bind(projection)
-    .bind(paused)
-    .bind(reason)
-    .execute(&mut *tx)
-    .await?;
+    crate::store::controls::set_paused(&mut tx, replica_set, projection, paused, reason).await?;
     if !paused {
-        sqlx::query("DELETE FROM projection_host.halts WHERE replica_set = $1 AND projection = $2")
-            .bind(replica_set)
-            .bind(projection)
-            .execute(&mut *tx)
-            .await?;
+        crate::store::halts::clear(&mut tx, replica_set, projection).await?;
     }
     crate::base::notify::coordination(&mut *tx, replica_set).await?;
     tx.commit().await

@@ -19,9 +19,9 @@ use super::error::ApiError;
 use super::AppState;
 use crate::coordination::controls;
 use crate::lifecycle::registry;
-use crate::pipeline::dead_letters;
 use crate::pipeline::{ProjectionStatus, StatusBoard};
 use crate::store::checkpoints;
+use crate::store::dead_letters;
 
 /// Every admin route, as (method, OpenAPI path).
 #[cfg(test)]

@@ -12,8 +12,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::lifecycle::registry;
-use crate::pipeline::dead_letters;
 use crate::pipeline::status as board;
+use crate::store::dead_letters;
 
 type Time = DateTime<Utc>;
 

@@ -32,16 +32,7 @@ pub async fn projections(
     conn: &mut PgConnection,
     replica_set: &str,
 ) -> Result<Vec<String>, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT projection FROM projection_host.plugins WHERE replica_set = $1
-         UNION SELECT projection FROM projection_host.read_models WHERE replica_set = $1
-         UNION SELECT projection FROM projection_host.projection_roles WHERE replica_set = $1
-         UNION SELECT projection FROM projection_host.projection_controls WHERE replica_set = $1
-         ORDER BY 1",
-    )
-    .bind(replica_set)
-    .fetch_all(conn)
-    .await
+    crate::store::projections::known(conn, replica_set).await
 }
 
 /// Removes one projection of a replica set whose hosts may be running. `progress` hears about
@@ -65,7 +56,7 @@ pub async fn remove_projection(
             }
         )));
     }
-    let role = role_of(&mut conn, replica_set, projection).await?;
+    let role = crate::sink::role::role_of(&mut conn, replica_set, projection).await?;
     drop(conn);
     retire_everything(pool, replica_set, projection).await?;
     if let Some(role) = &role {
@@ -178,20 +169,6 @@ async fn retire_everything(
     tx.commit().await
 }
 
-async fn role_of(
-    conn: &mut PgConnection,
-    replica_set: &str,
-    projection: &str,
-) -> Result<Option<String>, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT role_name FROM projection_host.projection_roles WHERE replica_set = $1 AND projection = $2",
-    )
-    .bind(replica_set)
-    .bind(projection)
-    .fetch_optional(conn)
-    .await
-}
-
 /// Waits (up to `wait`) until no session of the role is left: hosts close a projection's
 /// sessions when they stop running it. What is left after the wait is ended when the role is
 /// dropped.
@@ -256,7 +233,7 @@ async fn drop_projection(
     schemas.push(own_schema_name(projection, replica_set));
     schemas.sort();
     schemas.dedup();
-    let role = role_of(tx, replica_set, projection).await?;
+    let role = crate::sink::role::role_of(tx, replica_set, projection).await?;
     let host_user: String = sqlx::query_scalar("SELECT current_user::text")
         .fetch_one(&mut **tx)
         .await?;

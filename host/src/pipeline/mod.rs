@@ -2,7 +2,6 @@
 //! over the partitions the coordinator gave it.
 
 pub mod containment;
-pub mod dead_letters;
 pub mod policy;
 mod progress;
 pub mod settled;

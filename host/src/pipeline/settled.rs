@@ -40,14 +40,7 @@ pub async fn check(
     if behind > 0 {
         return Ok(Settled::Not);
     }
-    let halts: Vec<(String, i32, i64, String)> = sqlx::query_as(
-        "SELECT projection, partition, position, error FROM projection_host.halts
-          WHERE replica_set = $1 AND projection = ANY($2) ORDER BY projection, partition",
-    )
-    .bind(replica_set)
-    .bind(tracks)
-    .fetch_all(pool)
-    .await?;
+    let halts = crate::store::halts::of_tracks(pool, replica_set, tracks).await?;
     if halts.is_empty() {
         return Ok(Settled::CaughtUp);
     }

@@ -7,18 +7,9 @@
 
 use sqlx::PgConnection;
 
-use crate::ids::{CommitToken, Epoch, PartitionId, WorkerId};
+pub use crate::store::Caller;
 
-/// Who records: this host process, proven by its secret commit token (whose hash is stored
-/// with the worker), for one read model.
-#[derive(Debug, Clone, Copy)]
-pub struct Caller<'a> {
-    pub replica_set: &'a str,
-    pub worker: &'a WorkerId,
-    pub token: &'a CommitToken,
-    /// The read model's checkpoint key (its track).
-    pub projection: &'a str,
-}
+use crate::ids::{Epoch, PartitionId};
 
 /// Everything the commit records about one batch.
 #[derive(Debug)]

@@ -189,6 +189,21 @@ pub async fn rotate(
     })
 }
 
+/// The role a projection of the replica set runs as, if the host made one.
+pub async fn role_of(
+    conn: &mut PgConnection,
+    replica_set: &str,
+    projection: &str,
+) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT role_name FROM projection_host.projection_roles WHERE replica_set = $1 AND projection = $2",
+    )
+    .bind(replica_set)
+    .bind(projection)
+    .fetch_optional(conn)
+    .await
+}
+
 /// The stored secret (another host may have rotated it).
 pub async fn stored_secret(pool: &PgPool, role: &str) -> Result<Option<String>, sqlx::Error> {
     sqlx::query_scalar("SELECT secret FROM projection_host.projection_roles WHERE role_name = $1")

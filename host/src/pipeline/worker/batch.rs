@@ -12,11 +12,11 @@ use super::reader::{cut_to_bytes, next_limit};
 use super::ProjectionWorker;
 use crate::ids::{Epoch, PartitionId};
 use crate::pipeline::containment::{Handed, Step};
-use crate::pipeline::dead_letters::{self, ToPark};
 use crate::runtime::PluginFailure;
 use crate::sink::commit::{record_batch, BatchCommit, CommitOutcome};
 use crate::sink::session::{BatchTx, TxSettings};
 use crate::source::StoredEvent;
+use crate::store::dead_letters::{self, ToPark};
 
 impl ProjectionWorker {
     /// Starts a transaction on the projection's own session.

@@ -11,12 +11,12 @@ use super::ProjectionWorker;
 use crate::base::retry::backoff;
 use crate::ids::PartitionId;
 use crate::pipeline::containment::{Containment, Failure, Handed, Verdict};
-use crate::pipeline::dead_letters;
 use crate::pipeline::policy::OnFailure;
 use crate::pipeline::status::ProjectionState;
 use crate::runtime::limits::Breach;
 use crate::runtime::PluginFailure;
 use crate::sink::role::RoleError;
+use crate::store::halts;
 
 /// Why a batch did not commit.
 #[derive(Debug, thiserror::Error)]
@@ -282,7 +282,7 @@ impl ProjectionWorker {
                     .retry_now(partition, Instant::now());
             }
             OnFailure::Stop => {
-                match dead_letters::halt(
+                match halts::halt(
                     &self.pool,
                     &self.config.replica_set,
                     &self.config.track,

@@ -9,8 +9,8 @@ use sqlx::PgPool;
 use super::failure::BatchError;
 use super::{PipelineConfig, ProjectionWorker};
 use crate::coordination::Lease;
-use crate::pipeline::dead_letters;
 use crate::store::checkpoints;
+use crate::store::dead_letters;
 
 impl ProjectionWorker {
     /// Loads the checkpoints (and parked aggregates) of partitions claimed since the last batch:
@@ -52,7 +52,8 @@ impl ProjectionWorker {
     /// Re-reads halts and parked aggregates after an operator acted.
     pub(super) async fn reload_failures(&mut self) -> Result<(), sqlx::Error> {
         self.failures.halted =
-            dead_letters::halts(&self.pool, &self.config.replica_set, &self.config.track).await?;
+            crate::store::halts::halts(&self.pool, &self.config.replica_set, &self.config.track)
+                .await?;
         let held: Vec<i32> = self.checkpoints.partitions().map(|p| p.as_i32()).collect();
         self.failures.parked = dead_letters::parked_aggregates(
             &self.pool,

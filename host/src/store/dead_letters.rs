@@ -1,12 +1,14 @@
-//! Parked events (dead-letter policy) and halted partitions (stop policy), in PostgreSQL so that
-//! every host of the replica set and every operator sees the same.
+//! `projection_host.dead_letters`: events parked by the dead-letter policy, with the later
+//! events of their aggregate, in PostgreSQL so that every host of the replica set and every
+//! operator sees the same. Rows are added and removed by the host's batch functions inside a
+//! batch's transaction (`park`, `remove`); operators retry or skip them.
 
 use std::collections::{HashMap, HashSet};
 
 use sqlx::{PgConnection, PgPool};
 
+use super::Caller;
 use crate::ids::PartitionId;
-use crate::sink::commit::Caller;
 
 /// One parked event, as stored (the admin API answers with `http::api::DeadLetter`).
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -210,47 +212,50 @@ pub async fn retry_failed(pool: &PgPool, ids: &[i64], error: &str) -> Result<(),
     Ok(())
 }
 
-/// Halted partitions of a projection, with the position they halted at.
-pub async fn halts(
-    pool: &PgPool,
-    replica_set: &str,
-    projection: &str,
-) -> Result<HashMap<PartitionId, i64>, sqlx::Error> {
-    let rows: Vec<(i32, i64)> =
-        sqlx::query_as("SELECT partition, position FROM projection_host.halts WHERE replica_set = $1 AND projection = $2")
-            .bind(replica_set)
-            .bind(projection)
-            .fetch_all(pool)
-            .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(p, pos)| (PartitionId(p as u32), pos))
-        .collect())
-}
-
-pub async fn halt(
-    pool: &PgPool,
-    replica_set: &str,
-    projection: &str,
-    partition: PartitionId,
-    position: i64,
-    error: &str,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO projection_host.halts (replica_set, projection, partition, position, error)
-         VALUES ($1, $2, $3, $4, $5)
-         ON CONFLICT (replica_set, projection, partition) DO UPDATE SET position = $4, error = $5, halted_at = now()",
-    )
-    .bind(replica_set)
-    .bind(projection)
-    .bind(partition.as_i32())
-    .bind(position)
-    .bind(error)
-    .execute(pool)
-    .await?;
-    Ok(())
-}
-
 async fn notify(conn: &mut PgConnection, replica_set: &str) -> Result<(), sqlx::Error> {
     crate::base::notify::coordination(&mut *conn, replica_set).await
+}
+
+/// Parked events per projection, for `projection-host status`.
+#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
+pub struct Count {
+    pub projection: String,
+    pub events: i64,
+    pub oldest: chrono::DateTime<chrono::Utc>,
+}
+
+/// Parked events per projection of the replica set.
+pub async fn counts(pool: &PgPool, replica_set: &str) -> Result<Vec<Count>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT projection, count(*) AS events, min(parked_at) AS oldest FROM projection_host.dead_letters
+          WHERE replica_set = $1 GROUP BY projection ORDER BY projection",
+    )
+    .bind(replica_set)
+    .fetch_all(pool)
+    .await
+}
+
+/// When the event at `position` of a projection was parked (in any replica set): for the
+/// poison benchmark.
+#[cfg(feature = "bench")]
+pub async fn parked_at(
+    pool: &PgPool,
+    projection: &str,
+    position: i64,
+) -> Result<Option<chrono::DateTime<chrono::Utc>>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT parked_at FROM projection_host.dead_letters WHERE projection = $1 AND position = $2",
+    )
+    .bind(projection)
+    .bind(position)
+    .fetch_optional(pool)
+    .await
+}
+
+/// Positions of every parked event in the database: for the poison benchmark's exactness check.
+#[cfg(feature = "bench")]
+pub async fn all_positions(pool: &PgPool) -> Result<Vec<i64>, sqlx::Error> {
+    sqlx::query_scalar("SELECT position FROM projection_host.dead_letters")
+        .fetch_all(pool)
+        .await
 }

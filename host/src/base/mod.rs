@@ -1,5 +1,6 @@
 //! Shared utilities that depend on nothing of the domain.
 
+pub mod locks;
 pub mod notify;
 pub mod retry;
 pub mod sqlstate;

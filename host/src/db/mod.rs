@@ -54,7 +54,7 @@ pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
     let result = async {
         bootstrap(&mut conn).await?;
         let mut tx = conn.begin().await?;
-        host_lock(&mut tx, "migrate").await?;
+        host_lock(&mut tx, crate::base::locks::HostLock::Migrate).await?;
         // Keep sqlx's bookkeeping table in our schema, not in the user's `public`.
         sqlx::query(&format!("SET LOCAL search_path TO {HOST_SCHEMA}"))
             .execute(&mut *tx)
@@ -104,12 +104,15 @@ fn is_creation_race(code: &str) -> bool {
 
 /// Takes the named host lock for the rest of the transaction. The lock is a row in
 /// `projection_host.locks`, which only the host's role can touch.
-pub async fn host_lock(conn: &mut sqlx::PgConnection, name: &str) -> Result<(), sqlx::Error> {
+pub async fn host_lock(
+    conn: &mut sqlx::PgConnection,
+    lock: crate::base::locks::HostLock<'_>,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO projection_host.locks (name) VALUES ($1)
          ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name",
     )
-    .bind(name)
+    .bind(lock.key())
     .execute(conn)
     .await?;
     Ok(())

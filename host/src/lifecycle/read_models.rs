@@ -207,7 +207,7 @@ pub async fn switch_readers(
         )));
     }
     let mut tx = pool.begin().await?;
-    crate::db::host_lock(&mut tx, "read-models").await?;
+    crate::db::host_lock(&mut tx, crate::base::locks::HostLock::ReadModels).await?;
     let live = live_hosts(&mut tx, from).await?;
     if !live.is_empty() {
         return Err(RegistryError::Refused(format!(

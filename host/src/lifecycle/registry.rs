@@ -187,7 +187,14 @@ async fn lock(
     replica_set: &str,
     projection: &str,
 ) -> Result<(), sqlx::Error> {
-    crate::db::host_lock(tx, &format!("plugins:{replica_set}/{projection}")).await
+    crate::db::host_lock(
+        tx,
+        crate::base::locks::HostLock::Plugins {
+            replica_set,
+            projection,
+        },
+    )
+    .await
 }
 
 async fn active(

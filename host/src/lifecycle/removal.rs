@@ -63,7 +63,14 @@ pub async fn remove_projection(
         wait_for_sessions(pool, role, wait, progress).await?;
     }
     let mut tx = pool.begin().await?;
-    crate::db::host_lock(&mut tx, &format!("plugins:{replica_set}/{projection}")).await?;
+    crate::db::host_lock(
+        &mut tx,
+        crate::base::locks::HostLock::Plugins {
+            replica_set,
+            projection,
+        },
+    )
+    .await?;
     let removed = drop_projection(&mut tx, replica_set, projection).await?;
     new_generation(
         &mut tx,
@@ -83,7 +90,7 @@ pub async fn remove_replica_set(
     replica_set: &str,
 ) -> Result<Vec<Removed>, RegistryError> {
     let mut tx = pool.begin().await?;
-    crate::db::host_lock(&mut tx, "read-models").await?;
+    crate::db::host_lock(&mut tx, crate::base::locks::HostLock::ReadModels).await?;
     let exists: bool = sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM projection_host.replica_sets WHERE name = $1)
              OR EXISTS (SELECT 1 FROM projection_host.plugins WHERE replica_set = $1)",
@@ -148,7 +155,14 @@ async fn retire_everything(
     projection: &str,
 ) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
-    crate::db::host_lock(&mut tx, &format!("plugins:{replica_set}/{projection}")).await?;
+    crate::db::host_lock(
+        &mut tx,
+        crate::base::locks::HostLock::Plugins {
+            replica_set,
+            projection,
+        },
+    )
+    .await?;
     let retired = sqlx::query(
         "UPDATE projection_host.plugins SET state = 'retired', retired_at = now()
           WHERE replica_set = $1 AND projection = $2 AND state <> 'retired'",

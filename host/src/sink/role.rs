@@ -108,7 +108,7 @@ pub async fn prepare(
         .fetch_one(&mut *tx)
         .await?;
     let role = role_name(&database, replica_set, projection);
-    crate::db::host_lock(&mut tx, &format!("role:{role}")).await?;
+    crate::db::host_lock(&mut tx, crate::base::locks::HostLock::Role(&role)).await?;
     let r = quote_ident(&role);
     let existed = ensure_role(&mut tx, &role).await?;
     let stored: Option<(String, bool)> = sqlx::query_as(
@@ -180,7 +180,7 @@ pub async fn rotate(
     role: &str,
 ) -> Result<RoleCredentials, RoleError> {
     let mut tx = pool.begin().await?;
-    crate::db::host_lock(&mut tx, &format!("role:{role}")).await?;
+    crate::db::host_lock(&mut tx, crate::base::locks::HostLock::Role(role)).await?;
     let secret = set_new_secret(&mut tx, role, replica_set, projection).await?;
     tx.commit().await?;
     Ok(RoleCredentials {

@@ -119,7 +119,13 @@ impl ProjectionWorker {
         )
         .execute(&mut *lock)
         .await?;
-        crate::db::host_lock(&mut lock, &format!("setup:{}", self.config.namespace)).await?;
+        crate::db::host_lock(
+            &mut lock,
+            crate::base::locks::HostLock::Setup {
+                namespace: &self.config.namespace,
+            },
+        )
+        .await?;
         let mut tx = self.begin().await?;
         tx.mark_dirty();
         let instance = self.instance().await?;

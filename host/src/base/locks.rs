@@ -1,6 +1,7 @@
-//! The names of the host's locks: rows of `projection_host.locks` (not advisory locks, which any
-//! session could take to block the fleet) that serialise one kind of change across hosts. Each
-//! name is made here so that two places that must exclude each other cannot drift apart.
+//! The names of the host's locks: rows of the host's lock table (see `db::host_lock`; not
+//! advisory locks, which any session could take to block the fleet) that serialise one kind of
+//! change across hosts. Each name is made here so that two places that must exclude each other
+//! cannot drift apart.
 
 /// Lock names, by what they serialise.
 #[derive(Debug, Clone, Copy)]
@@ -21,7 +22,7 @@ pub enum HostLock<'a> {
 }
 
 impl HostLock<'_> {
-    /// The row's key in `projection_host.locks`.
+    /// The row's key in the lock table.
     pub fn key(&self) -> String {
         match self {
             HostLock::Migrate => "migrate".to_string(),

@@ -182,7 +182,8 @@ pub enum Mounted {
     Known,
 }
 
-async fn lock(
+/// Serialises changes to one projection's registry rows (push, promote, retire, removal).
+pub(super) async fn lock(
     tx: &mut Transaction<'static, Postgres>,
     replica_set: &str,
     projection: &str,

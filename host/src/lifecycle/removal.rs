@@ -63,14 +63,7 @@ pub async fn remove_projection(
         wait_for_sessions(pool, role, wait, progress).await?;
     }
     let mut tx = pool.begin().await?;
-    crate::db::host_lock(
-        &mut tx,
-        crate::base::locks::HostLock::Plugins {
-            replica_set,
-            projection,
-        },
-    )
-    .await?;
+    super::registry::lock(&mut tx, replica_set, projection).await?;
     let removed = drop_projection(&mut tx, replica_set, projection).await?;
     new_generation(
         &mut tx,
@@ -155,14 +148,7 @@ async fn retire_everything(
     projection: &str,
 ) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
-    crate::db::host_lock(
-        &mut tx,
-        crate::base::locks::HostLock::Plugins {
-            replica_set,
-            projection,
-        },
-    )
-    .await?;
+    super::registry::lock(&mut tx, replica_set, projection).await?;
     let retired = sqlx::query(
         "UPDATE projection_host.plugins SET state = 'retired', retired_at = now()
           WHERE replica_set = $1 AND projection = $2 AND state <> 'retired'",

@@ -339,14 +339,7 @@ impl ProjectionWorker {
     async fn decide(&mut self, round: &Round) -> Result<(WorkerStep, Head), NotStarted> {
         let paused = round.controls.paused.contains(self.name());
         if round.controls.retry.contains(self.name()) {
-            let replay = replay_scope(&Observation {
-                leased: &round.lease.partitions,
-                halted: &self.failures.halted,
-                paused,
-                checkpoints: &self.checkpoints,
-                head: self.head.current(),
-                now: Instant::now(),
-            });
+            let replay = replay_scope(&round.lease.partitions, &self.failures.halted, paused);
             if let Some(active) = replay {
                 self.replay(&active)
                     .await

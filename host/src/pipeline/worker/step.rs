@@ -50,16 +50,20 @@ pub(super) enum WorkerStep {
 
 /// The partitions whose parked events an operator asked to retry are applied before the next
 /// step: the usable ones (held, not halted), unless the projection is paused.
-pub(super) fn replay_scope(seen: &Observation<'_>) -> Option<Scope> {
-    let active = usable(seen);
-    (!seen.paused && !active.is_empty()).then_some(active)
+pub(super) fn replay_scope(
+    leased: &[(PartitionId, Epoch)],
+    halted: &HashMap<PartitionId, i64>,
+    paused: bool,
+) -> Option<Scope> {
+    let active = usable(leased, halted);
+    (!paused && !active.is_empty()).then_some(active)
 }
 
 /// Leased partitions that are not halted.
-fn usable(seen: &Observation<'_>) -> Scope {
-    seen.leased
+fn usable(leased: &[(PartitionId, Epoch)], halted: &HashMap<PartitionId, i64>) -> Scope {
+    leased
         .iter()
-        .filter(|(p, _)| !seen.halted.contains_key(p))
+        .filter(|(p, _)| !halted.contains_key(p))
         .copied()
         .collect()
 }
@@ -70,7 +74,7 @@ pub(super) fn next_step(seen: &Observation<'_>, containment: &mut Containment) -
     if seen.leased.is_empty() {
         return WorkerStep::Idle;
     }
-    let active = usable(seen);
+    let active = usable(seen.leased, seen.halted);
     if seen.paused || active.is_empty() {
         return WorkerStep::WaitForOperator {
             paused: seen.paused,
@@ -170,6 +174,10 @@ mod tests {
             }
         }
 
+        fn replay_scope(&self) -> Option<Scope> {
+            replay_scope(&self.leased, &self.halted, self.paused)
+        }
+
         fn decide(&self, containment: &mut Containment) -> WorkerStep {
             next_step(&self.seen(), containment)
         }
@@ -220,18 +228,18 @@ mod tests {
     fn a_requested_replay_covers_the_usable_partitions_only() {
         let mut world = World::new(&[0, 1], 100);
         world.halted.insert(p(0), 5);
-        assert_eq!(replay_scope(&world.seen()), Some(leased(&[1])));
+        assert_eq!(world.replay_scope(), Some(leased(&[1])));
     }
 
     #[test]
     fn no_replay_runs_while_paused_or_without_a_usable_partition() {
         let mut world = World::new(&[0], 100);
         world.paused = true;
-        assert_eq!(replay_scope(&world.seen()), None);
+        assert_eq!(world.replay_scope(), None);
         let mut world = World::new(&[0], 100);
         world.halted.insert(p(0), 5);
-        assert_eq!(replay_scope(&world.seen()), None);
-        assert_eq!(replay_scope(&World::new(&[], 100).seen()), None);
+        assert_eq!(world.replay_scope(), None);
+        assert_eq!(World::new(&[], 100).replay_scope(), None);
     }
 
     #[test]

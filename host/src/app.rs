@@ -55,16 +55,24 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     result
 }
 
-async fn start_and_run(
-    mut config: RunConfig,
-    worker: WorkerId,
-    metrics: HostMetrics,
+/// The database as the rest of the start needs it: checked, migrated, with a pool.
+struct Connected {
+    pool: sqlx::PgPool,
+    /// How host sessions connect (the wake-up listener and safe-head tracker open their own).
+    db: crate::db::DbConfig,
+    /// How projection sessions connect: the same target and options, as the projection's role.
+    session_options: sqlx::postgres::PgConnectOptions,
+}
+
+/// Waits for PostgreSQL, checks the events table (resolving its schema into `config`), opens
+/// the pool and migrates. `None` when a signal arrived while waiting.
+async fn connect(
+    config: &mut RunConfig,
+    incarnation: &uuid::Uuid,
     front: &Front,
-) -> anyhow::Result<()> {
-    let incarnation = uuid::Uuid::new_v4();
+) -> anyhow::Result<Option<Connected>> {
     let mut db = config.database.clone();
-    db.application_name = Member::application_name(&incarnation);
-    // Projection sessions log in with the same target and options, as the projection's role.
+    db.application_name = Member::application_name(incarnation);
     let session_options = db.connect_options()?;
     let status = front.starting_status();
     let wait = StartWait {
@@ -75,7 +83,7 @@ async fn start_and_run(
         conn = crate::db::wait_for_database(&db, &wait) => conn?,
         signal = shutdown_signal() => {
             tracing::info!(%signal, "stopped while waiting for PostgreSQL");
-            return Ok(());
+            return Ok(None);
         }
     };
     match TlsSummary::of(&mut first, &db).await {
@@ -100,6 +108,29 @@ async fn start_and_run(
     crate::db::migrate(&pool)
         .await
         .context("creating the host's tables")?;
+    Ok(Some(Connected {
+        pool,
+        db,
+        session_options,
+    }))
+}
+
+async fn start_and_run(
+    mut config: RunConfig,
+    worker: WorkerId,
+    metrics: HostMetrics,
+    front: &Front,
+) -> anyhow::Result<()> {
+    let incarnation = uuid::Uuid::new_v4();
+    let Some(Connected {
+        pool,
+        db,
+        session_options,
+    }) = connect(&mut config, &incarnation, front).await?
+    else {
+        return Ok(());
+    };
+    let status = front.starting_status();
     let token = CommitToken::generate();
 
     let replica_set = config.coordination.replica_set.clone();
@@ -126,29 +157,10 @@ async fn start_and_run(
     let unusable = mounted.scan(&cache, &pool, &replica_set).await?;
 
     let background = CancellationToken::new();
-    let events_wakeup = Wakeup::default();
-    let coordination_wakeup = Wakeup::default();
-    let mut routes: Vec<(String, Wakeup)> = config
-        .notify_channels
-        .iter()
-        .map(|c| (c.clone(), events_wakeup.clone()))
-        .collect();
-    routes.push((
-        COORDINATION_CHANNEL.to_string(),
-        coordination_wakeup.clone(),
-    ));
-    tokio::spawn(wakeup::listen(db.clone(), routes, background.child_token()));
-
-    let (tracker, head) = SafeHeadTracker::new(
-        db.clone(),
-        config.events_table.clone(),
-        events_wakeup,
-        config.poll_interval,
-        metrics.clone(),
-    )
-    .await
-    .context("preparing to read the events table")?;
-    tokio::spawn(tracker.run(background.child_token()));
+    let Listening {
+        coordination_wakeup,
+        head,
+    } = listen(&db, &config, &metrics, &background).await?;
 
     let once_target = if config.once {
         let head = crate::source::stream_head(&pool, &config.events_table).await?;
@@ -215,30 +227,9 @@ async fn start_and_run(
         session_options,
         token,
     };
-    let supervisor = Supervisor {
-        context,
-        template: PipelineConfig {
-            replica_set: replica_set.clone(),
-            worker: worker.clone(),
-            partitions,
-            batch_size: config.batch_size,
-            max_batch_size: config.max_batch_size,
-            poll_interval: config.poll_interval,
-            events_table: config.events_table.clone(),
-            once_target,
-            settings: config.settings.defaults.clone(),
-            isolation: config.isolation,
-            track: String::new(),
-            namespace: String::new(),
-            build_generation: 0,
-        },
-        settings: config.settings.clone(),
-        cache: cache.clone(),
-        mounted,
-        scan_interval: config.plugin_scan_interval,
-    };
+    let supervisor = supervisor(&config, context, &worker, partitions, once_target, mounted);
     let stop_pipelines = CancellationToken::new();
-    let mut supervisor_task =
+    let supervisor_task =
         tokio::spawn(supervisor.run(stop_pipelines.clone(), config.shutdown_timeout));
 
     let shutting_down = Arc::new(AtomicBool::new(false));
@@ -269,31 +260,147 @@ async fn start_and_run(
             },
         },
     };
-    let reason = match &outcome {
-        Ok(reason) => reason.to_string(),
-        Err(e) => format!("error: {e:#}"),
-    };
-    tracing::info!(%reason, "shutting down: readiness is now false, in-flight batches finish");
-    shutting_down.store(true, Ordering::SeqCst);
-    stop_rebalancing.cancel();
-    ownership.close();
-    stop_pipelines.cancel();
-    if tokio::time::timeout(
-        config.shutdown_timeout + Duration::from_secs(1),
-        &mut supervisor_task,
+    Shutdown {
+        shutting_down,
+        stop_rebalancing,
+        ownership,
+        stop_pipelines,
+        supervisor_task,
+        leave,
+        coordinator_task,
+        background,
+        pool,
+        shutdown_timeout: config.shutdown_timeout,
+    }
+    .run(outcome)
+    .await
+}
+
+/// The pipelines' supervisor: one pipeline per read model the registry lists, each configured
+/// from `run`'s settings (and the projection's own, from its settings file).
+fn supervisor(
+    config: &RunConfig,
+    context: PipelineContext,
+    worker: &WorkerId,
+    partitions: u32,
+    once_target: Option<i64>,
+    mounted: MountedPlugins,
+) -> Supervisor {
+    let cache = context.cache.clone();
+    Supervisor {
+        context,
+        template: PipelineConfig {
+            replica_set: config.coordination.replica_set.clone(),
+            worker: worker.clone(),
+            partitions,
+            batch_size: config.batch_size,
+            max_batch_size: config.max_batch_size,
+            poll_interval: config.poll_interval,
+            events_table: config.events_table.clone(),
+            once_target,
+            settings: config.settings.defaults.clone(),
+            isolation: config.isolation,
+            // Filled in per read model by the supervisor.
+            track: String::new(),
+            namespace: String::new(),
+            build_generation: 0,
+        },
+        settings: config.settings.clone(),
+        cache,
+        mounted,
+        scan_interval: config.plugin_scan_interval,
+    }
+}
+
+/// What the background tasks that follow the database give the rest.
+struct Listening {
+    /// Woken by NOTIFY on the coordination channel.
+    coordination_wakeup: Wakeup,
+    /// The safe head: how far events may be read without skipping an open writer's gap.
+    head: crate::source::safe_head::SafeHead,
+}
+
+/// Starts the LISTEN connection (events and coordination channels) and the safe-head tracker,
+/// until `background` is cancelled.
+async fn listen(
+    db: &crate::db::DbConfig,
+    config: &RunConfig,
+    metrics: &HostMetrics,
+    background: &CancellationToken,
+) -> anyhow::Result<Listening> {
+    let events_wakeup = Wakeup::default();
+    let coordination_wakeup = Wakeup::default();
+    let mut routes: Vec<(String, Wakeup)> = config
+        .notify_channels
+        .iter()
+        .map(|c| (c.clone(), events_wakeup.clone()))
+        .collect();
+    routes.push((
+        COORDINATION_CHANNEL.to_string(),
+        coordination_wakeup.clone(),
+    ));
+    tokio::spawn(wakeup::listen(db.clone(), routes, background.child_token()));
+    let (tracker, head) = SafeHeadTracker::new(
+        db.clone(),
+        config.events_table.clone(),
+        events_wakeup,
+        config.poll_interval,
+        metrics.clone(),
     )
     .await
-    .is_err()
-    {
-        supervisor_task.abort();
+    .context("preparing to read the events table")?;
+    tokio::spawn(tracker.run(background.child_token()));
+    Ok(Listening {
+        coordination_wakeup,
+        head,
+    })
+}
+
+/// What the orderly shutdown stops, in its order.
+struct Shutdown {
+    /// Readiness reads it.
+    shutting_down: Arc<AtomicBool>,
+    stop_rebalancing: CancellationToken,
+    ownership: Arc<Ownership>,
+    stop_pipelines: CancellationToken,
+    supervisor_task: tokio::task::JoinHandle<()>,
+    /// Releases the partitions and deregisters (the coordinator heartbeats until then).
+    leave: CancellationToken,
+    coordinator_task: tokio::task::JoinHandle<Result<(), crate::coordination::CoordinationError>>,
+    /// The wake-up listener and the safe-head tracker.
+    background: CancellationToken,
+    pool: sqlx::PgPool,
+    shutdown_timeout: Duration,
+}
+
+impl Shutdown {
+    async fn run(mut self, outcome: anyhow::Result<&str>) -> anyhow::Result<()> {
+        let reason = match &outcome {
+            Ok(reason) => reason.to_string(),
+            Err(e) => format!("error: {e:#}"),
+        };
+        tracing::info!(%reason, "shutting down: readiness is now false, in-flight batches finish");
+        self.shutting_down.store(true, Ordering::SeqCst);
+        self.stop_rebalancing.cancel();
+        self.ownership.close();
+        self.stop_pipelines.cancel();
+        if tokio::time::timeout(
+            self.shutdown_timeout + Duration::from_secs(1),
+            &mut self.supervisor_task,
+        )
+        .await
+        .is_err()
+        {
+            self.supervisor_task.abort();
+        }
+        self.leave.cancel();
+        if !self.coordinator_task.is_finished() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), &mut self.coordinator_task).await;
+        }
+        self.background.cancel();
+        self.pool.close().await;
+        outcome.map(|reason| tracing::info!(%reason, "stopped"))
     }
-    leave.cancel();
-    if !coordinator_task.is_finished() {
-        let _ = tokio::time::timeout(Duration::from_secs(10), &mut coordinator_task).await;
-    }
-    background.cancel();
-    pool.close().await;
-    outcome.map(|reason| tracing::info!(%reason, "stopped"))
 }
 
 /// The events table, named with its schema as the server resolves it on the user's search

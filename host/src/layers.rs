@@ -12,6 +12,11 @@ pub const TABLE_OWNERS: &[(&str, &str)] = &[
     ("dead_letters", "store/dead_letters.rs"),
     ("halts", "store/halts.rs"),
     ("projection_controls", "store/controls.rs"),
+    ("replica_sets", "store/replica_sets.rs"),
+    // A generation's audit row is written with the bump of `replica_sets.generation`.
+    ("generations", "store/replica_sets.rs"),
+    ("workers", "store/workers.rs"),
+    ("partitions", "store/partitions.rs"),
     ("projection_roles", "sink/role.rs"),
     ("plugins", "lifecycle/"),
     ("read_models", "lifecycle/"),

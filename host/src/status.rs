@@ -68,7 +68,7 @@ pub struct Status {
     pub partitions: i32,
     pub generation: i64,
     pub strategy: String,
-    pub phase: String,
+    pub phase: crate::store::replica_sets::Phase,
     pub leader: Option<String>,
     pub head: i64,
     pub workers: Vec<WorkerRow>,
@@ -86,25 +86,9 @@ pub use crate::store::controls::Paused as PausedRow;
 pub use crate::store::dead_letters::Count as DeadLetterCount;
 pub use crate::store::halts::Row as HaltRow;
 
-#[derive(Debug, Serialize, sqlx::FromRow)]
-pub struct WorkerRow {
-    pub worker_id: String,
-    pub hostname: String,
-    pub host_version: String,
-    pub heartbeat_age_ms: i64,
-    pub started_at: chrono::DateTime<chrono::Utc>,
-    pub partitions: i64,
-}
-
-#[derive(Debug, Serialize, sqlx::FromRow)]
-pub struct PartitionRow {
-    pub partition: i32,
-    pub owner: Option<String>,
-    pub assigned_to: Option<String>,
-    pub epoch: i64,
-}
-
 pub use crate::store::checkpoints::Progress as ProjectionRow;
+pub use crate::store::partitions::Row as PartitionRow;
+pub use crate::store::workers::Row as WorkerRow;
 
 /// Reads the replica set's state from the database.
 pub async fn load(
@@ -112,38 +96,28 @@ pub async fn load(
     replica_set: &str,
     events: &QualifiedName,
 ) -> anyhow::Result<Status> {
-    let row: Option<(i32, i64, String, String, Option<String>)> =
-        sqlx::query_as("SELECT partitions, generation, strategy, phase, leader FROM projection_host.replica_sets WHERE name = $1")
-            .bind(replica_set)
-            .fetch_optional(pool)
-            .await
-            .map_err(|e| match &e {
-                sqlx::Error::Database(d) if d.code().as_deref() == Some(crate::base::sqlstate::UNDEFINED_TABLE) => anyhow::anyhow!(
-                    "this database has no projection host tables yet: run `projection-host migrate` (or start a host) against it, or check DATABASE_URL"
-                ),
-                _ => anyhow::Error::new(e).context("reading the replica set"),
-            })?;
-    let (partitions, generation, strategy, phase, leader) = row.with_context(|| {
+    let overview = crate::store::replica_sets::overview(pool, replica_set)
+        .await
+        .map_err(|e| match crate::base::sqlstate::of(&e).as_deref() {
+            Some(crate::base::sqlstate::UNDEFINED_TABLE) => anyhow::anyhow!(
+                "this database has no projection host tables yet: run `projection-host migrate` (or start a host) against it, or check DATABASE_URL"
+            ),
+            _ => anyhow::Error::new(e).context("reading the replica set"),
+        })?;
+    let crate::store::replica_sets::Overview {
+        partitions,
+        generation,
+        strategy,
+        phase,
+        leader,
+    } = overview.with_context(|| {
         format!("replica set '{replica_set}' does not exist (no host has joined it yet)")
     })?;
     let head = crate::source::stream_head(pool, events)
         .await
         .with_context(|| format!("reading the head of {events}"))?;
-    let workers = sqlx::query_as(
-        "SELECT w.worker_id, w.hostname, w.host_version,
-                (extract(epoch FROM now() - w.heartbeat_at) * 1000)::int8 AS heartbeat_age_ms, w.started_at,
-                (SELECT count(*) FROM projection_host.partitions p WHERE p.replica_set = w.replica_set AND p.owner = w.worker_id) AS partitions
-           FROM projection_host.workers w WHERE w.replica_set = $1 ORDER BY w.worker_id",
-    )
-    .bind(replica_set)
-    .fetch_all(pool)
-    .await?;
-    let partition_owners = sqlx::query_as(
-        "SELECT partition, owner, assigned_to, epoch FROM projection_host.partitions WHERE replica_set = $1 ORDER BY partition",
-    )
-    .bind(replica_set)
-    .fetch_all(pool)
-    .await?;
+    let workers = crate::store::workers::list(pool, replica_set).await?;
+    let partition_owners = crate::store::partitions::list(pool, replica_set).await?;
     let projections =
         crate::store::checkpoints::progress(pool, replica_set, head, i64::from(partitions)).await?;
     let halts = crate::store::halts::list(pool, replica_set).await?;

@@ -147,11 +147,11 @@ async fn db_now(pool: &PgPool) -> anyhow::Result<DateTime<Utc>> {
 }
 
 async fn owners(pool: &PgPool) -> anyhow::Result<Owners> {
-    let rows: Vec<(i32, Option<String>, i64)> =
-        sqlx::query_as("SELECT partition, owner, epoch FROM projection_host.partitions WHERE replica_set = 'rebalance'")
-            .fetch_all(pool)
-            .await?;
-    Ok(rows.into_iter().map(|(p, o, e)| (p, (o, e))).collect())
+    let rows = crate::store::partitions::list(pool, "rebalance").await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.partition, (r.owner, r.epoch)))
+        .collect())
 }
 
 async fn balanced(pool: &PgPool, workers: &[&str]) -> anyhow::Result<()> {
@@ -228,15 +228,12 @@ async fn measure(
     let mut pauses: Vec<f64> = Vec::new();
     for p in &moved {
         let new_owner = after[p].0.clone().unwrap_or_default();
-        let start_sql = match how {
-            Measure::FromRelease => "SELECT released_at FROM projection_host.partitions WHERE replica_set = 'rebalance' AND partition = $1",
-            Measure::FromEvent => "SELECT $2::timestamptz",
+        let start = match how {
+            Measure::FromRelease => {
+                crate::store::partitions::released_at(pool, "rebalance", *p).await?
+            }
+            Measure::FromEvent => Some(t0),
         };
-        let start: Option<DateTime<Utc>> = sqlx::query_scalar(start_sql)
-            .bind(p)
-            .bind(t0)
-            .fetch_one(pool)
-            .await?;
         // A release may predate the claim round of this phase; never count from before t0.
         let start = start.map_or(t0, |s| s.max(t0));
         let first: Option<DateTime<Utc>> = sqlx::query_scalar(

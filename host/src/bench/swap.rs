@@ -49,17 +49,16 @@ async fn run(url: &str, old: &Path, new: &Path) -> anyhow::Result<String> {
     };
     let _a = host("a")?;
     let _b = host("b")?;
-    wait_until("both hosts to share the partitions", Duration::from_secs(120), || async {
-        let owners: i64 = sqlx::query_scalar("SELECT count(DISTINCT owner) FROM projection_host.partitions WHERE owner IS NOT NULL")
-            .fetch_one(&pool)
-            .await
-            .unwrap_or(0);
-        let held: i64 = sqlx::query_scalar("SELECT count(*) FROM projection_host.partitions WHERE owner IS NOT NULL")
-            .fetch_one(&pool)
-            .await
-            .unwrap_or(0);
-        Ok(owners == 2 && held == 32)
-    })
+    wait_until(
+        "both hosts to share the partitions",
+        Duration::from_secs(120),
+        || async {
+            let (owners, held) = crate::store::partitions::ownership_spread(&pool)
+                .await
+                .unwrap_or((0, 0));
+            Ok(owners == 2 && held == 32)
+        },
+    )
     .await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
 

@@ -1,4 +1,6 @@
-//! Replica-set and worker rows: creation, registration, heartbeats, removal.
+//! Membership: creating or checking the replica set, registration, heartbeats, leaving, and
+//! the removal of stale workers (the rows themselves are `store::replica_sets` and
+//! `store::workers`).
 
 use std::time::Duration;
 
@@ -7,6 +9,7 @@ use sqlx::PgPool;
 use super::CoordinationError;
 use crate::base::notify;
 use crate::ids::WorkerId;
+use crate::store::{self, replica_sets, workers};
 
 /// Partitions of a new replica set when `--partitions` is not given.
 pub const DEFAULT_PARTITIONS: u32 = 32;
@@ -54,22 +57,13 @@ pub async fn ensure_replica_set(
 ) -> Result<u32, CoordinationError> {
     let strategy = strategy.as_str();
     let mut tx = pool.begin().await?;
-    sqlx::query(
-        "INSERT INTO projection_host.replica_sets (name, partitions, strategy) VALUES ($1, $2, $3)
-         ON CONFLICT (name) DO NOTHING",
+    let (stored, stored_strategy) = replica_sets::create_or_lock(
+        &mut tx,
+        name,
+        partitions.unwrap_or(DEFAULT_PARTITIONS),
+        strategy,
     )
-    .bind(name)
-    .bind(partitions.unwrap_or(DEFAULT_PARTITIONS) as i32)
-    .bind(strategy)
-    .execute(&mut *tx)
     .await?;
-    let (stored, stored_strategy): (i32, String) = sqlx::query_as(
-        "SELECT partitions, strategy FROM projection_host.replica_sets WHERE name = $1 FOR UPDATE",
-    )
-    .bind(name)
-    .fetch_one(&mut *tx)
-    .await?;
-    let stored = stored as u32;
     if let Some(wanted) = partitions {
         if wanted != stored {
             return Err(CoordinationError::PartitionCountMismatch {
@@ -81,21 +75,9 @@ pub async fn ensure_replica_set(
     }
     if stored_strategy != strategy {
         tracing::warn!(replica_set = name, from = %stored_strategy, to = strategy, "changing the replica set's rebalancing strategy");
-        sqlx::query("UPDATE projection_host.replica_sets SET strategy = $2 WHERE name = $1")
-            .bind(name)
-            .bind(strategy)
-            .execute(&mut *tx)
-            .await?;
+        replica_sets::set_strategy(&mut tx, name, strategy).await?;
     }
-    sqlx::query(
-        "INSERT INTO projection_host.partitions (replica_set, partition)
-         SELECT $1, g FROM generate_series(0, $2 - 1) AS g
-         ON CONFLICT DO NOTHING",
-    )
-    .bind(name)
-    .bind(stored as i32)
-    .execute(&mut *tx)
-    .await?;
+    store::partitions::create(&mut tx, name, stored).await?;
     tx.commit().await?;
     Ok(stored)
 }
@@ -123,52 +105,26 @@ impl Member {
     /// Registers (or re-registers) this process; returns whether it took the worker id over
     /// from an earlier process.
     pub async fn register(&self, pool: &PgPool) -> Result<bool, CoordinationError> {
-        let previous: Option<Option<uuid::Uuid>> = sqlx::query_scalar(
-            "WITH old AS (
-                 SELECT incarnation FROM projection_host.workers WHERE replica_set = $1 AND worker_id = $2
-             ), up AS (
-                 INSERT INTO projection_host.workers
-                     (replica_set, worker_id, incarnation, hostname, pod_namespace, host_version, started_at, heartbeat_at, commit_token)
-                 VALUES ($1, $2, $3, $4, $5, $6, now(), now(), $7)
-                 ON CONFLICT (replica_set, worker_id) DO UPDATE
-                    SET incarnation = EXCLUDED.incarnation, hostname = EXCLUDED.hostname,
-                        commit_token = EXCLUDED.commit_token,
-                        pod_namespace = EXCLUDED.pod_namespace, host_version = EXCLUDED.host_version,
-                        started_at = CASE WHEN projection_host.workers.incarnation = EXCLUDED.incarnation
-                                          THEN projection_host.workers.started_at ELSE now() END,
-                        heartbeat_at = now()
-                 RETURNING 1
-             )
-             SELECT (SELECT incarnation FROM old) FROM up",
+        let previous = workers::register(
+            pool,
+            &workers::Registration {
+                replica_set: &self.replica_set,
+                worker: &self.worker,
+                incarnation: self.incarnation,
+                hostname: &self.hostname,
+                pod_namespace: self.pod_namespace.as_deref(),
+                commit_token: &self.commit_token,
+            },
         )
-        .bind(&self.replica_set)
-        .bind(self.worker.as_str())
-        .bind(self.incarnation)
-        .bind(&self.hostname)
-        .bind(&self.pod_namespace)
-        .bind(env!("CARGO_PKG_VERSION"))
-        .bind(&self.commit_token)
-        .fetch_optional(pool)
         .await?;
-        let took_over = matches!(previous, Some(Some(old)) if old != self.incarnation);
+        let took_over = matches!(previous, Some(old) if old != self.incarnation);
         notify(pool, &self.replica_set).await?;
         Ok(took_over)
     }
 
     pub async fn heartbeat(&self, pool: &PgPool) -> Result<Heartbeat, CoordinationError> {
-        let current: Option<uuid::Uuid> = sqlx::query_scalar(
-            "WITH hb AS (
-                 UPDATE projection_host.workers SET heartbeat_at = now()
-                  WHERE replica_set = $1 AND worker_id = $2 AND incarnation = $3
-                 RETURNING incarnation)
-             SELECT coalesce((SELECT incarnation FROM hb),
-                             (SELECT incarnation FROM projection_host.workers WHERE replica_set = $1 AND worker_id = $2))",
-        )
-        .bind(&self.replica_set)
-        .bind(self.worker.as_str())
-        .bind(self.incarnation)
-        .fetch_one(pool)
-        .await?;
+        let current =
+            workers::heartbeat(pool, &self.replica_set, &self.worker, self.incarnation).await?;
         Ok(match current {
             Some(i) if i == self.incarnation => Heartbeat::Alive,
             Some(_) => Heartbeat::Replaced,
@@ -180,38 +136,16 @@ impl Member {
     /// row, so peers take over at once.
     pub async fn leave(&self, pool: &PgPool) -> Result<u64, CoordinationError> {
         let mut tx = pool.begin().await?;
-        let mine: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM projection_host.workers WHERE replica_set = $1 AND worker_id = $2 AND incarnation = $3)",
-        )
-        .bind(&self.replica_set)
-        .bind(self.worker.as_str())
-        .bind(self.incarnation)
-        .fetch_one(&mut *tx)
-        .await?;
+        let mine =
+            workers::is_current(&mut tx, &self.replica_set, &self.worker, self.incarnation).await?;
         if !mine {
             // Someone else registered under our id; their partitions are not ours to release.
             return Ok(0);
         }
-        let released = sqlx::query(
-            "UPDATE projection_host.partitions SET owner = NULL, released_at = now()
-              WHERE replica_set = $1 AND owner = $2",
-        )
-        .bind(&self.replica_set)
-        .bind(self.worker.as_str())
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        sqlx::query("DELETE FROM projection_host.workers WHERE replica_set = $1 AND worker_id = $2 AND incarnation = $3")
-            .bind(&self.replica_set)
-            .bind(self.worker.as_str())
-            .bind(self.incarnation)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("UPDATE projection_host.replica_sets SET leader = NULL, leader_until = NULL WHERE name = $1 AND leader = $2")
-            .bind(&self.replica_set)
-            .bind(self.worker.as_str())
-            .execute(&mut *tx)
-            .await?;
+        let released =
+            store::partitions::release_all(&mut tx, &self.replica_set, &self.worker).await?;
+        workers::delete(&mut tx, &self.replica_set, &self.worker, self.incarnation).await?;
+        replica_sets::resign(&mut tx, &self.replica_set, &self.worker).await?;
         notify::coordination(&mut *tx, &self.replica_set).await?;
         tx.commit().await?;
         Ok(released)
@@ -225,15 +159,7 @@ pub async fn remove_stale(
     replica_set: &str,
     stale: Duration,
 ) -> Result<Vec<String>, CoordinationError> {
-    let removed: Vec<(String, uuid::Uuid)> = sqlx::query_as(
-        "DELETE FROM projection_host.workers
-          WHERE replica_set = $1 AND heartbeat_at < now() - $2 * interval '1 millisecond'
-         RETURNING worker_id, incarnation",
-    )
-    .bind(replica_set)
-    .bind(stale.as_millis() as f64)
-    .fetch_all(pool)
-    .await?;
+    let removed = workers::delete_stale(pool, replica_set, stale).await?;
     if removed.is_empty() {
         return Ok(Vec::new());
     }

@@ -25,6 +25,7 @@ use crate::base::notify;
 use crate::ids::{Epoch, Generation, PartitionId, WorkerId};
 use crate::metrics::HostMetrics;
 use crate::source::wakeup::Wakeup;
+use crate::store::{self, replica_sets};
 pub use membership::{Member, Strategy};
 pub use ownership::{Lease, Ownership};
 
@@ -44,8 +45,6 @@ pub enum CoordinationError {
     IdentityTaken { replica_set: String, worker: String },
     #[error("database error during coordination: {0}")]
     Sql(#[from] sqlx::Error),
-    #[error("the host's coordination tables hold a value this host does not know: {0}")]
-    Corrupt(String),
 }
 
 #[derive(Debug, Clone)]
@@ -80,7 +79,8 @@ pub struct CoordinationStatus {
     pub registered: bool,
     pub leader: bool,
     pub generation: i64,
-    pub phase: String,
+    /// `None` until the first coordination round.
+    pub phase: Option<replica_sets::Phase>,
     pub partitions: u32,
     pub live_workers: usize,
     pub assigned: usize,
@@ -106,52 +106,9 @@ pub struct Coordinator {
     waiting_since: Option<Instant>,
 }
 
-/// Rows of `projection_host.partitions`.
-#[derive(Debug, Clone, sqlx::FromRow)]
-struct PartitionRow {
-    partition: i32,
-    assigned_to: Option<String>,
-    owner: Option<String>,
-    epoch: i64,
-}
+use crate::store::partitions::Row as PartitionRow;
 
-/// `replica_sets.phase`: a recreate-strategy generation starts `stopping` (every owner of the
-/// previous one releases first) and becomes `running` once the barrier is lifted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    Running,
-    Stopping,
-}
-
-impl Phase {
-    fn as_str(self) -> &'static str {
-        match self {
-            Phase::Running => "running",
-            Phase::Stopping => "stopping",
-        }
-    }
-}
-
-impl TryFrom<String> for Phase {
-    type Error = CoordinationError;
-
-    fn try_from(stored: String) -> Result<Phase, CoordinationError> {
-        match stored.as_str() {
-            "running" => Ok(Phase::Running),
-            "stopping" => Ok(Phase::Stopping),
-            _ => Err(CoordinationError::Corrupt(format!(
-                "replica_sets.phase is '{stored}' (expected running or stopping)"
-            ))),
-        }
-    }
-}
-
-struct ReplicaSetRow {
-    generation: i64,
-    phase: Phase,
-    leader: bool,
-    leader_until_ms: Option<i64>,
-}
+use replica_sets::Seen as ReplicaSetRow;
 
 impl Coordinator {
     /// Creates or checks the replica set and registers this worker.
@@ -360,61 +317,28 @@ impl Coordinator {
     }
 
     async fn try_lead(&self) -> Result<ReplicaSetRow, CoordinationError> {
-        let row: (i64, String, bool, Option<i64>) = sqlx::query_as(
-            "WITH lead AS (
-                 UPDATE projection_host.replica_sets
-                    SET leader = $2, leader_until = now() + $3 * interval '1 millisecond'
-                  WHERE name = $1 AND (leader IS NULL OR leader = $2 OR leader_until < now())
-                 RETURNING generation, phase)
-             SELECT r.generation, r.phase, EXISTS (SELECT 1 FROM lead),
-                    (extract(epoch FROM r.leader_until - now()) * 1000)::int8
-               FROM projection_host.replica_sets r WHERE r.name = $1",
+        Ok(replica_sets::try_lead(
+            &self.pool,
+            &self.config.replica_set,
+            &self.member.worker,
+            self.config.stale_timeout,
         )
-        .bind(&self.config.replica_set)
-        .bind(self.member.worker.as_str())
-        .bind(self.config.stale_timeout.as_millis() as f64)
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(ReplicaSetRow {
-            generation: row.0,
-            phase: Phase::try_from(row.1)?,
-            leader: row.2,
-            leader_until_ms: row.3,
-        })
+        .await?)
     }
 
     async fn replica_set_row(&self) -> Result<ReplicaSetRow, CoordinationError> {
-        let row: (i64, String, bool) = sqlx::query_as(
-            "SELECT generation, phase, leader IS NOT DISTINCT FROM $2 FROM projection_host.replica_sets WHERE name = $1",
+        Ok(
+            replica_sets::seen_by(&self.pool, &self.config.replica_set, &self.member.worker)
+                .await?,
         )
-        .bind(&self.config.replica_set)
-        .bind(self.member.worker.as_str())
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(ReplicaSetRow {
-            generation: row.0,
-            phase: Phase::try_from(row.1)?,
-            leader: row.2,
-            leader_until_ms: None,
-        })
     }
 
     async fn live_workers(&self) -> Result<Vec<WorkerId>, CoordinationError> {
-        let ids: Vec<String> = sqlx::query_scalar("SELECT worker_id FROM projection_host.workers WHERE replica_set = $1 ORDER BY worker_id")
-            .bind(&self.config.replica_set)
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(ids.into_iter().map(WorkerId).collect())
+        Ok(store::workers::ids(&self.pool, &self.config.replica_set).await?)
     }
 
     async fn partition_rows(&self) -> Result<Vec<PartitionRow>, CoordinationError> {
-        Ok(sqlx::query_as(
-            "SELECT partition, assigned_to, owner, epoch FROM projection_host.partitions
-              WHERE replica_set = $1 ORDER BY partition",
-        )
-        .bind(&self.config.replica_set)
-        .fetch_all(&self.pool)
-        .await?)
+        Ok(store::partitions::list(&self.pool, &self.config.replica_set).await?)
     }
 
     /// Leader duties: remove stale workers, re-plan, and lift the recreate barrier. Returns when
@@ -452,17 +376,13 @@ impl Coordinator {
         })
         .await;
         // Next stale check: when the oldest heartbeat would expire.
-        let oldest_ms: Option<f64> = sqlx::query_scalar(
-            "SELECT (extract(epoch FROM min(heartbeat_at) + $2 * interval '1 millisecond' - now()) * 1000)::float8
-               FROM projection_host.workers WHERE replica_set = $1",
+        let until = store::workers::until_next_stale(
+            &self.pool,
+            &self.config.replica_set,
+            self.config.stale_timeout,
         )
-        .bind(&self.config.replica_set)
-        .bind(self.config.stale_timeout.as_millis() as f64)
-        .fetch_one(&self.pool)
         .await?;
-        Ok(Duration::from_millis(
-            oldest_ms.unwrap_or(0.0).max(0.0) as u64 + 20,
-        ))
+        Ok(until.unwrap_or_default() + Duration::from_millis(20))
     }
 
     async fn write_generation(
@@ -473,20 +393,21 @@ impl Coordinator {
         moved: usize,
         removed: &[String],
     ) -> Result<(), CoordinationError> {
+        let reason = if !removed.is_empty() {
+            format!("stale workers removed: {}", removed.join(", "))
+        } else {
+            "membership changed".to_string()
+        };
         let mut tx = self.pool.begin().await?;
-        // Guarded by the lease: a leader that lost it (paused past its lease) writes nothing.
-        let generation: Option<i64> = sqlx::query_scalar(
-            "UPDATE projection_host.replica_sets
-                SET generation = generation + 1,
-                    phase = CASE WHEN strategy = 'recreate' THEN 'stopping' ELSE phase END
-              WHERE name = $1 AND leader = $2 AND leader_until > now()
-             RETURNING generation",
-        )
-        .bind(&self.config.replica_set)
-        .bind(self.member.worker.as_str())
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(generation) = generation else {
+        let started_by = replica_sets::StartedBy::Leader {
+            leader: &self.member.worker,
+            workers,
+            moved,
+        };
+        let Some(generation) =
+            replica_sets::new_generation(&mut tx, &self.config.replica_set, &started_by, &reason)
+                .await?
+        else {
             return Ok(());
         };
         let (parts, owners): (Vec<i32>, Vec<Option<String>>) = rows
@@ -494,34 +415,13 @@ impl Coordinator {
             .zip(planned)
             .map(|(r, w)| (r.partition, w.as_ref().map(|w| w.0.clone())))
             .unzip();
-        sqlx::query(
-            "UPDATE projection_host.partitions p SET assigned_to = n.worker, assigned_generation = $2
-               FROM unnest($3::int[], $4::text[]) AS n(partition, worker)
-              WHERE p.replica_set = $1 AND p.partition = n.partition
-                AND p.assigned_to IS DISTINCT FROM n.worker",
+        store::partitions::assign(
+            &mut tx,
+            &self.config.replica_set,
+            generation,
+            &parts,
+            &owners,
         )
-        .bind(&self.config.replica_set)
-        .bind(generation)
-        .bind(&parts)
-        .bind(&owners)
-        .execute(&mut *tx)
-        .await?;
-        let reason = if !removed.is_empty() {
-            format!("stale workers removed: {}", removed.join(", "))
-        } else {
-            "membership changed".to_string()
-        };
-        sqlx::query(
-            "INSERT INTO projection_host.generations (replica_set, generation, leader, reason, workers, moved)
-             VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(&self.config.replica_set)
-        .bind(generation)
-        .bind(self.member.worker.as_str())
-        .bind(&reason)
-        .bind(workers.iter().map(|w| w.0.clone()).collect::<Vec<_>>())
-        .bind(moved as i32)
-        .execute(&mut *tx)
         .await?;
         notify::coordination(&mut *tx, &self.config.replica_set).await?;
         tx.commit().await?;
@@ -543,20 +443,14 @@ impl Coordinator {
     /// Recreate strategy: the new generation starts only once every owner of the previous one
     /// has released (or is gone and will be fenced).
     async fn lift_recreate_barrier(&self, workers: &[WorkerId]) -> Result<(), CoordinationError> {
-        let live: Vec<String> = workers.iter().map(|w| w.0.clone()).collect();
-        let lifted = sqlx::query(
-            "UPDATE projection_host.replica_sets r SET phase = 'running'
-              WHERE r.name = $1 AND r.phase = 'stopping' AND r.leader = $2
-                AND NOT EXISTS (SELECT 1 FROM projection_host.partitions p
-                                 WHERE p.replica_set = $1 AND p.owner = ANY($3))",
+        let lifted = replica_sets::lift_stop_barrier(
+            &self.pool,
+            &self.config.replica_set,
+            &self.member.worker,
+            workers,
         )
-        .bind(&self.config.replica_set)
-        .bind(self.member.worker.as_str())
-        .bind(&live)
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        if lifted > 0 {
+        .await?;
+        if lifted {
             tracing::info!(replica_set = %self.config.replica_set, "recreate: every owner of the previous generation stopped; starting the new one");
             membership::notify(&self.pool, &self.config.replica_set).await?;
         }
@@ -566,7 +460,7 @@ impl Coordinator {
     /// Worker duties: forget what we lost, release what is no longer ours, claim what is.
     async fn reconcile(&mut self, rs: &ReplicaSetRow) -> Result<Duration, CoordinationError> {
         let me = self.member.worker.as_str();
-        let running = rs.phase == Phase::Running;
+        let running = rs.phase == replica_sets::Phase::Running;
         let rows = self.partition_rows().await?;
         let workers: HashSet<String> = self
             .live_workers()
@@ -665,7 +559,7 @@ impl Coordinator {
             registered: true,
             leader: rs.leader,
             generation: rs.generation,
-            phase: rs.phase.as_str().to_string(),
+            phase: Some(rs.phase),
             partitions: self.partitions,
             live_workers,
             assigned: assigned.len(),
@@ -685,20 +579,12 @@ impl Coordinator {
         sqlx::query("SET LOCAL lock_timeout = '2s'")
             .execute(&mut *tx)
             .await?;
-        let claimed: Vec<(i32, i64)> = match sqlx::query_as(
-            "UPDATE projection_host.partitions p
-                SET owner = $2, epoch = p.epoch + 1, claimed_at = now()
-              WHERE p.replica_set = $1 AND p.partition = ANY($3) AND p.assigned_to = $2
-                AND (p.owner IS NULL OR p.owner = $2
-                     OR NOT EXISTS (SELECT 1 FROM projection_host.workers w
-                                     WHERE w.replica_set = $1 AND w.worker_id = p.owner))
-                AND (SELECT phase FROM projection_host.replica_sets WHERE name = $1) = 'running'
-             RETURNING p.partition, p.epoch",
+        let claimed = match store::partitions::claim(
+            &mut tx,
+            &self.config.replica_set,
+            &self.member.worker,
+            &ids,
         )
-        .bind(&self.config.replica_set)
-        .bind(self.member.worker.as_str())
-        .bind(&ids)
-        .fetch_all(&mut *tx)
         .await
         {
             Ok(rows) => rows,
@@ -742,15 +628,13 @@ impl Coordinator {
             let started = Instant::now();
             // Not held locally: release whatever epoch the database has for this worker id.
             let epoch = ownership.revoke(partition, timeout).await;
-            let result = sqlx::query(
-                "UPDATE projection_host.partitions SET owner = NULL, released_at = now()
-                  WHERE replica_set = $1 AND partition = $2 AND owner = $3 AND ($4::int8 IS NULL OR epoch = $4)",
+            let result = store::partitions::release(
+                &pool,
+                &replica_set,
+                partition.as_i32(),
+                &worker,
+                epoch.map(|e| e.0),
             )
-            .bind(&replica_set)
-            .bind(partition.as_i32())
-            .bind(worker.as_str())
-            .bind(epoch.map(|e| e.0))
-            .execute(&pool)
             .await;
             match result {
                 Ok(_) => {

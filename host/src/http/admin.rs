@@ -2,7 +2,7 @@
 //! route is listed in `ROUTES` and described in `openapi.json`; a test keeps the two in sync.
 //! Every body is a type of [`super::api`], which the CLI client reads too.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use axum::extract::{Path, Query, Request, State};
 use axum::http::header;
@@ -94,8 +94,7 @@ async fn status(State(state): State<AppState>) -> Result<Json<AdminStatus>, ApiE
         .await
         .map_err(ApiError::Internal)?;
     let checkpoints = checkpoints::by_partition(&state.pool, &state.replica_set).await?;
-    let controls = controls::load(&state.pool, &state.replica_set).await?;
-    let projections = projection_views(&db, &controls.paused, &state.board);
+    let projections = projection_views(&db, &state.board);
     let partitions = partition_statuses(&db, checkpoints);
     Ok(Json(AdminStatus {
         replica_set: db.replica_set,
@@ -125,11 +124,7 @@ async fn status(State(state): State<AppState>) -> Result<Json<AdminStatus>, ApiE
 }
 
 /// Every projection the database or this host knows, by name.
-fn projection_views(
-    db: &crate::status::Status,
-    paused: &BTreeSet<String>,
-    board: &StatusBoard,
-) -> Vec<ProjectionView> {
+fn projection_views(db: &crate::status::Status, board: &StatusBoard) -> Vec<ProjectionView> {
     let local: BTreeMap<String, ProjectionStatus> = board
         .all()
         .into_iter()
@@ -147,18 +142,18 @@ fn projection_views(
         .into_iter()
         .map(|name| {
             let on_this_host = local.get(&name).map(api::LocalProjection::from);
-            projection_view(db, paused.contains(&name), on_this_host, name)
+            projection_view(db, on_this_host, name)
         })
         .collect()
 }
 
 fn projection_view(
     db: &crate::status::Status,
-    paused: bool,
     on_this_host: Option<api::LocalProjection>,
     name: String,
 ) -> ProjectionView {
     let stored = db.projections.iter().find(|p| p.projection == name);
+    let paused = db.paused.iter().find(|p| p.projection == name);
     let halts: Vec<api::Halt> = db
         .halts
         .iter()
@@ -166,14 +161,10 @@ fn projection_view(
         .map(api::Halt::from)
         .collect();
     ProjectionView {
-        paused,
+        paused: paused.is_some(),
         halted: halts.iter().map(|h| (h.partition, h.position)).collect(),
         halts,
-        paused_reason: db
-            .paused
-            .iter()
-            .find(|p| p.projection == name)
-            .and_then(|p| p.reason.clone()),
+        paused_reason: paused.and_then(|p| p.reason.clone()),
         dead_letters: db
             .dead_letters
             .iter()

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::lifecycle::registry;
 use crate::pipeline::status as board;
 use crate::store::dead_letters;
+use crate::store::replica_sets::Phase;
 
 type Time = DateTime<Utc>;
 
@@ -22,7 +23,7 @@ type Time = DateTime<Utc>;
 pub struct AdminStatus {
     pub replica_set: String,
     pub generation: i64,
-    pub phase: String,
+    pub phase: Phase,
     pub strategy: String,
     pub leader: Option<String>,
     pub partitions_total: i32,
@@ -446,7 +447,7 @@ mod tests {
         AdminStatus {
             replica_set: "main".into(),
             generation: 4,
-            phase: "stable".into(),
+            phase: Phase::Running,
             strategy: "rendezvous".into(),
             leader: Some("w1".into()),
             partitions_total: 2,

@@ -29,7 +29,12 @@ pub async fn ready(State(state): State<AppState>) -> impl IntoResponse {
     if !coordination.holds_assignment {
         reasons.push(format!(
             "holding {} of {} assigned partitions (generation {}, phase {})",
-            coordination.owned, coordination.assigned, coordination.generation, coordination.phase
+            coordination.owned,
+            coordination.assigned,
+            coordination.generation,
+            coordination
+                .phase
+                .map_or("not yet known", |phase| phase.as_str())
         ));
     }
     let db = tokio::time::timeout(

@@ -104,22 +104,6 @@ pub fn own_schema_name(projection: &str, replica_set: &str) -> String {
     format!("{cut}_{}", hex::encode(&digest[..4]))
 }
 
-/// Hosts of a replica set whose heartbeat is recent: an operator command that rewrites what the
-/// set writes waits for them to be gone. Rows of hosts killed long ago (no leader removed them)
-/// are not counted.
-pub async fn live_hosts(
-    conn: &mut PgConnection,
-    replica_set: &str,
-) -> Result<Vec<String>, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT worker_id FROM projection_host.workers
-          WHERE replica_set = $1 AND heartbeat_at > now() - interval '60 seconds' ORDER BY worker_id",
-    )
-    .bind(replica_set)
-    .fetch_all(conn)
-    .await
-}
-
 /// The grants readers hold on a stable schema and its relations, to give them again to what
 /// replaces it (new views are new objects: their grants would otherwise be lost).
 pub struct ReaderGrants {
@@ -208,7 +192,7 @@ pub async fn switch_readers(
     }
     let mut tx = pool.begin().await?;
     crate::db::host_lock(&mut tx, crate::base::locks::HostLock::ReadModels).await?;
-    let live = live_hosts(&mut tx, from).await?;
+    let live = crate::store::workers::live_hosts(&mut tx, from).await?;
     if !live.is_empty() {
         return Err(RegistryError::Refused(format!(
             "replica set {from} still has live hosts ({}): scale it to zero first (its read models \

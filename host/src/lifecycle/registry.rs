@@ -267,21 +267,14 @@ pub(super) async fn new_generation(
     replica_set: &str,
     reason: &str,
 ) -> Result<i64, sqlx::Error> {
-    let generation: Option<i64> =
-        sqlx::query_scalar("UPDATE projection_host.replica_sets SET generation = generation + 1 WHERE name = $1 RETURNING generation")
-            .bind(replica_set)
-            .fetch_optional(&mut **tx)
-            .await?;
+    let generation = crate::store::replica_sets::new_generation(
+        tx,
+        replica_set,
+        &crate::store::replica_sets::StartedBy::Registry,
+        reason,
+    )
+    .await?;
     if let Some(generation) = generation {
-        sqlx::query(
-            "INSERT INTO projection_host.generations (replica_set, generation, leader, reason, workers, moved)
-             VALUES ($1, $2, '-', $3, (SELECT coalesce(array_agg(worker_id), '{}') FROM projection_host.workers WHERE replica_set = $1), 0)",
-        )
-        .bind(replica_set)
-        .bind(generation)
-        .bind(reason)
-        .execute(&mut **tx)
-        .await?;
         tracing::info!(replica_set, generation, reason, "new generation");
     }
     crate::base::notify::coordination(&mut **tx, replica_set).await?;

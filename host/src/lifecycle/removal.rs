@@ -11,9 +11,11 @@ use std::time::{Duration, Instant};
 
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 
-use super::read_models::{claimed, live_hosts, own_schema_name};
+use super::read_models::{claimed, own_schema_name};
 use super::registry::{new_generation, RegistryError};
 use crate::db::quote_ident;
+use crate::store::replica_sets;
+use crate::store::workers::live_hosts;
 
 /// What was removed for one projection.
 #[derive(Debug, Clone, Default)]
@@ -84,18 +86,15 @@ pub async fn remove_replica_set(
 ) -> Result<Vec<Removed>, RegistryError> {
     let mut tx = pool.begin().await?;
     crate::db::host_lock(&mut tx, crate::base::locks::HostLock::ReadModels).await?;
-    let exists: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM projection_host.replica_sets WHERE name = $1)
-             OR EXISTS (SELECT 1 FROM projection_host.plugins WHERE replica_set = $1)",
-    )
-    .bind(replica_set)
-    .fetch_one(&mut *tx)
-    .await?;
+    let exists = replica_sets::exists(&mut tx, replica_set).await?
+        || sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM projection_host.plugins WHERE replica_set = $1)",
+        )
+        .bind(replica_set)
+        .fetch_one(&mut *tx)
+        .await?;
     if !exists {
-        let sets: Vec<String> =
-            sqlx::query_scalar("SELECT name FROM projection_host.replica_sets ORDER BY name")
-                .fetch_all(&mut *tx)
-                .await?;
+        let sets = replica_sets::names(&mut tx).await?;
         return Err(RegistryError::Refused(format!(
             "there is no replica set '{replica_set}'; known: {}",
             if sets.is_empty() {
@@ -133,10 +132,7 @@ pub async fn remove_replica_set(
         }
         removed.push(drop_projection(&mut tx, replica_set, &projection).await?);
     }
-    sqlx::query("DELETE FROM projection_host.replica_sets WHERE name = $1")
-        .bind(replica_set)
-        .execute(&mut *tx)
-        .await?;
+    replica_sets::delete(&mut tx, replica_set).await?;
     tx.commit().await?;
     Ok(removed)
 }

@@ -1,13 +1,17 @@
 //! The host's own tables, one module per table: the only SQL that names the table. Queries
-//! that join tables live with the table whose rows they are about. (Tables moved here so far:
-//! checkpoints, dead letters, halts, projection controls; `layers.rs` lists them, and a test
-//! fails when a module outside `store/` names one of them.)
+//! that join tables live with the table whose rows they are about. The plugin registry's tables
+//! live with `lifecycle/`, the gap tracker's with `source::safe_head`, the projection roles with
+//! `sink::role`; `layers.rs` lists every owner, and a test fails when another module names a
+//! table.
 
 pub mod checkpoints;
 pub mod controls;
 pub mod dead_letters;
 pub mod halts;
+pub mod partitions;
 pub mod projections;
+pub mod replica_sets;
+pub mod workers;
 
 use crate::ids::{CommitToken, WorkerId};
 

@@ -67,7 +67,7 @@ pub struct Status {
     pub replica_set: String,
     pub partitions: i32,
     pub generation: i64,
-    pub strategy: String,
+    pub strategy: crate::store::replica_sets::Strategy,
     pub phase: crate::store::replica_sets::Phase,
     pub leader: Option<String>,
     pub head: i64,

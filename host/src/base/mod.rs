@@ -5,5 +5,6 @@ pub mod notify;
 pub mod retry;
 pub mod sqlstate;
 pub mod status_line;
+pub mod stored_enum;
 pub mod text;
 pub mod units;

@@ -9,6 +9,7 @@ use sqlx::PgPool;
 use super::CoordinationError;
 use crate::base::notify;
 use crate::ids::WorkerId;
+pub use crate::store::replica_sets::Strategy;
 use crate::store::{self, replica_sets, workers};
 
 /// Partitions of a new replica set when `--partitions` is not given.
@@ -55,7 +56,6 @@ pub async fn ensure_replica_set(
     partitions: Option<u32>,
     strategy: Strategy,
 ) -> Result<u32, CoordinationError> {
-    let strategy = strategy.as_str();
     let mut tx = pool.begin().await?;
     let (stored, stored_strategy) = replica_sets::create_or_lock(
         &mut tx,
@@ -74,31 +74,12 @@ pub async fn ensure_replica_set(
         }
     }
     if stored_strategy != strategy {
-        tracing::warn!(replica_set = name, from = %stored_strategy, to = strategy, "changing the replica set's rebalancing strategy");
+        tracing::warn!(replica_set = name, from = %stored_strategy, to = %strategy, "changing the replica set's rebalancing strategy");
         replica_sets::set_strategy(&mut tx, name, strategy).await?;
     }
     store::partitions::create(&mut tx, name, stored).await?;
     tx.commit().await?;
     Ok(stored)
-}
-
-/// How partitions move when membership changes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Strategy {
-    /// Only partitions that must move pause; the rest keep running.
-    Cooperative,
-    /// Every worker stops, then all restart with the new assignment (behind a stop barrier).
-    Recreate,
-}
-
-impl Strategy {
-    /// The name stored in `replica_sets.strategy`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Strategy::Cooperative => "cooperative",
-            Strategy::Recreate => "recreate",
-        }
-    }
 }
 
 impl Member {

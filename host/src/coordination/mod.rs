@@ -138,7 +138,7 @@ impl Coordinator {
             replica_set = %config.replica_set,
             worker = %member.worker,
             partitions,
-            strategy = ?config.strategy,
+            strategy = %config.strategy,
             "joined the replica set"
         );
         let (controls, controls_rx) =

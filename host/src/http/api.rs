@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::lifecycle::registry;
 use crate::pipeline::status as board;
 use crate::store::dead_letters;
-use crate::store::replica_sets::Phase;
+use crate::store::replica_sets::{Phase, Strategy};
 
 type Time = DateTime<Utc>;
 
@@ -24,7 +24,7 @@ pub struct AdminStatus {
     pub replica_set: String,
     pub generation: i64,
     pub phase: Phase,
-    pub strategy: String,
+    pub strategy: Strategy,
     pub leader: Option<String>,
     pub partitions_total: i32,
     pub stream_head: i64,
@@ -448,7 +448,7 @@ mod tests {
             replica_set: "main".into(),
             generation: 4,
             phase: Phase::Running,
-            strategy: "rendezvous".into(),
+            strategy: Strategy::Cooperative,
             leader: Some("w1".into()),
             partitions_total: 2,
             stream_head: 10,

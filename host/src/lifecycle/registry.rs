@@ -7,94 +7,44 @@ use serde::{Deserialize, Serialize};
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 
 use super::read_models::{publish_views, stable_schema, ReaderGrants};
+use crate::base::stored_enum::stored_enum;
 use crate::db::quote_ident;
 use crate::runtime::bindings::{INTERFACE, INTERFACE_VERSION};
 use crate::runtime::Plugin;
 
-/// How a new version takes over.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Mode {
-    /// At each partition's next batch boundary, from its checkpoint, on the same read model.
-    Continue,
-    /// Builds its own read model from position 0 beside the active one; promoted once caught up.
-    Rebuild,
-}
-
-impl Mode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::Continue => "continue",
-            Mode::Rebuild => "rebuild",
-        }
+stored_enum! {
+    /// How a new version takes over.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(rename_all = "kebab-case")]
+    pub enum Mode("plugins.mode") {
+        /// At each partition's next batch boundary, from its checkpoint, on the same read model.
+        Continue => "continue",
+        /// Builds its own read model from position 0 beside the active one; promoted once caught
+        /// up.
+        Rebuild => "rebuild",
     }
 }
 
-impl std::fmt::Display for Mode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.pad(self.as_str())
+stored_enum! {
+    /// Where a registered version stands (`plugins.state`).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(rename_all = "lowercase")]
+    pub enum State("plugins.state") {
+        /// Registered, not activated (`plugins push --no-activate`).
+        Pending => "pending",
+        /// A rebuild building its own read model beside the active version.
+        Building => "building",
+        /// The version the fleet runs.
+        Active => "active",
+        /// Replaced; kept for rollback until its data is dropped.
+        Retired => "retired",
     }
-}
-
-impl TryFrom<String> for Mode {
-    type Error = String;
-
-    fn try_from(stored: String) -> Result<Mode, String> {
-        match stored.as_str() {
-            "continue" => Ok(Mode::Continue),
-            "rebuild" => Ok(Mode::Rebuild),
-            _ => Err(format!("unknown plugin mode '{stored}'")),
-        }
-    }
-}
-
-/// Where a registered version stands (`plugins.state`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum State {
-    /// Registered, not activated (`plugins push --no-activate`).
-    Pending,
-    /// A rebuild building its own read model beside the active version.
-    Building,
-    /// The version the fleet runs.
-    Active,
-    /// Replaced; kept for rollback until its data is dropped.
-    Retired,
 }
 
 impl State {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            State::Pending => "pending",
-            State::Building => "building",
-            State::Active => "active",
-            State::Retired => "retired",
-        }
-    }
-
     /// A version hosts run: the active one, or a rebuild.
     pub fn runs(self) -> bool {
         matches!(self, State::Active | State::Building)
-    }
-}
-
-impl std::fmt::Display for State {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.pad(self.as_str())
-    }
-}
-
-impl TryFrom<String> for State {
-    type Error = String;
-
-    fn try_from(stored: String) -> Result<State, String> {
-        match stored.as_str() {
-            "pending" => Ok(State::Pending),
-            "building" => Ok(State::Building),
-            "active" => Ok(State::Active),
-            "retired" => Ok(State::Retired),
-            _ => Err(format!("unknown plugin state '{stored}'")),
-        }
     }
 }
 

@@ -6,7 +6,21 @@ use std::time::Duration;
 
 use sqlx::{PgConnection, PgPool};
 
+use crate::base::stored_enum::stored_enum;
 use crate::ids::WorkerId;
+
+stored_enum! {
+    /// How partitions move when membership changes (`replica_sets.strategy`).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+    #[serde(rename_all = "lowercase")]
+    pub enum Strategy("replica_sets.strategy") {
+        /// Only partitions that must move pause; the rest keep running.
+        Cooperative => "cooperative",
+        /// Every worker stops, then all restart with the new assignment (behind a stop
+        /// barrier).
+        Recreate => "recreate",
+    }
+}
 
 /// Creates the set if it does not exist, then locks its row for the rest of the transaction
 /// and returns its stored partition count and strategy.
@@ -14,15 +28,15 @@ pub async fn create_or_lock(
     conn: &mut PgConnection,
     name: &str,
     partitions: u32,
-    strategy: &str,
-) -> sqlx::Result<(u32, String)> {
+    strategy: Strategy,
+) -> sqlx::Result<(u32, Strategy)> {
     sqlx::query(
         "INSERT INTO projection_host.replica_sets (name, partitions, strategy) VALUES ($1, $2, $3)
          ON CONFLICT (name) DO NOTHING",
     )
     .bind(name)
     .bind(partitions as i32)
-    .bind(strategy)
+    .bind(strategy.as_str())
     .execute(&mut *conn)
     .await?;
     let (stored, stored_strategy): (i32, String) = sqlx::query_as(
@@ -31,63 +45,40 @@ pub async fn create_or_lock(
     .bind(name)
     .fetch_one(conn)
     .await?;
+    let stored_strategy =
+        Strategy::try_from(stored_strategy).map_err(|e| sqlx::Error::Decode(e.into()))?;
     Ok((stored as u32, stored_strategy))
 }
 
-pub async fn set_strategy(conn: &mut PgConnection, name: &str, strategy: &str) -> sqlx::Result<()> {
+pub async fn set_strategy(
+    conn: &mut PgConnection,
+    name: &str,
+    strategy: Strategy,
+) -> sqlx::Result<()> {
     sqlx::query("UPDATE projection_host.replica_sets SET strategy = $2 WHERE name = $1")
         .bind(name)
-        .bind(strategy)
+        .bind(strategy.as_str())
         .execute(conn)
         .await?;
     Ok(())
 }
 
-/// `replica_sets.phase`: a recreate-strategy generation starts `stopping` (every owner of the
-/// previous one releases first) and becomes `running` once the barrier is lifted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Phase {
-    Running,
-    Stopping,
-}
-
-impl Phase {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Phase::Running => "running",
-            Phase::Stopping => "stopping",
-        }
+stored_enum! {
+    /// `replica_sets.phase`: a recreate-strategy generation starts `stopping` (every owner of
+    /// the previous one releases first) and becomes `running` once the barrier is lifted.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+    #[serde(rename_all = "lowercase")]
+    pub enum Phase("replica_sets.phase") {
+        Running => "running",
+        Stopping => "stopping",
     }
-}
-
-impl std::fmt::Display for Phase {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.pad(self.as_str())
-    }
-}
-
-impl TryFrom<String> for Phase {
-    type Error = String;
-
-    fn try_from(stored: String) -> Result<Phase, String> {
-        match stored.as_str() {
-            "running" => Ok(Phase::Running),
-            "stopping" => Ok(Phase::Stopping),
-            _ => Err(format!(
-                "replica_sets.phase is '{stored}' (expected running or stopping)"
-            )),
-        }
-    }
-}
-
-fn phase(stored: String) -> sqlx::Result<Phase> {
-    Phase::try_from(stored).map_err(|e| sqlx::Error::Decode(e.into()))
 }
 
 /// The set's current generation as one worker sees it.
+#[derive(sqlx::FromRow)]
 pub struct Seen {
     pub generation: i64,
+    #[sqlx(try_from = "String")]
     pub phase: Phase,
     /// This worker holds the leader's lease.
     pub leader: bool,
@@ -102,44 +93,32 @@ pub async fn try_lead(
     worker: &WorkerId,
     lease: Duration,
 ) -> sqlx::Result<Seen> {
-    let (generation, phase_stored, leader, leader_until_ms): (i64, String, bool, Option<i64>) =
-        sqlx::query_as(
-            "WITH lead AS (
-                 UPDATE projection_host.replica_sets
-                    SET leader = $2, leader_until = now() + $3 * interval '1 millisecond'
-                  WHERE name = $1 AND (leader IS NULL OR leader = $2 OR leader_until < now())
-                 RETURNING generation, phase)
-             SELECT r.generation, r.phase, EXISTS (SELECT 1 FROM lead),
-                    (extract(epoch FROM r.leader_until - now()) * 1000)::int8
-               FROM projection_host.replica_sets r WHERE r.name = $1",
-        )
-        .bind(name)
-        .bind(worker.as_str())
-        .bind(lease.as_millis() as f64)
-        .fetch_one(pool)
-        .await?;
-    Ok(Seen {
-        generation,
-        phase: phase(phase_stored)?,
-        leader,
-        leader_until_ms,
-    })
+    sqlx::query_as(
+        "WITH lead AS (
+             UPDATE projection_host.replica_sets
+                SET leader = $2, leader_until = now() + $3 * interval '1 millisecond'
+              WHERE name = $1 AND (leader IS NULL OR leader = $2 OR leader_until < now())
+             RETURNING generation, phase)
+         SELECT r.generation, r.phase, EXISTS (SELECT 1 FROM lead) AS leader,
+                (extract(epoch FROM r.leader_until - now()) * 1000)::int8 AS leader_until_ms
+           FROM projection_host.replica_sets r WHERE r.name = $1",
+    )
+    .bind(name)
+    .bind(worker.as_str())
+    .bind(lease.as_millis() as f64)
+    .fetch_one(pool)
+    .await
 }
 
 pub async fn seen_by(pool: &PgPool, name: &str, worker: &WorkerId) -> sqlx::Result<Seen> {
-    let (generation, phase_stored, leader): (i64, String, bool) = sqlx::query_as(
-        "SELECT generation, phase, leader IS NOT DISTINCT FROM $2 FROM projection_host.replica_sets WHERE name = $1",
+    sqlx::query_as(
+        "SELECT generation, phase, leader IS NOT DISTINCT FROM $2 AS leader, NULL::int8 AS leader_until_ms
+           FROM projection_host.replica_sets WHERE name = $1",
     )
     .bind(name)
     .bind(worker.as_str())
     .fetch_one(pool)
-    .await?;
-    Ok(Seen {
-        generation,
-        phase: phase(phase_stored)?,
-        leader,
-        leader_until_ms: None,
-    })
+    .await
 }
 
 /// Gives the leader's lease up, if `worker` holds it.
@@ -261,7 +240,8 @@ pub async fn lift_stop_barrier(
 pub struct Overview {
     pub partitions: i32,
     pub generation: i64,
-    pub strategy: String,
+    #[sqlx(try_from = "String")]
+    pub strategy: Strategy,
     #[sqlx(try_from = "String")]
     pub phase: Phase,
     pub leader: Option<String>,

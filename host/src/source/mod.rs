@@ -8,7 +8,7 @@ pub mod safe_head;
 pub mod wakeup;
 
 pub use event::StoredEvent;
-pub use reader::EventReader;
+pub use reader::{EventReader, Page};
 pub use safe_head::{Head, SafeHead};
 
 /// The highest position in the events table, read from the table itself (not this host's view

@@ -6,5 +6,6 @@ mod events_table;
 mod keyed_api;
 mod load_errors;
 mod sandbox;
+mod subscription_reads;
 mod two_projections;
 mod w1_exact;

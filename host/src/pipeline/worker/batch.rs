@@ -15,7 +15,7 @@ use crate::pipeline::containment::{Handed, Step};
 use crate::runtime::PluginFailure;
 use crate::sink::commit::{record_batch, BatchCommit, CommitOutcome};
 use crate::sink::session::{BatchTx, TxSettings};
-use crate::source::StoredEvent;
+use crate::source::{Page, StoredEvent};
 use crate::store::dead_letters::{self, ToPark};
 
 impl ProjectionWorker {
@@ -41,19 +41,22 @@ impl ProjectionWorker {
         safe_head: i64,
     ) -> Result<(usize, i64), BatchError> {
         let started = Instant::now();
-        let (mut events, safe_head) = self.reading.read(from, safe_head).await?;
+        let Page {
+            mut events,
+            covered_to,
+            more,
+        } = self.reading.read(from, safe_head).await?;
         self.stages.read += started.elapsed();
-        let full_page = events.len() as u32 >= self.reading.limit;
-        // Cap the bytes handed to one call (limit max_batch_bytes).
+        // Cap the bytes handed to one call (limit max_batch_bytes): the batch then covers only
+        // up to its last event.
         let cut = cut_to_bytes(&mut events, self.config.settings.max_batch_bytes);
-        let full = full_page || cut;
-        // A full page covers only up to its last event; otherwise everything up to the head.
-        let covered_to = if full {
-            events.last().map_or(safe_head, |e| e.global_position)
-        } else {
-            safe_head
+        let covered_to = match events.last() {
+            Some(last) if cut => last.global_position,
+            _ => covered_to,
         };
-        if full {
+        let more = more || cut;
+        if more {
+            // Catching up: read the next page while this batch runs.
             let limit = self.next_limit(true);
             self.reading
                 .start_prefetch(covered_to, self.head.current().safe, limit);
@@ -61,7 +64,7 @@ impl ProjectionWorker {
         let handed = self
             .apply(active, from, covered_to, events, started)
             .await?;
-        self.reading.limit = self.next_limit(full);
+        self.reading.limit = self.next_limit(more);
         Ok((handed, covered_to))
     }
 

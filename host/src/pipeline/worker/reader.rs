@@ -8,7 +8,7 @@ use sqlx::PgPool;
 
 use super::failure::FailedBatch;
 use crate::ids::{Epoch, PartitionId};
-use crate::source::{EventReader, StoredEvent};
+use crate::source::{EventReader, Page, StoredEvent};
 
 /// The events of the latest failed batch, kept while its failure is narrowed down so that each
 /// step re-runs a part of it without reading it again.
@@ -24,7 +24,7 @@ struct Prefetch {
     after: i64,
     up_to: i64,
     limit: u32,
-    events: tokio::task::JoinHandle<Result<Vec<StoredEvent>, sqlx::Error>>,
+    page: tokio::task::JoinHandle<Result<Page, sqlx::Error>>,
 }
 
 pub(super) struct BatchReader {
@@ -53,32 +53,24 @@ impl BatchReader {
         self.prefetch = None;
     }
 
-    /// Subscribed events after `from`, from the prefetched page when it matches (returning the
-    /// head that page was read up to), else read now.
-    pub async fn read(
-        &mut self,
-        from: i64,
-        safe_head: i64,
-    ) -> Result<(Vec<StoredEvent>, i64), sqlx::Error> {
+    /// Subscribed events after `from` up to `safe_head`, from the prefetched page when it
+    /// matches (read up to the head as it was then), else read now.
+    pub async fn read(&mut self, from: i64, safe_head: i64) -> Result<Page, sqlx::Error> {
         if let Some(prefetch) = self.prefetch.take() {
             if prefetch.after == from && prefetch.limit == self.limit && prefetch.up_to <= safe_head
             {
-                match prefetch.events.await {
-                    Ok(Ok(events)) => return Ok((events, prefetch.up_to)),
-                    Ok(Err(e)) => return Err(e),
-                    Err(_) => {} // the task failed; read again below
+                // A task that failed (panicked) is read again below.
+                if let Ok(page) = prefetch.page.await {
+                    return page;
                 }
             } else {
-                prefetch.events.abort();
+                prefetch.page.abort();
             }
         }
         let mut conn = self.pool.acquire().await?;
-        Ok((
-            self.reader
-                .read(&mut conn, from, safe_head, self.limit)
-                .await?,
-            safe_head,
-        ))
+        self.reader
+            .read(&mut conn, from, safe_head, self.limit)
+            .await
     }
 
     /// Starts reading the page after `after` while the current batch runs.
@@ -88,7 +80,7 @@ impl BatchReader {
         }
         let pool = self.pool.clone();
         let reader = self.reader.clone();
-        let events = tokio::spawn(async move {
+        let page = tokio::spawn(async move {
             let mut conn = pool.acquire().await?;
             reader.read(&mut conn, after, up_to, limit).await
         });
@@ -96,9 +88,9 @@ impl BatchReader {
             after,
             up_to,
             limit,
-            events,
+            page,
         }) {
-            old.events.abort();
+            old.page.abort();
         }
     }
 
@@ -126,7 +118,8 @@ impl BatchReader {
                     let events = self
                         .reader
                         .read(&mut conn, retained.from, retained.up_to, u32::MAX)
-                        .await?;
+                        .await?
+                        .events;
                     retained.events = Some(
                         events
                             .into_iter()
@@ -148,6 +141,7 @@ impl BatchReader {
                     .reader
                     .read(&mut conn, from, up_to, u32::MAX)
                     .await?
+                    .events
                     .into_iter()
                     .filter(|e| in_step(&PartitionId::of(&e.aggregate_id, partitions), e))
                     .collect())

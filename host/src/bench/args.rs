@@ -120,8 +120,13 @@ pub struct BenchW1Args {
     pub events: u64,
     #[arg(long, default_value_t = 10_000)]
     pub accounts: u64,
+    /// Events per batch (live and largest: the host runs with a fixed batch size).
     #[arg(long, default_value_t = 50_000)]
     pub batch_size: u32,
+    /// Run the host with no batch flags at all (its own defaults, as a user who does not tune
+    /// gets them) instead of `--batch-size`.
+    #[arg(long, conflicts_with = "batch_size")]
+    pub host_defaults: bool,
     /// Repeat the whole measurement and report the median run.
     #[arg(long, default_value_t = 1)]
     pub runs: u32,

@@ -187,7 +187,7 @@ pub(crate) async fn sql_ceiling(url: &str) -> anyhow::Result<Duration> {
 pub(crate) fn run_host(
     url: &str,
     plugin: &Path,
-    batch_size: u32,
+    batch_size: Option<u32>,
     log_level: &str,
     quiet: bool,
 ) -> anyhow::Result<(Duration, u64)> {
@@ -198,15 +198,21 @@ pub(crate) fn run_host(
         .arg(url)
         .arg("--plugin")
         .arg(plugin)
-        .arg("--batch-size")
-        .arg(batch_size.to_string())
-        .arg("--max-batch-size")
-        .arg(batch_size.to_string())
         .arg("--log-level")
         .arg(log_level)
+        // Only what the benchmark sets: none of the caller's tuning leaks in.
         .env_remove("PLUGINS")
         .env_remove("PLUGINS_DIR")
+        .env_remove("BATCH_SIZE")
+        .env_remove("MAX_BATCH_SIZE")
         .stdin(std::process::Stdio::null());
+    // Without a batch size: the host's own defaults.
+    if let Some(batch_size) = batch_size {
+        cmd.arg("--batch-size")
+            .arg(batch_size.to_string())
+            .arg("--max-batch-size")
+            .arg(batch_size.to_string());
+    }
     if quiet {
         cmd.stdout(std::process::Stdio::null());
     }

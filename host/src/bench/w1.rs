@@ -25,7 +25,7 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     );
     let level = std::env::var("LOG_LEVEL").unwrap_or_else(|_| "info".into());
     let (elapsed, rss) =
-        tokio::task::block_in_place(|| run_host(&db.url, &plugin, 100, &level, false))?;
+        tokio::task::block_in_place(|| run_host(&db.url, &plugin, Some(100), &level, false))?;
     let check = check_w1(&db.url, "bank_balances").await?;
 
     let mut conn = connect(&db.url).await?;
@@ -79,6 +79,7 @@ pub async fn w1(args: BenchW1Args) -> anyhow::Result<()> {
     if args.events == 0 || args.accounts == 0 || args.batch_size == 0 {
         bail!("--events, --accounts and --batch-size must be at least 1");
     }
+    let batch = (!args.host_defaults).then_some(args.batch_size);
     let (server_url, dev) = server(args.database_url)?;
     let mut runs = Vec::new();
     for run in 1..=args.runs.max(1) {
@@ -94,14 +95,13 @@ pub async fn w1(args: BenchW1Args) -> anyhow::Result<()> {
             "run {run}: SQL ceiling {:.2}s; running the host ...",
             ceiling.as_secs_f64()
         );
-        let (elapsed, rss) = tokio::task::block_in_place(|| {
-            run_host(&db.url, &plugin, args.batch_size, "warn", true)
-        })?;
+        let (elapsed, rss) =
+            tokio::task::block_in_place(|| run_host(&db.url, &plugin, batch, "warn", true))?;
         let check = check_w1(&db.url, "bank_balances").await?;
         db.drop_now().await?;
         let line = Line {
             events: args.events,
-            batch: args.batch_size,
+            batch,
             seconds: elapsed.as_secs_f64(),
             ceiling_seconds: ceiling.as_secs_f64(),
             mismatches: check.mismatches + (check.events_in_store - check.events_counted).abs(),
@@ -122,7 +122,8 @@ pub async fn w1(args: BenchW1Args) -> anyhow::Result<()> {
 #[derive(Debug, Clone)]
 struct Line {
     events: u64,
-    batch: u32,
+    /// `None`: the host's defaults.
+    batch: Option<u32>,
     seconds: f64,
     ceiling_seconds: f64,
     mismatches: i64,
@@ -142,7 +143,8 @@ impl Line {
         format!(
             "w1 events={} workers=1 batch={} seconds={:.2} events_per_sec={:.0} sql_ceiling_events_per_sec={:.0} ratio={:.3} mismatches={} peak_rss_mb={:.0}",
             self.events,
-            self.batch,
+            self.batch
+                .map_or_else(|| "host-defaults".to_string(), |b| b.to_string()),
             self.seconds,
             self.rate(),
             self.ceiling_rate(),

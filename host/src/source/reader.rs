@@ -30,7 +30,7 @@ pub struct EventReader {
 }
 
 /// What a read found: every subscribed event in `(after, covered_to]`, in order.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Page {
     pub events: Vec<StoredEvent>,
     /// The read covered the range up to here: the last event's position when the page is
@@ -63,9 +63,8 @@ impl EventReader {
         let range =
             "global_position > $1 AND global_position <= $2 ORDER BY global_position LIMIT $3";
         let sql = if filters.is_empty() {
-            // Every event is subscribed: the page is the result. The trailing columns keep
-            // the shape of the filtered query.
-            format!("SELECT {COLUMNS}, true, 0::int8 FROM {events_table} WHERE {range}")
+            // Every event is subscribed: the page is the result.
+            format!("SELECT {COLUMNS} FROM {events_table} WHERE {range}")
         } else {
             // Besides the subscribed events, the page's last row (flagged unsubscribed unless
             // it is one) and the page's size tell how far the page reached.
@@ -143,7 +142,9 @@ impl EventReader {
     ) -> Result<Scanned, sqlx::Error> {
         // Unused parameters are still bound: PostgreSQL ignores extra ones only if they are
         // typed, which these are.
-        let bind = |list: &Vec<String>| (!list.is_empty()).then(|| list.clone());
+        fn bind(list: &[String]) -> Option<&[String]> {
+            (!list.is_empty()).then_some(list)
+        }
         let query = sqlx::query(&self.sql)
             .bind(after)
             .bind(up_to)
@@ -163,6 +164,7 @@ impl EventReader {
             let event = StoredEvent::from_result_row(&row, first)?;
             last = event.global_position;
             if self.filtered {
+                // After the event's columns: whether it is subscribed, and the page's size.
                 page_rows = row.try_get(15)?;
                 let subscribed: bool = row.try_get(14)?;
                 if !subscribed {

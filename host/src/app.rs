@@ -47,7 +47,21 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         ),
         None => Vec::new(),
     };
-    let result = start_and_run(config, worker, metrics, &front).await;
+    // A resize of the replica set under this host ends one run; the next joins again with the
+    // new partition count (the HTTP ports stay up, /ready says false meanwhile).
+    let mut config = config;
+    let result = loop {
+        match start_and_run(config.clone(), worker.clone(), metrics.clone(), &front).await {
+            Ok(Ended::Rejoin) => {
+                tracing::info!("joining the replica set again after its resize");
+                // The set's count is the operator's now, whatever this host was started with.
+                config.coordination.partitions = None;
+                continue;
+            }
+            Ok(Ended::Stopped) => break Ok(()),
+            Err(e) => break Err(e),
+        }
+    };
     http_stop.cancel();
     for task in http_tasks {
         let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
@@ -115,12 +129,20 @@ async fn connect(
     }))
 }
 
+/// How one run of the host ended.
+enum Ended {
+    /// Stopped by a signal, by `--once`, or because nothing can run.
+    Stopped,
+    /// The replica set was resized: join again.
+    Rejoin,
+}
+
 async fn start_and_run(
     mut config: RunConfig,
     worker: WorkerId,
     metrics: HostMetrics,
     front: &Front,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Ended> {
     let incarnation = uuid::Uuid::new_v4();
     let Some(Connected {
         pool,
@@ -128,7 +150,7 @@ async fn start_and_run(
         session_options,
     }) = connect(&mut config, &incarnation, front).await?
     else {
-        return Ok(());
+        return Ok(Ended::Stopped);
     };
     let status = front.starting_status();
     let token = CommitToken::generate();
@@ -248,10 +270,16 @@ async fn start_and_run(
     }
 
     // Run until told to stop.
+    let resized = joined.resized.clone();
+    let mut rejoin = false;
     let outcome: anyhow::Result<&str> = match nothing_to_run {
         Some(error) => Err(error),
         None => tokio::select! {
             signal = shutdown_signal() => Ok(signal),
+            _ = resized.cancelled() => {
+                rejoin = true;
+                Ok("the replica set was resized")
+            }
             settled = settled(&pool, &replica_set, partitions, once_target, &joined.registry) => settled,
             result = &mut coordinator_task => match result {
                 Ok(Ok(())) => Ok("coordinator ended"),
@@ -273,7 +301,12 @@ async fn start_and_run(
         shutdown_timeout: config.shutdown_timeout,
     }
     .run(outcome)
-    .await
+    .await?;
+    Ok(if rejoin {
+        Ended::Rejoin
+    } else {
+        Ended::Stopped
+    })
 }
 
 /// The pipelines' supervisor: one pipeline per read model the registry lists, each configured

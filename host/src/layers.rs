@@ -9,6 +9,7 @@
 /// workers and partitions are still read from several modules; they are moving to `store/`.)
 pub const TABLE_OWNERS: &[(&str, &str)] = &[
     ("checkpoints", "store/checkpoints.rs"),
+    ("carried_checkpoints", "store/carried.rs"),
     ("dead_letters", "store/dead_letters.rs"),
     ("halts", "store/halts.rs"),
     ("projection_controls", "store/controls.rs"),
@@ -51,7 +52,7 @@ pub const LAYERS: &[&[&str]] = &[
     // Probes, metrics endpoint, admin API.
     &["http"],
     // Commands on a running fleet (through the admin API) or on replica sets.
-    &["client", "operator"],
+    &["client", "operator", "adoption"],
     // Benchmarks and the demo.
     &["bench"],
     // A running host: wires everything together.

@@ -10,6 +10,7 @@
 //! The binary is `cli::main`. The few public modules are what the integration tests in
 //! `tests/all` use; everything else is private, so that the compiler reports dead code.
 
+mod adoption;
 mod app;
 mod base;
 #[cfg(feature = "bench")]

@@ -1,5 +1,6 @@
-//! `replica-sets` and `projections`: operator commands that change what replica sets own, run
-//! on the database directly (they must work while no host of the set runs).
+//! `replica-sets`, `projections` and `partitions`: operator commands that change what replica
+//! sets own, run on the database directly (they must work while no host of the set runs, and a
+//! resize while they run).
 
 use anyhow::bail;
 
@@ -82,6 +83,63 @@ pub async fn projections(command: ProjectionCommand) -> anyhow::Result<()> {
     }
 }
 
+pub async fn partitions(command: PartitionCommand) -> anyhow::Result<()> {
+    match command {
+        PartitionCommand::Resize {
+            database,
+            replica_set,
+            to,
+        } => {
+            let pool = pool(&database).await?;
+            crate::db::migrate(&pool).await?;
+            eprintln!(
+                "resizing replica set {replica_set} to {to} partitions (waits for in-flight batch commits)..."
+            );
+            let started = std::time::Instant::now();
+            let r = crate::coordination::resize::resize(&pool, &replica_set, to).await?;
+            println!(
+                "replica set {} resized from {} to {} partitions in {:.0?} (generation {})",
+                r.replica_set,
+                r.from,
+                r.to,
+                started.elapsed(),
+                r.generation
+            );
+            for m in &r.read_models {
+                println!(
+                    "  {}: new partitions start at {}{}",
+                    m.projection,
+                    m.lowest,
+                    if m.carried {
+                        format!(
+                            "; events up to {} that the old partitions applied are skipped (carried checkpoints)",
+                            m.highest
+                        )
+                    } else {
+                        " (each from one old partition, exactly)".to_string()
+                    }
+                );
+            }
+            if r.dead_letters_moved > 0 {
+                println!(
+                    "  {} parked event(s) renumbered to their new partitions",
+                    r.dead_letters_moved
+                );
+            }
+            if r.halts_lifted > 0 {
+                println!(
+                    "  {} halt(s) lifted: each failing event is read again and halts its new partition again",
+                    r.halts_lifted
+                );
+            }
+            println!(
+                "running hosts join again with {to} partitions within a heartbeat; set PARTITIONS={to} in their configuration"
+            );
+            Ok(())
+        }
+    }
+}
+
 fn confirm(yes: bool, what: &str) -> anyhow::Result<()> {
     if !yes {
         bail!("this would {what}, which cannot be undone; add --yes to do it");
@@ -112,6 +170,22 @@ fn report(removed: &Removed) {
             removed.kept.join(", ")
         );
     }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PartitionCommand {
+    /// Change the replica set's partition count while its hosts run: nothing is replayed and
+    /// nothing skipped. One transaction: at any interruption the set keeps its old count.
+    Resize {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        /// The replica set to resize.
+        #[arg(long, env = "REPLICA_SET")]
+        replica_set: String,
+        /// The new partition count (1 to 4096).
+        #[arg(long)]
+        to: u32,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -6,6 +6,7 @@
 
 mod support;
 
+mod adoption;
 mod confinement;
 mod deployment;
 mod faults;

@@ -36,6 +36,31 @@ pub enum BenchCommand {
     /// One panicking event in one batch over 32 partitions: the other partitions' pause, and
     /// the time until the event is halted or parked.
     Poison(BenchPoisonArgs),
+    /// `partitions resize` on a 2-host fleet under a live writer: each partition's pause, and
+    /// exactness.
+    Resize(BenchResizeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchResizeArgs {
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    #[arg(long, default_value_t = 32)]
+    pub from: u32,
+    #[arg(long, default_value_t = 64)]
+    pub to: u32,
+    /// The writer's events per second.
+    #[arg(long, default_value_t = 1000)]
+    pub rate: u64,
+    #[arg(long, default_value_t = 1000)]
+    pub heartbeat_ms: u64,
+    #[arg(long, default_value_t = 1)]
+    pub runs: u32,
+    #[arg(
+        long,
+        default_value = "target/wasm32-wasip2/release/bank_balances.wasm"
+    )]
+    pub plugin: PathBuf,
 }
 
 #[derive(Debug, Args)]

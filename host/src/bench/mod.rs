@@ -7,6 +7,7 @@ mod args;
 mod live;
 mod poison;
 mod rebalance;
+mod resize;
 mod swap;
 mod w1;
 
@@ -21,6 +22,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Rebalance(args) => rebalance::rebalance(args).await,
         BenchCommand::Swap(args) => swap::swap(args).await,
         BenchCommand::Poison(args) => poison::poison(args).await,
+        BenchCommand::Resize(args) => resize::resize(args).await,
     }
 }
 

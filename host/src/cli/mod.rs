@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::bench::{BenchCommand, DemoArgs};
 use crate::client::{ControlArgs, DeadLetterCommand, PluginCommand};
 use crate::config::{RunArgs, RunConfig};
-use crate::operator::{ProjectionCommand, ReplicaSetCommand};
+use crate::operator::{PartitionCommand, ProjectionCommand, ReplicaSetCommand};
 use crate::status::{MigrateArgs, StatusArgs};
 
 #[derive(Debug, Parser)]
@@ -52,6 +52,12 @@ pub enum Command {
     /// Projections of a replica set: remove one with everything the host made for it.
     #[command(subcommand)]
     Projections(ProjectionCommand),
+    /// Partitions of a replica set: change their count while the fleet runs.
+    #[command(subcommand)]
+    Partitions(PartitionCommand),
+    /// Adopt a Go pupsourcing deployment (processors, orchestrator or core workers): continue
+    /// after its checkpoints and take its read-model tables over in place, without a replay.
+    Import(Box<crate::adoption::ImportArgs>),
     /// Seed a throwaway database with the W1 workload, project it with bank-balances and print
     /// the result: the quickest way to see the host work.
     #[cfg(feature = "bench")]
@@ -148,6 +154,8 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         }
         Command::ReplicaSets(command) => crate::operator::replica_sets(command).await,
         Command::Projections(command) => crate::operator::projections(command).await,
+        Command::Partitions(command) => crate::operator::partitions(command).await,
+        Command::Import(args) => crate::adoption::import(*args).await,
         #[cfg(feature = "bench")]
         Command::Demo(args) => crate::bench::demo(args).await,
         #[cfg(feature = "bench")]

@@ -150,8 +150,8 @@ pub struct CoordinationArgs {
     /// The group of projections that scale together.
     #[arg(long, env = "REPLICA_SET", default_value = "default")]
     pub replica_set: String,
-    /// Logical partitions of the replica set. Fixed once the replica set exists; omit it to use
-    /// the stored value (32 for a new replica set).
+    /// Logical partitions of a new replica set (32 if omitted). An existing set keeps its
+    /// stored count; `projection-host partitions resize` changes it while the fleet runs.
     #[arg(long, env = "PARTITIONS")]
     pub partitions: Option<u32>,
     #[arg(long, env = "HEARTBEAT_INTERVAL", default_value = "5s", value_parser = parse_duration)]

@@ -57,21 +57,36 @@ pub async fn ensure_replica_set(
     strategy: Strategy,
 ) -> Result<u32, CoordinationError> {
     let mut tx = pool.begin().await?;
-    let (stored, stored_strategy) = replica_sets::create_or_lock(
+    let replica_sets::Stored {
+        partitions: stored,
+        previous_partitions,
+        strategy: stored_strategy,
+    } = replica_sets::create_or_lock(
         &mut tx,
         name,
         partitions.unwrap_or(DEFAULT_PARTITIONS),
         strategy,
     )
     .await?;
-    if let Some(wanted) = partitions {
-        if wanted != stored {
+    match partitions {
+        Some(wanted) if wanted != stored && previous_partitions == Some(wanted) => {
+            // A rollout after a resize: the set's count wins; the configuration catches up.
+            tracing::warn!(
+                replica_set = name,
+                partitions = stored,
+                configured = wanted,
+                "replica set {name} was resized from {wanted} to {stored} partitions; running with \
+                 {stored}. Set PARTITIONS={stored} (or drop --partitions) in this host's configuration"
+            );
+        }
+        Some(wanted) if wanted != stored => {
             return Err(CoordinationError::PartitionCountMismatch {
                 replica_set: name.to_string(),
                 stored,
                 configured: wanted,
             });
         }
+        _ => {}
     }
     if stored_strategy != strategy {
         tracing::warn!(replica_set = name, from = %stored_strategy, to = %strategy, "changing the replica set's rebalancing strategy");

@@ -12,6 +12,7 @@ pub mod controls;
 pub mod membership;
 pub mod ownership;
 mod reconcile;
+pub mod resize;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -32,9 +33,10 @@ pub use ownership::{Lease, Ownership};
 #[derive(Debug, thiserror::Error)]
 pub enum CoordinationError {
     #[error(
-        "replica set '{replica_set}' was created with {stored} partitions, but this host was started with \
-         --partitions {configured}. The partition count is fixed for a replica set (checkpoints are per \
-         partition); start with --partitions {stored} (or without --partitions), or use a new replica set name"
+        "replica set '{replica_set}' has {stored} partitions, but this host was started with \
+         --partitions {configured} (PARTITIONS). If the set was resized, set PARTITIONS={stored} or leave it \
+         out; to change the count, run `projection-host partitions resize --replica-set {replica_set} \
+         --to {configured}` while the fleet runs (nothing is replayed)"
     )]
     PartitionCountMismatch {
         replica_set: String,
@@ -71,6 +73,9 @@ pub struct Joined {
     pub status: watch::Receiver<CoordinationStatus>,
     pub controls: watch::Receiver<controls::Shared>,
     pub registry: watch::Receiver<Arc<crate::lifecycle::Registry>>,
+    /// Cancelled when the set was resized under this host: it must stop and join again with the
+    /// new partition count.
+    pub resized: CancellationToken,
 }
 
 /// What the coordinator last saw; read by probes, status and metrics.
@@ -104,6 +109,7 @@ pub struct Coordinator {
     last_generation: Option<Generation>,
     last_assigned: Vec<PartitionId>,
     waiting_since: Option<Instant>,
+    resized: CancellationToken,
 }
 
 use crate::store::partitions::Row as PartitionRow;
@@ -153,6 +159,7 @@ impl Coordinator {
         metrics
             .coordination_duration_seconds
             .observe(started.elapsed().as_secs_f64());
+        let resized = CancellationToken::new();
         Ok(Joined {
             coordinator: Coordinator {
                 pool,
@@ -169,10 +176,12 @@ impl Coordinator {
                 last_generation: None,
                 last_assigned: Vec::new(),
                 waiting_since: None,
+                resized: resized.clone(),
             },
             status: rx,
             controls: controls_rx,
             registry: registry_rx,
+            resized,
         })
     }
 
@@ -290,6 +299,10 @@ impl Coordinator {
     async fn round(&mut self) -> Result<Duration, CoordinationError> {
         let started = Instant::now();
         let rs = self.try_lead().await?;
+        if rs.partitions as u32 != self.partitions {
+            self.resized_under_us(rs.partitions as u32);
+            return Ok(self.config.heartbeat_interval);
+        }
         let mut next = self.config.heartbeat_interval;
         if rs.leader {
             next = next.min(self.lead().await?);
@@ -298,6 +311,10 @@ impl Coordinator {
             next = next.min(Duration::from_millis(ms.max(0) as u64 + 20));
         }
         let rs = self.replica_set_row().await?;
+        if rs.partitions as u32 != self.partitions {
+            self.resized_under_us(rs.partitions as u32);
+            return Ok(next);
+        }
         next = next.min(self.reconcile(&rs).await?);
         controls::publish(
             &self.controls,
@@ -314,6 +331,23 @@ impl Coordinator {
             .coordination_duration_seconds
             .observe(started.elapsed().as_secs_f64());
         Ok(next)
+    }
+
+    /// The set now has `now` partitions: nothing this host holds or reads is valid under them
+    /// (the resize fenced every claim). Drop it all, plan and claim nothing more, and tell the
+    /// app to join again.
+    fn resized_under_us(&mut self, now: u32) {
+        if self.resized.is_cancelled() {
+            return;
+        }
+        tracing::warn!(
+            replica_set = %self.config.replica_set,
+            from = self.partitions,
+            to = now,
+            "the replica set was resized; stopping this host's pipelines to join again with the new partition count"
+        );
+        self.ownership.forfeit_all();
+        self.resized.cancel();
     }
 
     async fn try_lead(&self) -> Result<ReplicaSetRow, CoordinationError> {
@@ -584,6 +618,7 @@ impl Coordinator {
             &self.config.replica_set,
             &self.member.worker,
             &ids,
+            self.partitions,
         )
         .await
         {

@@ -1,5 +1,6 @@
 //! The lifecycle's periodic duties, run by the replica set's leader once per coordination
-//! round: promote rebuilds that caught up, drop the data of long-retired versions.
+//! round: promote rebuilds that caught up, drop the data of long-retired versions, drop carried
+//! checkpoints every partition has passed.
 
 use std::time::Duration;
 
@@ -42,5 +43,14 @@ pub async fn run(duties: &Duties<'_>) {
             .await
     {
         tracing::warn!(error = %e, "dropping the data of retired plugin versions failed");
+    }
+    match crate::store::carried::drop_passed(duties.pool, duties.replica_set, duties.partitions)
+        .await
+    {
+        Ok(0) => {}
+        Ok(dropped) => {
+            tracing::info!(dropped, "every partition passed the checkpoints carried over from an earlier partitioning; dropped them")
+        }
+        Err(e) => tracing::warn!(error = %e, "dropping passed carried checkpoints failed"),
     }
 }

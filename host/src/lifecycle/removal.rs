@@ -276,7 +276,12 @@ async fn drop_projection(
     }
     removed.checkpoints = delete(tx, "checkpoints", replica_set, &tracks).await?;
     removed.dead_letters = delete(tx, "dead_letters", replica_set, &tracks).await?;
-    for table in ["batches", "halts", "projection_controls"] {
+    for table in [
+        "batches",
+        "halts",
+        "projection_controls",
+        "carried_checkpoints",
+    ] {
         delete(tx, table, replica_set, &tracks).await?;
     }
     for table in ["plugins", "read_models", "projection_roles"] {

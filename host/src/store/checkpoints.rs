@@ -26,6 +26,62 @@ pub async fn load(
     Ok(rows.into_iter().collect())
 }
 
+/// One stored checkpoint, with the generation of the build that last wrote it.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Stored {
+    pub projection: String,
+    pub partition: i32,
+    pub position: i64,
+    pub build_generation: i64,
+}
+
+/// Every checkpoint of the set, locked for the rest of the transaction (a resize, after it
+/// locked the partition rows, so no batch commit is in flight).
+pub async fn all_for_update(
+    conn: &mut PgConnection,
+    replica_set: &str,
+) -> Result<Vec<Stored>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT projection, partition, position, build_generation FROM projection_host.checkpoints
+          WHERE replica_set = $1 ORDER BY projection, partition FOR UPDATE",
+    )
+    .bind(replica_set)
+    .fetch_all(conn)
+    .await
+}
+
+/// Replaces every checkpoint of `projection` in the set with `rows` (a resize, an import).
+pub async fn replace(
+    conn: &mut PgConnection,
+    replica_set: &str,
+    projection: &str,
+    rows: &[Stored],
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "DELETE FROM projection_host.checkpoints WHERE replica_set = $1 AND projection = $2",
+    )
+    .bind(replica_set)
+    .bind(projection)
+    .execute(&mut *conn)
+    .await?;
+    let partitions: Vec<i32> = rows.iter().map(|r| r.partition).collect();
+    let positions: Vec<i64> = rows.iter().map(|r| r.position).collect();
+    let generations: Vec<i64> = rows.iter().map(|r| r.build_generation).collect();
+    sqlx::query(
+        "INSERT INTO projection_host.checkpoints (replica_set, projection, partition, position, build_generation)
+         SELECT $1, $2, n.partition, n.position, n.build_generation
+           FROM unnest($3::int[], $4::int8[], $5::int8[]) AS n(partition, position, build_generation)",
+    )
+    .bind(replica_set)
+    .bind(projection)
+    .bind(&partitions)
+    .bind(&positions)
+    .bind(&generations)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 /// Every checkpoint of the replica set, by partition and then read model (its track).
 pub async fn by_partition(
     pool: &PgPool,

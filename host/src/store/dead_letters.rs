@@ -200,6 +200,37 @@ pub async fn remove(
     Ok(())
 }
 
+/// Renumbers the set's parked events for `count` partitions (inside a resize): the partition of
+/// each aggregate under the new count, so that the worker that now holds the aggregate keeps
+/// its later events parked behind them and replays them on request.
+pub async fn repartition(
+    conn: &mut PgConnection,
+    replica_set: &str,
+    count: u32,
+) -> Result<u64, sqlx::Error> {
+    let aggregates: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT aggregate_id FROM projection_host.dead_letters WHERE replica_set = $1",
+    )
+    .bind(replica_set)
+    .fetch_all(&mut *conn)
+    .await?;
+    let partitions: Vec<i32> = aggregates
+        .iter()
+        .map(|a| PartitionId::of(a, count).as_i32())
+        .collect();
+    Ok(sqlx::query(
+        "UPDATE projection_host.dead_letters d SET partition = n.partition
+           FROM unnest($2::text[], $3::int[]) AS n(aggregate_id, partition)
+          WHERE d.replica_set = $1 AND d.aggregate_id = n.aggregate_id",
+    )
+    .bind(replica_set)
+    .bind(&aggregates)
+    .bind(&partitions)
+    .execute(conn)
+    .await?
+    .rows_affected())
+}
+
 /// A replay failed: the events stay parked, with the new error.
 pub async fn retry_failed(pool: &PgPool, ids: &[i64], error: &str) -> Result<(), sqlx::Error> {
     sqlx::query(

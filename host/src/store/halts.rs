@@ -62,6 +62,19 @@ pub async fn clear(
     Ok(())
 }
 
+/// Lifts every halt of the set (a resize renumbers the partitions; a halted partition's
+/// checkpoint stays before its failing event, so the new partition that holds the event reads
+/// it again and halts there again).
+pub async fn clear_all(conn: &mut PgConnection, replica_set: &str) -> Result<u64, sqlx::Error> {
+    Ok(
+        sqlx::query("DELETE FROM projection_host.halts WHERE replica_set = $1")
+            .bind(replica_set)
+            .execute(conn)
+            .await?
+            .rows_affected(),
+    )
+}
+
 /// A halted partition, for `projection-host status` and the admin API.
 #[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
 pub struct Row {

@@ -64,13 +64,17 @@ pub async fn assign(
 }
 
 /// Takes ownership of those of `partitions` assigned to `worker` that are free (or whose owner
-/// is gone), with the epoch incremented, while the set's generation is running. Returns what
-/// was claimed, at which epoch.
+/// is gone), with the epoch incremented, while the set's generation is running and has the
+/// `count` partitions the worker routes events by. Returns what was claimed, at which epoch.
+///
+/// A resize locks every row and clears `assigned_to`, so a claim that raced it finds nothing
+/// to claim; a claim after it by a host that has not yet seen it fails the count.
 pub async fn claim(
     conn: &mut PgConnection,
     replica_set: &str,
     worker: &WorkerId,
     partitions: &[i32],
+    count: u32,
 ) -> sqlx::Result<Vec<(i32, i64)>> {
     sqlx::query_as(
         "UPDATE projection_host.partitions p
@@ -79,14 +83,60 @@ pub async fn claim(
             AND (p.owner IS NULL OR p.owner = $2
                  OR NOT EXISTS (SELECT 1 FROM projection_host.workers w
                                  WHERE w.replica_set = $1 AND w.worker_id = p.owner))
-            AND (SELECT phase FROM projection_host.replica_sets WHERE name = $1) = 'running'
+            AND EXISTS (SELECT 1 FROM projection_host.replica_sets
+                         WHERE name = $1 AND phase = 'running' AND partitions = $4)
          RETURNING p.partition, p.epoch",
     )
     .bind(replica_set)
     .bind(worker.as_str())
     .bind(partitions)
+    .bind(count as i32)
     .fetch_all(conn)
     .await
+}
+
+/// Locks every partition row of the set (a resize: an in-flight batch commit holds its rows
+/// FOR SHARE, so this waits for it, and fences every later one).
+pub async fn lock_all(conn: &mut PgConnection, replica_set: &str) -> sqlx::Result<()> {
+    sqlx::query(
+        "SELECT partition FROM projection_host.partitions WHERE replica_set = $1
+          ORDER BY partition FOR UPDATE",
+    )
+    .bind(replica_set)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// The rows of a set resized to `count` partitions: rows past it go, missing ones come, and
+/// every row is unowned and unassigned (the leader plans the next generation) with an epoch
+/// above every epoch the set ever used, so that no commit of an earlier claim passes the fence
+/// of any partition, even one removed and added again by later resizes.
+pub async fn reshape(conn: &mut PgConnection, replica_set: &str, count: u32) -> sqlx::Result<()> {
+    let highest: i64 = sqlx::query_scalar(
+        "SELECT coalesce(max(epoch), 0) FROM projection_host.partitions WHERE replica_set = $1",
+    )
+    .bind(replica_set)
+    .fetch_one(&mut *conn)
+    .await?;
+    sqlx::query(
+        "DELETE FROM projection_host.partitions WHERE replica_set = $1 AND partition >= $2",
+    )
+    .bind(replica_set)
+    .bind(count as i32)
+    .execute(&mut *conn)
+    .await?;
+    create(conn, replica_set, count).await?;
+    sqlx::query(
+        "UPDATE projection_host.partitions
+            SET owner = NULL, assigned_to = NULL, epoch = $2 + 1, released_at = now()
+          WHERE replica_set = $1",
+    )
+    .bind(replica_set)
+    .bind(highest)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// Gives one partition up, if `worker` still owns it (at `epoch`, when given).
@@ -150,6 +200,24 @@ pub async fn ownership_spread(pool: &PgPool) -> sqlx::Result<(i64, i64)> {
     sqlx::query_as(
         "SELECT count(DISTINCT owner), count(owner) FROM projection_host.partitions WHERE owner IS NOT NULL",
     )
+    .fetch_one(pool)
+    .await
+}
+
+/// How many of the set's partitions are owned, and how many of its checkpoints are past
+/// `position` (the resize benchmark waits on both).
+#[cfg(feature = "bench")]
+pub async fn owned_and_past(
+    pool: &PgPool,
+    replica_set: &str,
+    position: i64,
+) -> sqlx::Result<(i64, i64)> {
+    sqlx::query_as(
+        "SELECT (SELECT count(owner) FROM projection_host.partitions WHERE replica_set = $1),
+                (SELECT count(*) FROM projection_host.checkpoints WHERE replica_set = $1 AND position > $2)",
+    )
+    .bind(replica_set)
+    .bind(position)
     .fetch_one(pool)
     .await
 }

@@ -22,14 +22,22 @@ stored_enum! {
     }
 }
 
+/// A set's row as `create_or_lock` found it.
+pub struct Stored {
+    pub partitions: u32,
+    /// The count before the last resize.
+    pub previous_partitions: Option<u32>,
+    pub strategy: Strategy,
+}
+
 /// Creates the set if it does not exist, then locks its row for the rest of the transaction
-/// and returns its stored partition count and strategy.
+/// and returns its stored partition counts and strategy.
 pub async fn create_or_lock(
     conn: &mut PgConnection,
     name: &str,
     partitions: u32,
     strategy: Strategy,
-) -> sqlx::Result<(u32, Strategy)> {
+) -> sqlx::Result<Stored> {
     sqlx::query(
         "INSERT INTO projection_host.replica_sets (name, partitions, strategy) VALUES ($1, $2, $3)
          ON CONFLICT (name) DO NOTHING",
@@ -39,15 +47,51 @@ pub async fn create_or_lock(
     .bind(strategy.as_str())
     .execute(&mut *conn)
     .await?;
-    let (stored, stored_strategy): (i32, String) = sqlx::query_as(
-        "SELECT partitions, strategy FROM projection_host.replica_sets WHERE name = $1 FOR UPDATE",
+    let (stored, previous, stored_strategy): (i32, Option<i32>, String) = sqlx::query_as(
+        "SELECT partitions, previous_partitions, strategy FROM projection_host.replica_sets
+          WHERE name = $1 FOR UPDATE",
     )
     .bind(name)
     .fetch_one(conn)
     .await?;
-    let stored_strategy =
+    let strategy =
         Strategy::try_from(stored_strategy).map_err(|e| sqlx::Error::Decode(e.into()))?;
-    Ok((stored as u32, stored_strategy))
+    Ok(Stored {
+        partitions: stored as u32,
+        previous_partitions: previous.map(|p| p as u32),
+        strategy,
+    })
+}
+
+/// Locks an existing set's row for a resize; returns its partition count (`None`: no such
+/// set).
+pub async fn lock_for_resize(conn: &mut PgConnection, name: &str) -> sqlx::Result<Option<u32>> {
+    let stored: Option<i32> = sqlx::query_scalar(
+        "SELECT partitions FROM projection_host.replica_sets WHERE name = $1 FOR UPDATE",
+    )
+    .bind(name)
+    .fetch_optional(conn)
+    .await?;
+    Ok(stored.map(|p| p as u32))
+}
+
+/// Records a resize from `from` to `to` partitions (inside the resize's transaction).
+pub async fn set_partitions(
+    conn: &mut PgConnection,
+    name: &str,
+    from: u32,
+    to: u32,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE projection_host.replica_sets SET partitions = $2, previous_partitions = $3, phase = 'running'
+          WHERE name = $1",
+    )
+    .bind(name)
+    .bind(to as i32)
+    .bind(from as i32)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 pub async fn set_strategy(
@@ -78,6 +122,8 @@ stored_enum! {
 #[derive(sqlx::FromRow)]
 pub struct Seen {
     pub generation: i64,
+    /// The set's partition count now (a resize changes it under running hosts).
+    pub partitions: i32,
     #[sqlx(try_from = "String")]
     pub phase: Phase,
     /// This worker holds the leader's lease.
@@ -99,7 +145,7 @@ pub async fn try_lead(
                 SET leader = $2, leader_until = now() + $3 * interval '1 millisecond'
               WHERE name = $1 AND (leader IS NULL OR leader = $2 OR leader_until < now())
              RETURNING generation, phase)
-         SELECT r.generation, r.phase, EXISTS (SELECT 1 FROM lead) AS leader,
+         SELECT r.generation, r.partitions, r.phase, EXISTS (SELECT 1 FROM lead) AS leader,
                 (extract(epoch FROM r.leader_until - now()) * 1000)::int8 AS leader_until_ms
            FROM projection_host.replica_sets r WHERE r.name = $1",
     )
@@ -112,7 +158,7 @@ pub async fn try_lead(
 
 pub async fn seen_by(pool: &PgPool, name: &str, worker: &WorkerId) -> sqlx::Result<Seen> {
     sqlx::query_as(
-        "SELECT generation, phase, leader IS NOT DISTINCT FROM $2 AS leader, NULL::int8 AS leader_until_ms
+        "SELECT generation, partitions, phase, leader IS NOT DISTINCT FROM $2 AS leader, NULL::int8 AS leader_until_ms
            FROM projection_host.replica_sets WHERE name = $1",
     )
     .bind(name)
@@ -144,6 +190,8 @@ pub enum StartedBy<'a> {
     },
     /// A change of the set's plugins (install, rebuild, promotion): always, no barrier.
     Registry,
+    /// An operator's change of the set itself (a resize): always, no barrier.
+    Operator,
 }
 
 /// Starts a new generation and records why. Returns its number, or `None` when the leader no
@@ -169,7 +217,7 @@ pub async fn new_generation(
             .fetch_optional(&mut *conn)
             .await?
         }
-        StartedBy::Registry => {
+        StartedBy::Registry | StartedBy::Operator => {
             sqlx::query_scalar(
                 "UPDATE projection_host.replica_sets SET generation = generation + 1 WHERE name = $1 RETURNING generation",
             )
@@ -193,6 +241,7 @@ pub async fn new_generation(
             *moved as i32,
         ),
         StartedBy::Registry => ("-", None, 0),
+        StartedBy::Operator => ("operator", None, 0),
     };
     sqlx::query(
         "INSERT INTO projection_host.generations (replica_set, generation, leader, reason, workers, moved)

@@ -91,10 +91,11 @@ async fn a_different_partition_count_is_refused() {
     let status = second.wait(Duration::from_secs(60)).await;
     assert!(!status.success());
     let log = second.log();
+    assert!(log.contains("replica set 'rs' has 32 partitions"), "{log}");
+    assert!(log.contains("--partitions 16"), "{log}");
     assert!(
-        log.contains("replica set 'rs' was created with 32 partitions"),
+        log.contains("projection-host partitions resize --replica-set rs --to 16"),
         "{log}"
     );
-    assert!(log.contains("--partitions 16"), "{log}");
     db.drop_db().await;
 }

@@ -5,6 +5,7 @@ mod fencing;
 mod identity;
 mod pause_and_fence;
 mod recreate;
+mod resize;
 mod scale_out;
 mod shutdown_handoff;
 pub mod support;

@@ -165,11 +165,12 @@ impl TestDb {
         ))
         .execute(&mut admin)
         .await;
-        // Roles are per cluster: the projections' roles and a test host role of this database.
+        // Roles are per cluster: the projections' roles, a test host role and a test reader
+        // role of this database.
         let roles: Vec<String> = sqlx::query_scalar(
             "SELECT r.rolname::text FROM pg_roles r
               WHERE shobj_description(r.oid, 'pg_authid') LIKE '%in database ' || $1
-                 OR r.rolname = 'host_' || $1
+                 OR r.rolname = 'host_' || $1 OR r.rolname = 'reader_' || $1
               ORDER BY (r.rolname = 'host_' || $1)",
         )
         .bind(&self.name)

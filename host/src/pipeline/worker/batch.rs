@@ -113,6 +113,10 @@ impl ProjectionWorker {
             if !active_set.contains(&p) || e.global_position <= self.checkpoints.get(p) {
                 continue;
             }
+            if self.carried.applied(&e.aggregate_id, e.global_position) {
+                // Applied under an earlier partitioning (before a resize or an import).
+                continue;
+            }
             if let Some(error) = self.failures.park_next.get(&e.global_position) {
                 let position = e.global_position;
                 parked_failing.push(position);

@@ -132,6 +132,9 @@ pub struct ProjectionWorker {
     build: BuildSlot,
     reading: BatchReader,
     checkpoints: Checkpoints,
+    /// Checkpoints of an earlier partitioning (a resize, an import): events they say were
+    /// applied are skipped.
+    carried: crate::store::carried::CarriedSet,
     failures: Failures,
     /// The partition states last published to the metrics, and when.
     published: ReportThrottle,
@@ -205,6 +208,7 @@ impl ProjectionWorker {
             session_options,
             token,
             checkpoints: Checkpoints::default(),
+            carried: Default::default(),
             metrics,
             board,
             coordinator,

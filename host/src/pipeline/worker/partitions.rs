@@ -9,8 +9,8 @@ use sqlx::PgPool;
 use super::failure::BatchError;
 use super::{PipelineConfig, ProjectionWorker};
 use crate::coordination::Lease;
-use crate::store::checkpoints;
 use crate::store::dead_letters;
+use crate::store::{carried, checkpoints};
 
 impl ProjectionWorker {
     /// Loads the checkpoints (and parked aggregates) of partitions claimed since the last batch:
@@ -30,6 +30,9 @@ impl ProjectionWorker {
         .await?;
         refuse_checkpoints_past_the_head(&self.pool, &self.config, self.head.current().raw, &found)
             .await?;
+        // Read with the checkpoints they complete (a resize writes both at once).
+        self.carried =
+            carried::load(&self.pool, &self.config.replica_set, &self.config.track).await?;
         for (p, e) in &lease.partitions {
             if stale.contains(p) {
                 self.checkpoints

@@ -35,3 +35,17 @@ BEGIN
         TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_ARGV[0]
         USING ERRCODE = '42501';
 END $$;
+
+-- Read-model tables `projection-host import` took over: where each came from, so that
+-- `import --rollback` can put it back as it was.
+CREATE TABLE IF NOT EXISTS projection_host.adopted_tables (
+    replica_set  TEXT NOT NULL,
+    projection   TEXT NOT NULL,
+    from_schema  TEXT NOT NULL,
+    from_name    TEXT NOT NULL,
+    to_schema    TEXT NOT NULL,
+    to_name      TEXT NOT NULL,
+    owner        TEXT NOT NULL,
+    adopted_at   TIMESTAMPTZ NOT NULL DEFAULT now(),
+    PRIMARY KEY (replica_set, projection, to_schema, to_name)
+);

@@ -80,7 +80,11 @@ pub struct Status {
     pub paused: Vec<PausedRow>,
     /// Parked events per projection (dead-letter policy).
     pub dead_letters: Vec<DeadLetterCount>,
+    /// Checkpoints of an earlier partitioning still in use (after a resize or an import).
+    pub carried: Vec<CarriedRow>,
 }
+
+pub use crate::store::carried::Summary as CarriedRow;
 
 pub use crate::store::controls::Paused as PausedRow;
 pub use crate::store::dead_letters::Count as DeadLetterCount;
@@ -123,7 +127,9 @@ pub async fn load(
     let halts = crate::store::halts::list(pool, replica_set).await?;
     let paused = crate::store::controls::paused(pool, replica_set).await?;
     let dead_letters = crate::store::dead_letters::counts(pool, replica_set).await?;
+    let carried = crate::store::carried::summaries(pool, replica_set).await?;
     Ok(Status {
+        carried,
         halts,
         paused,
         dead_letters,
@@ -213,6 +219,13 @@ fn render(s: &Status) -> String {
         }
         if let Some(parked) = s.dead_letters.iter().find(|d| d.projection == p.projection) {
             let _ = write!(flags, "  dead letters: {}", parked.events);
+        }
+        for c in s.carried.iter().filter(|c| c.projection == p.projection) {
+            let _ = write!(
+                flags,
+                "  carried checkpoints up to {} ({})",
+                c.highest, c.origin
+            );
         }
         let _ = writeln!(
             out,

@@ -302,3 +302,51 @@ pub async fn live_workers(
     };
     Ok(Some(live))
 }
+
+/// Writes `positions` back as the deployment's checkpoints (a rollback: the Go workers continue
+/// where the host stopped), in the caller's transaction. `positions` has the deployment's
+/// partition count.
+pub async fn write_back(
+    conn: &mut PgConnection,
+    go: &GoDeployment,
+    positions: &[i64],
+) -> Result<(), GoError> {
+    let t = &go.tables;
+    match go.system {
+        GoSystem::Processor | GoSystem::Orchestrator => {
+            let names: Vec<String> = if positions.len() == 1 {
+                vec![go.name.clone()]
+            } else {
+                (0..positions.len())
+                    .map(|k| format!("{}_p{k}", go.name))
+                    .collect()
+            };
+            sqlx::query(&format!(
+                "INSERT INTO {} AS c (projection_name, last_global_position, updated_at)
+                 SELECT n, p, now() FROM unnest($1::text[], $2::int8[]) AS x(n, p)
+                 ON CONFLICT (projection_name) DO UPDATE
+                    SET last_global_position = EXCLUDED.last_global_position, updated_at = now()",
+                t.checkpoints
+            ))
+            .bind(&names)
+            .bind(positions)
+            .execute(&mut *conn)
+            .await?;
+        }
+        GoSystem::Core => {
+            let segments: Vec<i32> = (0..positions.len() as i32).collect();
+            sqlx::query(&format!(
+                "UPDATE {} s SET checkpoint = x.p, owner_id = NULL
+                   FROM unnest($2::int[], $3::int8[]) AS x(segment, p)
+                  WHERE s.consumer_name = $1 AND s.segment_id = x.segment",
+                t.segments
+            ))
+            .bind(&go.name)
+            .bind(&segments)
+            .bind(positions)
+            .execute(&mut *conn)
+            .await?;
+        }
+    }
+    Ok(())
+}

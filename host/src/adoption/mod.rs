@@ -9,6 +9,7 @@
 //! import can simply run again.
 
 pub mod go_lineage;
+mod rollback;
 pub mod tables;
 
 use std::time::Duration;
@@ -77,6 +78,10 @@ pub struct ImportArgs {
     /// Print the plan and change nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Undo an import: write the host's checkpoints back into the Go tables, put the adopted
+    /// tables back, and remove the projection from the replica set (its hosts stopped first).
+    #[arg(long)]
+    pub rollback: bool,
 }
 
 /// What the import will do, as checked.
@@ -106,6 +111,10 @@ pub async fn import(args: ImportArgs) -> anyhow::Result<()> {
     })?;
     let (plugin, _) = runtime.load_bytes(&args.plugin, &bytes).await?;
     let projection = plugin.name.to_string();
+    if args.rollback {
+        return rollback::rollback(&pool, &args, &deployment(&args, &projection), &projection)
+            .await;
+    }
     let plan = plan(&pool, &args, &projection).await?;
     print_plan(&plan, args.dry_run);
     if args.dry_run {
@@ -167,7 +176,15 @@ pub async fn import(args: ImportArgs) -> anyhow::Result<()> {
         );
     }
     for found in &plan.tables {
-        tables::adopt(&mut tx, found, &schema, &role.name, &projection).await?;
+        tables::adopt(
+            &mut tx,
+            found,
+            &args.replica_set,
+            &schema,
+            &role.name,
+            &projection,
+        )
+        .await?;
     }
     store::checkpoints::replace(
         &mut tx,
@@ -195,12 +212,13 @@ pub async fn import(args: ImportArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn all(partitions: u32) -> Vec<i32> {
+pub(super) fn all(partitions: u32) -> Vec<i32> {
     (0..partitions as i32).collect()
 }
 
-async fn plan(pool: &sqlx::PgPool, args: &ImportArgs, projection: &str) -> anyhow::Result<Plan> {
-    let go = GoDeployment {
+/// The Go deployment the arguments name.
+fn deployment(args: &ImportArgs, projection: &str) -> GoDeployment {
+    GoDeployment {
         system: args.system,
         tables: GoTables {
             checkpoints: args.checkpoints_table.clone(),
@@ -219,7 +237,11 @@ async fn plan(pool: &sqlx::PgPool, args: &ImportArgs, projection: &str) -> anyho
             .unwrap_or_else(|| args.replica_set.clone()),
         partitions: args.go_partitions,
         stale_timeout: args.go_stale_timeout,
-    };
+    }
+}
+
+async fn plan(pool: &sqlx::PgPool, args: &ImportArgs, projection: &str) -> anyhow::Result<Plan> {
+    let go = deployment(args, projection);
     let mut conn = pool.acquire().await?;
     let progress = go_lineage::progress(&mut conn, &go, false).await?;
     let live = go_lineage::live_workers(&mut conn, &go).await?;

@@ -6,6 +6,7 @@
 
 use std::str::FromStr;
 
+use anyhow::Context;
 use sqlx::PgConnection;
 
 use crate::base::sqlstate;
@@ -124,6 +125,7 @@ pub async fn inspect(
 pub async fn adopt(
     conn: &mut PgConnection,
     found: &Found,
+    replica_set: &str,
     schema: &str,
     role: &str,
     projection: &str,
@@ -173,6 +175,20 @@ pub async fn adopt(
             anyhow::anyhow!("adopting {}: `{sql}` failed: {e}{hint}", found.from)
         })?;
     }
+    sqlx::query(
+        "INSERT INTO projection_host.adopted_tables
+             (replica_set, projection, from_schema, from_name, to_schema, to_name, owner)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(replica_set)
+    .bind(projection)
+    .bind(&found.from_schema)
+    .bind(&found.from_name)
+    .bind(schema)
+    .bind(&found.to_name)
+    .bind(&found.owner)
+    .execute(&mut *conn)
+    .await?;
     for reader in &found.readers {
         let grantee = if reader == "PUBLIC" {
             "PUBLIC".to_string()
@@ -184,4 +200,69 @@ pub async fn adopt(
             .await?;
     }
     Ok(())
+}
+
+/// A table put back where it was adopted from.
+#[derive(Debug, Clone)]
+pub struct Restored {
+    pub table: String,
+    pub from: String,
+}
+
+/// Puts every table adopted for the projection back (inside the rollback's transaction): the
+/// view goes, the table returns under its old schema, name and owner. Its grants never left it.
+pub async fn restore(
+    conn: &mut PgConnection,
+    replica_set: &str,
+    projection: &str,
+) -> anyhow::Result<Vec<Restored>> {
+    let rows: Vec<(String, String, String, String, String)> = sqlx::query_as(
+        "SELECT from_schema, from_name, to_schema, to_name, owner FROM projection_host.adopted_tables
+          WHERE replica_set = $1 AND projection = $2 ORDER BY adopted_at FOR UPDATE",
+    )
+    .bind(replica_set)
+    .bind(projection)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut restored = Vec::new();
+    for (from_schema, from_name, to_schema, to_name, owner) in rows {
+        let old = format!("{}.{}", quote_ident(&from_schema), quote_ident(&from_name));
+        let adopted = format!("{}.{}", quote_ident(&to_schema), quote_ident(&to_name));
+        let back_in_place = format!("{}.{}", quote_ident(&from_schema), quote_ident(&to_name));
+        let mut statements = vec![
+            format!("DROP VIEW IF EXISTS {old}"),
+            format!(
+                "ALTER TABLE {adopted} SET SCHEMA {}",
+                quote_ident(&from_schema)
+            ),
+        ];
+        if from_name != to_name {
+            statements.push(format!(
+                "ALTER TABLE {back_in_place} RENAME TO {}",
+                quote_ident(&from_name)
+            ));
+        }
+        statements.push(format!(
+            "ALTER TABLE {old} OWNER TO {}",
+            quote_ident(&owner)
+        ));
+        for sql in &statements {
+            sqlx::query(sql)
+                .execute(&mut *conn)
+                .await
+                .with_context(|| format!("putting {adopted} back as {old}: `{sql}`"))?;
+        }
+        restored.push(Restored {
+            table: adopted,
+            from: old,
+        });
+    }
+    sqlx::query(
+        "DELETE FROM projection_host.adopted_tables WHERE replica_set = $1 AND projection = $2",
+    )
+    .bind(replica_set)
+    .bind(projection)
+    .execute(&mut *conn)
+    .await?;
+    Ok(restored)
 }

@@ -284,7 +284,12 @@ async fn drop_projection(
     ] {
         delete(tx, table, replica_set, &tracks).await?;
     }
-    for table in ["plugins", "read_models", "projection_roles"] {
+    for table in [
+        "plugins",
+        "read_models",
+        "projection_roles",
+        "adopted_tables",
+    ] {
         sqlx::query(&format!(
             "DELETE FROM projection_host.{table} WHERE replica_set = $1 AND projection = $2"
         ))

@@ -107,6 +107,26 @@ pub async fn replace(
     Ok(())
 }
 
+/// One carried partitioning, as `status` shows it.
+#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
+pub struct Summary {
+    pub projection: String,
+    pub origin: String,
+    pub partitions: i32,
+    /// Until every checkpoint passed this position, the rule applies.
+    pub highest: i64,
+}
+
+pub async fn summaries(pool: &PgPool, replica_set: &str) -> sqlx::Result<Vec<Summary>> {
+    sqlx::query_as(
+        "SELECT projection, origin, partitions, (SELECT max(x) FROM unnest(positions) AS x) AS highest
+           FROM projection_host.carried_checkpoints WHERE replica_set = $1 ORDER BY projection, id",
+    )
+    .bind(replica_set)
+    .fetch_all(pool)
+    .await
+}
+
 /// Drops the carried checkpoints that no longer say anything: every current checkpoint of the
 /// read model passed their highest position. Returns how many were dropped.
 pub async fn drop_passed(pool: &PgPool, replica_set: &str, partitions: u32) -> sqlx::Result<u64> {

@@ -251,7 +251,83 @@ async fn an_orchestrator_deployment_is_adopted_in_place_and_continues_exactly() 
     // A second import is refused: the host has progress now.
     let (ok, out) = import(&db, &["--from", "orchestrator", "--go-replica-set", "main"]);
     assert!(!ok && out.contains("already has progress"), "{out}");
+
+    // Rollback: the Go checkpoints become the host's, the table goes back (the same relation),
+    // the host forgets the projection, and a Go worker continuing from there stays exact.
+    let rollback = [
+        "--from",
+        "orchestrator",
+        "--go-replica-set",
+        "main",
+        "--rollback",
+    ];
+    let (ok, out) = import(&db, &rollback);
+    assert!(ok, "{out}");
+    assert!(out.contains("rolled back"), "{out}");
+    assert_eq!(
+        relkind(&db, "public.account_balances").await.as_deref(),
+        Some("r")
+    );
+    assert_eq!(
+        db.scalar_i64("SELECT 'public.account_balances'::regclass::oid::int8")
+            .await,
+        table_oid
+    );
+    assert_eq!(relkind(&db, "bank_balances.account_balances").await, None);
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM projection_host.checkpoints")
+            .await,
+        0
+    );
+    let head = db
+        .scalar_i64("SELECT max(global_position) FROM events")
+        .await;
+    let written: Vec<i64> = sqlx::query_scalar(
+        "SELECT last_global_position FROM projection_checkpoints
+          WHERE projection_name IN ('bank_balances_p0', 'bank_balances_p1', 'bank_balances_p2', 'bank_balances_p3')
+          ORDER BY projection_name",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(written, vec![head; 4]);
+    db.append_w1(26_000, 26_999, ACCOUNTS).await;
+    go_worker_catches_up(&db, &written).await;
+    let after = projection_host::bench::check_w1(&db.url, "public")
+        .await
+        .unwrap();
+    assert!(after.exact(), "after the rollback: {after:?}");
     db.drop_db().await;
+}
+
+/// What the Go workers do after a rollback, in SQL: each partition applies its events after
+/// its checkpoint.
+async fn go_worker_catches_up(db: &TestDb, checkpoints: &[i64]) {
+    let (accounts, bounds): (Vec<String>, Vec<i64>) = (0..ACCOUNTS)
+        .map(|a| {
+            let id = format!("acct-{a}");
+            let p = PartitionId::of(&id, checkpoints.len() as u32).as_i32() as usize;
+            (id, checkpoints[p])
+        })
+        .unzip();
+    sqlx::query(
+        "INSERT INTO public.account_balances AS t
+         SELECT e.aggregate_id,
+                sum(CASE WHEN e.event_type = 'Deposited' THEN 1 ELSE -1 END
+                    * (convert_from(e.payload, 'UTF8')::jsonb ->> 'amount')::bigint),
+                count(*), max(e.global_position)
+           FROM events e JOIN unnest($1::text[], $2::int8[]) AS a(id, bound) ON a.id = e.aggregate_id
+          WHERE e.global_position > a.bound
+          GROUP BY e.aggregate_id
+         ON CONFLICT (account_id) DO UPDATE
+            SET balance = t.balance + EXCLUDED.balance, event_count = t.event_count + EXCLUDED.event_count,
+                last_position = greatest(t.last_position, EXCLUDED.last_position)",
+    )
+    .bind(&accounts)
+    .bind(&bounds)
+    .execute(&db.pool)
+    .await
+    .unwrap();
 }
 
 #[tokio::test]
@@ -301,6 +377,16 @@ async fn core_segments_are_adopted_into_another_partition_count_exactly() {
         db.scalar_i64("SELECT min(position) FROM projection_host.checkpoints")
             .await,
         12_500
+    );
+    let status = std::process::Command::new(BIN)
+        .args(["status", "--replica-set", REPLICA_SET])
+        .env("DATABASE_URL", &db.url)
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.contains("carried checkpoints up to 16800 (import from Core (3 partitions))"),
+        "{status}"
     );
     db.append_w1(18_000, 18_999, ACCOUNTS).await;
     run_once(&db, &["--partitions", "4"]).await;

@@ -49,9 +49,24 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     };
     // A resize of the replica set under this host ends one run; the next joins again with the
     // new partition count (the HTTP ports stay up, /ready says false meanwhile).
+    // One watcher for the whole process: a signal that arrives while one run shuts down or the
+    // next starts (a rejoin after a resize) still stops the host.
+    let (signal_tx, signal) = tokio::sync::watch::channel(None);
+    tokio::spawn(async move {
+        let name = shutdown_signal().await;
+        let _ = signal_tx.send(Some(name));
+    });
     let mut config = config;
     let result = loop {
-        match start_and_run(config.clone(), worker.clone(), metrics.clone(), &front).await {
+        let run = start_and_run(
+            config.clone(),
+            worker.clone(),
+            metrics.clone(),
+            &front,
+            signal.clone(),
+        );
+        match run.await {
+            Ok(Ended::Rejoin) if signal.borrow().is_some() => break Ok(()),
             Ok(Ended::Rejoin) => {
                 tracing::info!("joining the replica set again after its resize");
                 // The set's count is the operator's now, whatever this host was started with.
@@ -84,6 +99,7 @@ async fn connect(
     config: &mut RunConfig,
     incarnation: &uuid::Uuid,
     front: &Front,
+    signal: &mut Signal,
 ) -> anyhow::Result<Option<Connected>> {
     let mut db = config.database.clone();
     db.application_name = Member::application_name(incarnation);
@@ -95,7 +111,7 @@ async fn connect(
     };
     let mut first = tokio::select! {
         conn = crate::db::wait_for_database(&db, &wait) => conn?,
-        signal = shutdown_signal() => {
+        signal = received(signal) => {
             tracing::info!(%signal, "stopped while waiting for PostgreSQL");
             return Ok(None);
         }
@@ -142,13 +158,14 @@ async fn start_and_run(
     worker: WorkerId,
     metrics: HostMetrics,
     front: &Front,
+    mut signal: Signal,
 ) -> anyhow::Result<Ended> {
     let incarnation = uuid::Uuid::new_v4();
     let Some(Connected {
         pool,
         db,
         session_options,
-    }) = connect(&mut config, &incarnation, front).await?
+    }) = connect(&mut config, &incarnation, front, &mut signal).await?
     else {
         return Ok(Ended::Stopped);
     };
@@ -275,7 +292,7 @@ async fn start_and_run(
     let outcome: anyhow::Result<&str> = match nothing_to_run {
         Some(error) => Err(error),
         None => tokio::select! {
-            signal = shutdown_signal() => Ok(signal),
+            signal = received(&mut signal) => Ok(signal),
             _ = resized.cancelled() => {
                 rejoin = true;
                 Ok("the replica set was resized")
@@ -476,6 +493,18 @@ async fn warn_if_superuser(pool: &sqlx::PgPool) {
             "the host connects as a superuser; it needs far less (docs/operations.md, \"The host's database role\"): \
              run it as a role with CREATEROLE and the grants listed there"
         );
+    }
+}
+
+/// The name of the stop signal once one arrived (`None` until then).
+type Signal = tokio::sync::watch::Receiver<Option<&'static str>>;
+
+/// Resolves with the signal's name once one arrived (at once if it already did).
+async fn received(signal: &mut Signal) -> &'static str {
+    match signal.wait_for(|s| s.is_some()).await {
+        Ok(s) => s.unwrap_or("SIGTERM"),
+        // The watcher is gone (it could not listen): never.
+        Err(_) => std::future::pending().await,
     }
 }
 

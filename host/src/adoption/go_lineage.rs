@@ -10,9 +10,12 @@
 //!   checkpoint)` and heartbeats in `consumer_workers`.
 //!
 //! Every Go library routes an event to partition `fnv1a_32(aggregate_id) mod count` (the same
-//! function as this host) and advances a partition's checkpoint only with the events it
-//! applied, so an event was applied exactly when its position is at or below its partition's
-//! checkpoint.
+//! function as this host) and advances a partition's checkpoint only past the events it handled,
+//! so an event was handled exactly when its position is at or below its partition's checkpoint.
+//! That is "applied exactly" when the handlers write in the checkpoint's transaction
+//! (pupsourcing/core); v1 processors and the orchestrator hand the handler no transaction, so
+//! a batch cut short may have applied events above the checkpoint (docs/migrating.md says how
+//! to stop them so that it is not).
 
 use std::time::Duration;
 
@@ -127,35 +130,72 @@ async fn checkpoint_rows(
                 "pass --generations-table, or --from processor --go-partitions N for processors without the orchestrator",
             )
             .await?;
-            let newest: Option<i32> = sqlx::query_scalar(&format!(
-                "SELECT total_partitions FROM {} WHERE replica_set = $1 ORDER BY created_at DESC LIMIT 1",
+            let newest: Option<(i32, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(&format!(
+                "SELECT total_partitions, created_at FROM {} WHERE replica_set = $1 ORDER BY created_at DESC LIMIT 1",
                 t.generations
             ))
             .bind(&go.replica_set)
             .fetch_optional(&mut *conn)
             .await?;
-            let Some(newest) = newest else {
+            let Some((newest, began)) = newest else {
                 return Err(GoError::Inconsistent(format!(
                     "{} has no generation of replica set '{}' (pass --go-replica-set with the orchestrator's REPLICA_SET)",
                     t.generations, go.replica_set
                 )));
             };
             let newest = newest.max(1) as u32;
-            if let Some(given) = go.partitions {
-                if given != newest {
-                    return Err(GoError::Inconsistent(format!(
-                        "--go-partitions {given}, but the orchestrator's newest generation of replica set '{}' has {newest} partitions",
-                        go.replica_set
-                    )));
+            match go.partitions {
+                // The operator knows better (a generation that never ran, e.g. created by a
+                // scale-down that was undone).
+                Some(given) => (
+                    given.max(1),
+                    format!(
+                        "--go-partitions (the newest generation of replica set '{}' in {} says {newest})",
+                        go.replica_set, t.generations
+                    ),
+                ),
+                None => {
+                    // A generation is created whenever membership changes; one that never ran
+                    // leaves the checkpoints of an earlier count under the same names.
+                    let written_before: Vec<String> = sqlx::query_scalar(&format!(
+                        "SELECT projection_name FROM {}
+                          WHERE (projection_name = $1 OR starts_with(projection_name, $1 || '_p'))
+                            AND updated_at < $2 ORDER BY projection_name",
+                        t.checkpoints
+                    ))
+                    .bind(&go.name)
+                    .bind(began)
+                    .fetch_all(&mut *conn)
+                    .await?;
+                    let key = |k: u32| {
+                        if newest == 1 {
+                            go.name.clone()
+                        } else {
+                            format!("{}_p{k}", go.name)
+                        }
+                    };
+                    let stale: Vec<&String> = written_before
+                        .iter()
+                        .filter(|n| (0..newest).any(|k| key(k) == **n))
+                        .collect();
+                    if !stale.is_empty() {
+                        return Err(GoError::Inconsistent(format!(
+                            "the checkpoints {} were last written before the newest generation of replica set '{}' ({newest} partitions) began at {began}: \
+                             that generation may never have run, and they may belong to an earlier partition count. \
+                             Check the orchestrator's history and pass --go-partitions with the count they were written under",
+                            stale.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "),
+                            go.replica_set
+                        )));
+                    }
+                    (
+                        newest,
+                        format!(
+                            "the newest generation of replica set '{}' in {}",
+                            go.replica_set, t.generations
+                        ),
+                    )
                 }
             }
-            (
-                newest,
-                format!(
-                    "the newest generation of replica set '{}' in {}",
-                    go.replica_set, t.generations
-                ),
-            )
         }
         _ => match go.partitions {
             Some(n) => (n.max(1), "--go-partitions".to_string()),

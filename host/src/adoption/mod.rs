@@ -87,6 +87,8 @@ pub struct ImportArgs {
 /// What the import will do, as checked.
 struct Plan {
     replica_set: String,
+    /// The set's rebalancing strategy (kept when the set exists).
+    strategy: Strategy,
     projection: String,
     go: GoDeployment,
     progress: GoProgress,
@@ -120,30 +122,20 @@ pub async fn import(args: ImportArgs) -> anyhow::Result<()> {
     if args.dry_run {
         return Ok(());
     }
-    if let Some(live) = &plan.live {
-        if !live.is_empty() {
-            bail!(
-                "Go workers of this deployment are still running: {}. Stop them (scale the Go deployment to 0) and wait until their heartbeats are older than --go-stale-timeout ({:?}), then import again; nothing was changed",
-                live.join(", "),
-                args.go_stale_timeout
-            );
-        }
-    }
+    refuse_live_go_workers(plan.live.as_deref(), args.go_stale_timeout)?;
+    let mut conn = pool.acquire().await?;
+    refuse_live_hosts(&mut conn, &args.replica_set).await?;
 
-    // Idempotent steps: a failure after them leaves nothing a second run minds.
+    // Idempotent steps, none of which runs the projection: the set, the schema's name, the
+    // projection's role and schema.
     membership::ensure_replica_set(
         &pool,
         &args.replica_set,
         Some(plan.partitions),
-        Strategy::Cooperative,
+        plan.strategy,
     )
     .await?;
-    let host = format!("import on {}", gethostname::gethostname().to_string_lossy());
-    registry::register_mounted(&pool, &args.replica_set, &plugin, &bytes, &host).await?;
-    let mut conn = pool.acquire().await?;
-    let schema = read_models::claimed(&mut conn, &args.replica_set, &projection)
-        .await?
-        .context("the projection's schema was not claimed at registration")?;
+    let schema = read_models::stable_schema(&mut conn, &args.replica_set, &projection).await?;
     drop(conn);
     anyhow::ensure!(
         schema == plan.schema,
@@ -154,9 +146,24 @@ pub async fn import(args: ImportArgs) -> anyhow::Result<()> {
         .await
         .context("preparing the projection's role and schema")?;
 
-    // One transaction: the checkpoints the plan used (locked, and unchanged), the tables, the
-    // host's checkpoints.
+    // One transaction: the set (locked: no resize, removal or host start meanwhile), the Go
+    // checkpoints the plan used (locked, and unchanged), the tables, the host's checkpoints.
     let mut tx = pool.begin().await?;
+    let count = store::replica_sets::lock(&mut tx, &args.replica_set).await?;
+    if count != Some(plan.partitions) {
+        bail!(
+            "replica set {} changed while importing (now {count:?} partitions, planned {}); import again (nothing was changed)",
+            args.replica_set,
+            plan.partitions
+        );
+    }
+    refuse_live_hosts(&mut tx, &args.replica_set).await?;
+    refuse_live_go_workers(
+        go_lineage::live_workers(&mut tx, &plan.go)
+            .await?
+            .as_deref(),
+        args.go_stale_timeout,
+    )?;
     let now = go_lineage::progress(&mut tx, &plan.go, true).await?;
     if now.positions != plan.progress.positions {
         bail!(
@@ -165,13 +172,9 @@ pub async fn import(args: ImportArgs) -> anyhow::Result<()> {
             now.rows.join(", ")
         );
     }
-    if store::checkpoints::load(&pool, &args.replica_set, &projection, &all(plan.partitions))
-        .await?
-        .values()
-        .any(|p| *p > 0)
-    {
+    if store::checkpoints::has_progress(&mut tx, &args.replica_set, &projection).await? {
         bail!(
-            "replica set {} already has progress for projection {projection}: the import is for the first switch (remove the projection with `projection-host projections remove` to start over)",
+            "replica set {} already has checkpoints for projection {projection} (an earlier import, or hosts ran it): if an import finished, start the hosts; to start over, `projection-host projections remove {projection} --yes` (nothing was changed)",
             args.replica_set
         );
     }
@@ -201,6 +204,17 @@ pub async fn import(args: ImportArgs) -> anyhow::Result<()> {
     )
     .await?;
     tx.commit().await?;
+
+    // Last, the plugin's first version (a host started with the plugin mounted would register
+    // it the same way, under the track the checkpoints were written for).
+    let host = format!("import on {}", gethostname::gethostname().to_string_lossy());
+    if let Err(e) =
+        registry::register_mounted(&pool, &args.replica_set, &plugin, &bytes, &host).await
+    {
+        println!(
+            "imported, but registering the plugin failed ({e}); hosts started with the plugin mounted register it"
+        );
+    }
     println!(
         "imported: projection {projection} continues after the Go checkpoints in replica set {} ({} partitions)",
         args.replica_set, plan.partitions
@@ -214,6 +228,29 @@ pub async fn import(args: ImportArgs) -> anyhow::Result<()> {
 
 pub(super) fn all(partitions: u32) -> Vec<i32> {
     (0..partitions as i32).collect()
+}
+
+fn refuse_live_go_workers(live: Option<&[String]>, stale: Duration) -> anyhow::Result<()> {
+    match live {
+        Some(live) if !live.is_empty() => bail!(
+            "Go workers of this deployment are still running: {}. Stop them (scale the Go deployment to 0) and wait until their heartbeats are older than --go-stale-timeout ({stale:?}), then import again; nothing was changed",
+            live.join(", ")
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// Hosts of the set run the registry's projections; while one runs, the import must not
+/// change what they read.
+async fn refuse_live_hosts(conn: &mut sqlx::PgConnection, replica_set: &str) -> anyhow::Result<()> {
+    let live = store::workers::live_hosts(conn, replica_set).await?;
+    if !live.is_empty() {
+        bail!(
+            "hosts of replica set {replica_set} are running ({}); the import is done with the set's hosts stopped (scale them to 0); nothing was changed",
+            live.join(", ")
+        );
+    }
+    Ok(())
 }
 
 /// The Go deployment the arguments name.
@@ -277,6 +314,18 @@ async fn plan(pool: &sqlx::PgPool, args: &ImportArgs, projection: &str) -> anyho
             Some(_) => read_models::own_schema_name(projection, &args.replica_set),
         },
     };
+    if let Some(version) = registry::list(pool, &args.replica_set)
+        .await?
+        .into_iter()
+        .find(|v| v.projection == projection)
+    {
+        bail!(
+            "replica set {} already runs projection {projection} (version {}, {}): the import is for a projection the set does not have yet; use another replica set, or `projection-host projections remove {projection} --yes` to start over",
+            args.replica_set,
+            version.version,
+            version.state
+        );
+    }
     let mut found = Vec::new();
     for adopt in &args.adopt {
         found.push(tables::inspect(&mut conn, adopt, &schema).await?);
@@ -307,6 +356,9 @@ async fn plan(pool: &sqlx::PgPool, args: &ImportArgs, projection: &str) -> anyho
         );
     }
     Ok(Plan {
+        strategy: stored
+            .as_ref()
+            .map_or(Strategy::Cooperative, |s| s.strategy),
         replica_set: args.replica_set.clone(),
         projection: projection.to_string(),
         go,
@@ -389,7 +441,7 @@ fn print_plan(plan: &Plan, dry_run: bool) {
             if t.readers.is_empty() {
                 String::new()
             } else {
-                format!(" readable by {}", t.readers.join(", "))
+                format!(" readable by {}", tables::readers_text(&t.readers))
             }
         );
     }

@@ -58,8 +58,9 @@ pub struct Found {
     /// The planner's estimate (reltuples).
     pub rows_estimate: i64,
     pub owner: String,
-    /// Roles with SELECT on the table (`PUBLIC` included); the view gets the same.
-    pub readers: Vec<String>,
+    /// Roles with SELECT on the table (its owner included; `None` is PUBLIC); the view gets
+    /// the same.
+    pub readers: Vec<Option<String>>,
 }
 
 /// Checks one table: it exists, is a table, is not in the projection's schema yet, and the
@@ -82,9 +83,24 @@ pub async fn inspect(
     .bind(oid)
     .fetch_one(&mut *conn)
     .await?;
-    if kind != "r" && kind != "p" {
+    if kind == "p" {
+        anyhow::bail!(
+            "{qualified} is a partitioned table: moving it would leave its partitions behind, owned by the old deployment; adopt a plain table"
+        );
+    }
+    if kind != "r" {
         anyhow::bail!(
             "{qualified} is not a table (relkind {kind}); adopt the table a view reads from instead"
+        );
+    }
+    let children: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_inherits WHERE inhparent = $1::oid")
+            .bind(oid)
+            .fetch_one(&mut *conn)
+            .await?;
+    if children > 0 {
+        anyhow::bail!(
+            "{qualified} has {children} inheriting tables, which would stay behind; adopt a plain table"
         );
     }
     if from_schema == schema {
@@ -100,10 +116,11 @@ pub async fn inspect(
             adopt.table
         );
     }
-    let readers: Vec<String> = sqlx::query_scalar(
-        "SELECT DISTINCT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(a.grantee)::text END
-           FROM pg_class c, aclexplode(c.relacl) AS a
-          WHERE c.oid = $1::oid AND a.privilege_type = 'SELECT' AND a.grantee <> c.relowner
+    // The old owner reads it too (it no longer owns the table); `None` is PUBLIC.
+    let readers: Vec<Option<String>> = sqlx::query_scalar(
+        "SELECT DISTINCT CASE WHEN a.grantee = 0 THEN NULL ELSE pg_get_userbyid(a.grantee)::text END
+           FROM pg_class c, aclexplode(coalesce(c.relacl, acldefault('r', c.relowner))) AS a
+          WHERE c.oid = $1::oid AND a.privilege_type = 'SELECT'
           ORDER BY 1",
     )
     .bind(oid)
@@ -190,11 +207,7 @@ pub async fn adopt(
     .execute(&mut *conn)
     .await?;
     for reader in &found.readers {
-        let grantee = if reader == "PUBLIC" {
-            "PUBLIC".to_string()
-        } else {
-            quote_ident(reader)
-        };
+        let grantee = reader.as_deref().map_or("PUBLIC".to_string(), quote_ident);
         sqlx::query(&format!("GRANT SELECT ON {} TO {grantee}", found.from))
             .execute(&mut *conn)
             .await?;
@@ -265,4 +278,13 @@ pub async fn restore(
     .execute(&mut *conn)
     .await?;
     Ok(restored)
+}
+
+/// How a plan names the readers.
+pub fn readers_text(readers: &[Option<String>]) -> String {
+    readers
+        .iter()
+        .map(|r| r.clone().unwrap_or_else(|| "PUBLIC".to_string()))
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -36,8 +36,35 @@ pub enum ResizeError {
     Unchanged { set: String, count: u32 },
     #[error("a replica set has 1 to {MAX_PARTITIONS} partitions; {0} is out of range")]
     OutOfRange(u32),
+    #[error(
+        "hosts of an older release run in replica set '{set}': {hosts}. They would claim partitions of the new layout with the old count; finish the rollout of this release first (nothing was changed)"
+    )]
+    OlderHosts { set: String, hosts: String },
+    #[error(
+        "the resize could not lock the set's partitions within {LOCK_TIMEOUT:?} (a batch commit or another resize holds them); nothing was changed, run it again"
+    )]
+    Busy,
     #[error("database error during the resize: {0}")]
-    Sql(#[from] sqlx::Error),
+    Sql(sqlx::Error),
+}
+
+/// Longest wait for the locks of the set's rows (a batch commit holds its partitions for
+/// milliseconds; a stuck one must not hold every host's coordination behind the resize).
+pub const LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Hosts whose heartbeat is younger than this count as running (the default stale timeout).
+const LIVE_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl From<sqlx::Error> for ResizeError {
+    fn from(e: sqlx::Error) -> Self {
+        match crate::base::sqlstate::of(&e).as_deref() {
+            Some(
+                crate::base::sqlstate::LOCK_NOT_AVAILABLE
+                | crate::base::sqlstate::DEADLOCK_DETECTED,
+            ) => ResizeError::Busy,
+            _ => ResizeError::Sql(e),
+        }
+    }
 }
 
 /// What a resize did to one read model.
@@ -144,13 +171,28 @@ pub async fn resize(pool: &PgPool, replica_set: &str, to: u32) -> Result<Resized
         return Err(ResizeError::OutOfRange(to));
     }
     let mut tx = pool.begin().await?;
-    let Some(from) = replica_sets::lock_for_resize(&mut tx, replica_set).await? else {
+    sqlx::query(&format!(
+        "SET LOCAL lock_timeout = '{}ms'",
+        LOCK_TIMEOUT.as_millis()
+    ))
+    .execute(&mut *tx)
+    .await?;
+    let Some(from) = replica_sets::lock(&mut tx, replica_set).await? else {
         return Err(ResizeError::NoSuchSet(replica_set.to_string()));
     };
     if from == to {
         return Err(ResizeError::Unchanged {
             set: replica_set.to_string(),
             count: to,
+        });
+    }
+    // Hosts running now. One of an older release started later reads the new count at its
+    // start, but skips no carried checkpoint: the docs say to finish a rollout first.
+    let older = store::workers::older_protocol(&mut tx, replica_set, LIVE_WITHIN).await?;
+    if !older.is_empty() {
+        return Err(ResizeError::OlderHosts {
+            set: replica_set.to_string(),
+            hosts: older.join(", "),
         });
     }
     store::partitions::lock_all(&mut tx, replica_set).await?;

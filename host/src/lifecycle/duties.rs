@@ -44,9 +44,7 @@ pub async fn run(duties: &Duties<'_>) {
     {
         tracing::warn!(error = %e, "dropping the data of retired plugin versions failed");
     }
-    match crate::store::carried::drop_passed(duties.pool, duties.replica_set, duties.partitions)
-        .await
-    {
+    match crate::store::carried::drop_passed(duties.pool, duties.replica_set).await {
         Ok(0) => {}
         Ok(dropped) => {
             tracing::info!(dropped, "every partition passed the checkpoints carried over from an earlier partitioning; dropped them")

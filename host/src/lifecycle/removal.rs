@@ -65,6 +65,9 @@ pub async fn remove_projection(
         wait_for_sessions(pool, role, wait, progress).await?;
     }
     let mut tx = pool.begin().await?;
+    // The set's row first, as a resize takes it: a removal that waited behind a resize's
+    // rewrite of the checkpoints would not see (and not delete) the rows it inserted.
+    crate::store::replica_sets::lock(&mut tx, replica_set).await?;
     super::registry::lock(&mut tx, replica_set, projection).await?;
     let removed = drop_projection(&mut tx, replica_set, projection).await?;
     new_generation(

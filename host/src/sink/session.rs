@@ -235,12 +235,17 @@ impl BatchTx {
         Ok(())
     }
 
-    /// Refuses a session that keeps large objects (they live outside every schema); for setup,
-    /// whose commit does not pass through the host's batch functions.
+    /// Refuses a session that keeps large objects (they live outside every schema) or row-level
+    /// security on its tables (policies run as every reader); for setup, whose commit does not
+    /// pass through the host's batch functions, which check the same.
     pub async fn refuse_large_objects(&mut self) -> Result<(), sqlx::Error> {
-        let kept: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_catalog.pg_largeobject_metadata m
-               JOIN pg_catalog.pg_roles r ON r.oid = m.lomowner WHERE r.rolname = session_user",
+        let (kept, secured): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM pg_catalog.pg_largeobject_metadata m
+                       JOIN pg_catalog.pg_roles r ON r.oid = m.lomowner WHERE r.rolname = session_user),
+                    (SELECT count(*) FROM pg_catalog.pg_class c JOIN pg_catalog.pg_roles r ON r.oid = c.relowner
+                      WHERE r.rolname = session_user
+                        AND (c.relrowsecurity OR c.relforcerowsecurity
+                             OR EXISTS (SELECT 1 FROM pg_catalog.pg_policy p WHERE p.polrelid = c.oid)))",
         )
         .persistent(false)
         .fetch_one(self.conn())
@@ -248,6 +253,11 @@ impl BatchTx {
         if kept > 0 {
             return Err(sqlx::Error::Protocol(format!(
                 "the projection's session created {kept} large objects, which live outside its schema; they are not allowed"
+            )));
+        }
+        if secured > 0 {
+            return Err(sqlx::Error::Protocol(format!(
+                "the projection put row-level security on {secured} of its tables, whose policies would run as every reader; it is not allowed"
             )));
         }
         Ok(())

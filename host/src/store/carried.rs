@@ -129,16 +129,22 @@ pub async fn summaries(pool: &PgPool, replica_set: &str) -> sqlx::Result<Vec<Sum
 
 /// Drops the carried checkpoints that no longer say anything: every current checkpoint of the
 /// read model passed their highest position. Returns how many were dropped.
-pub async fn drop_passed(pool: &PgPool, replica_set: &str, partitions: u32) -> sqlx::Result<u64> {
+///
+/// The partition count is the set's as this statement sees it, with the set's row locked, not
+/// the caller's: a leader that has not noticed a resize yet would count the new checkpoints
+/// against the old number.
+pub async fn drop_passed(pool: &PgPool, replica_set: &str) -> sqlx::Result<u64> {
     Ok(sqlx::query(
-        "DELETE FROM projection_host.carried_checkpoints k
+        "WITH set AS (
+             SELECT partitions FROM projection_host.replica_sets WHERE name = $1 FOR SHARE)
+         DELETE FROM projection_host.carried_checkpoints k
           WHERE k.replica_set = $1
             AND (SELECT count(*) FROM projection_host.checkpoints c
                   WHERE c.replica_set = k.replica_set AND c.projection = k.projection
-                    AND c.position >= (SELECT max(x) FROM unnest(k.positions) AS x)) = $2",
+                    AND c.position >= (SELECT max(x) FROM unnest(k.positions) AS x))
+                = (SELECT partitions FROM set)",
     )
     .bind(replica_set)
-    .bind(partitions as i64)
     .execute(pool)
     .await?
     .rows_affected())

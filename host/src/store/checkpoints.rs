@@ -50,6 +50,22 @@ pub async fn all_for_update(
     .await
 }
 
+/// Whether the set has a checkpoint of `projection` past position 0.
+pub async fn has_progress(
+    conn: &mut PgConnection,
+    replica_set: &str,
+    projection: &str,
+) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM projection_host.checkpoints
+                         WHERE replica_set = $1 AND projection = $2 AND position > 0)",
+    )
+    .bind(replica_set)
+    .bind(projection)
+    .fetch_one(conn)
+    .await
+}
+
 /// Replaces every checkpoint of `projection` in the set with `rows` (a resize, an import).
 pub async fn replace(
     conn: &mut PgConnection,

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use sqlx::{PgConnection, PgPool};
 
-use crate::ids::PartitionId;
+use crate::ids::{Epoch, PartitionId, WorkerId};
 
 /// Halted partitions of a projection, with the position they halted at.
 pub async fn halts(
@@ -25,17 +25,23 @@ pub async fn halts(
         .collect())
 }
 
+/// Records a halt, if `worker` still owns the partition at `epoch` (a worker that lost it, to a
+/// peer or to a resize that renumbered the partitions, must not halt whatever partition now has
+/// that number). Returns whether it did.
 pub async fn halt(
     pool: &PgPool,
+    owner: (&WorkerId, Epoch),
     replica_set: &str,
     projection: &str,
     partition: PartitionId,
     position: i64,
     error: &str,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
+) -> Result<bool, sqlx::Error> {
+    let recorded = sqlx::query(
         "INSERT INTO projection_host.halts (replica_set, projection, partition, position, error)
-         VALUES ($1, $2, $3, $4, $5)
+         SELECT $1, $2, $3, $4, $5
+          WHERE EXISTS (SELECT 1 FROM projection_host.partitions p
+                         WHERE p.replica_set = $1 AND p.partition = $3 AND p.owner = $6 AND p.epoch = $7)
          ON CONFLICT (replica_set, projection, partition) DO UPDATE SET position = $4, error = $5, halted_at = now()",
     )
     .bind(replica_set)
@@ -43,9 +49,12 @@ pub async fn halt(
     .bind(partition.as_i32())
     .bind(position)
     .bind(error)
+    .bind(owner.0.as_str())
+    .bind(owner.1 .0)
     .execute(pool)
-    .await?;
-    Ok(())
+    .await?
+    .rows_affected();
+    Ok(recorded > 0)
 }
 
 /// Lifts a projection's halts (an operator resumed it), inside the resume's transaction.

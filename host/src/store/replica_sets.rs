@@ -63,9 +63,10 @@ pub async fn create_or_lock(
     })
 }
 
-/// Locks an existing set's row for a resize; returns its partition count (`None`: no such
-/// set).
-pub async fn lock_for_resize(conn: &mut PgConnection, name: &str) -> sqlx::Result<Option<u32>> {
+/// Locks an existing set's row for the rest of the transaction (a resize, an import, a
+/// projection's removal: they rewrite checkpoints and must not interleave); returns its partition
+/// count (`None`: no such set).
+pub async fn lock(conn: &mut PgConnection, name: &str) -> sqlx::Result<Option<u32>> {
     let stored: Option<i32> = sqlx::query_scalar(
         "SELECT partitions FROM projection_host.replica_sets WHERE name = $1 FOR UPDATE",
     )
@@ -144,8 +145,11 @@ pub async fn try_lead(
              UPDATE projection_host.replica_sets
                 SET leader = $2, leader_until = now() + $3 * interval '1 millisecond'
               WHERE name = $1 AND (leader IS NULL OR leader = $2 OR leader_until < now())
-             RETURNING generation, phase)
-         SELECT r.generation, r.partitions, r.phase, EXISTS (SELECT 1 FROM lead) AS leader,
+             RETURNING partitions)
+         -- The lease's UPDATE waits for a resize in progress and then sees its count; the
+         -- outer SELECT's snapshot may predate it.
+         SELECT r.generation, coalesce((SELECT partitions FROM lead), r.partitions) AS partitions,
+                r.phase, EXISTS (SELECT 1 FROM lead) AS leader,
                 (extract(epoch FROM r.leader_until - now()) * 1000)::int8 AS leader_until_ms
            FROM projection_host.replica_sets r WHERE r.name = $1",
     )

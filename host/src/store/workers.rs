@@ -18,6 +18,29 @@ pub struct Registration<'a> {
     pub commit_token: &'a [u8],
 }
 
+/// What this host understands about a replica set (`workers.protocol`): 2 = it follows a
+/// resize (joins again with the new count, claims with its count, honours carried
+/// checkpoints).
+pub const PROTOCOL: i32 = 2;
+
+/// Live hosts of the set (heartbeat within `stale`) of an older protocol, with their version.
+pub async fn older_protocol(
+    conn: &mut PgConnection,
+    replica_set: &str,
+    stale: std::time::Duration,
+) -> sqlx::Result<Vec<String>> {
+    sqlx::query_scalar(
+        "SELECT worker_id || ' (' || host_version || ')' FROM projection_host.workers
+          WHERE replica_set = $1 AND protocol < $2
+            AND heartbeat_at > now() - $3 * interval '1 millisecond' ORDER BY worker_id",
+    )
+    .bind(replica_set)
+    .bind(PROTOCOL)
+    .bind(stale.as_millis() as f64)
+    .fetch_all(conn)
+    .await
+}
+
 /// Inserts or takes over the worker's row. Returns the incarnation that held the row before
 /// (`None` when there was no row).
 pub async fn register(pool: &PgPool, r: &Registration<'_>) -> sqlx::Result<Option<uuid::Uuid>> {
@@ -26,12 +49,13 @@ pub async fn register(pool: &PgPool, r: &Registration<'_>) -> sqlx::Result<Optio
              SELECT incarnation FROM projection_host.workers WHERE replica_set = $1 AND worker_id = $2
          ), up AS (
              INSERT INTO projection_host.workers
-                 (replica_set, worker_id, incarnation, hostname, pod_namespace, host_version, started_at, heartbeat_at, commit_token)
-             VALUES ($1, $2, $3, $4, $5, $6, now(), now(), $7)
+                 (replica_set, worker_id, incarnation, hostname, pod_namespace, host_version, started_at, heartbeat_at, commit_token, protocol)
+             VALUES ($1, $2, $3, $4, $5, $6, now(), now(), $7, $8)
              ON CONFLICT (replica_set, worker_id) DO UPDATE
                 SET incarnation = EXCLUDED.incarnation, hostname = EXCLUDED.hostname,
                     commit_token = EXCLUDED.commit_token,
                     pod_namespace = EXCLUDED.pod_namespace, host_version = EXCLUDED.host_version,
+                    protocol = EXCLUDED.protocol,
                     started_at = CASE WHEN projection_host.workers.incarnation = EXCLUDED.incarnation
                                       THEN projection_host.workers.started_at ELSE now() END,
                     heartbeat_at = now()
@@ -46,6 +70,7 @@ pub async fn register(pool: &PgPool, r: &Registration<'_>) -> sqlx::Result<Optio
     .bind(r.pod_namespace)
     .bind(env!("CARGO_PKG_VERSION"))
     .bind(r.commit_token)
+    .bind(PROTOCOL)
     .fetch_optional(pool)
     .await?;
     Ok(previous.flatten())

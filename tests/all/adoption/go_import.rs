@@ -150,6 +150,32 @@ async fn an_orchestrator_deployment_is_adopted_in_place_and_continues_exactly() 
         "public.account_balances",
     ];
 
+    // A checkpoint last written before the newest generation began may belong to an earlier
+    // count: refused, naming it, unless the operator states the count.
+    sqlx::query("UPDATE projection_checkpoints SET updated_at = now() - interval '3 days' WHERE projection_name = 'bank_balances_p1'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let mut dry = go_args.to_vec();
+    dry.push("--dry-run");
+    let (ok, out) = import(&db, &dry);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("bank_balances_p1 were last written before the newest generation"),
+        "{out}"
+    );
+    let mut stated = dry.clone();
+    stated.extend(["--go-partitions", "4"]);
+    let (ok, out) = import(&db, &stated);
+    assert!(
+        ok && out.contains("--go-partitions (the newest generation"),
+        "{out}"
+    );
+    sqlx::query("UPDATE projection_checkpoints SET updated_at = now()")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+
     // The dry run prints the plan, sees the running worker, and changes nothing.
     let mut dry = go_args.to_vec();
     dry.push("--dry-run");
@@ -250,7 +276,10 @@ async fn an_orchestrator_deployment_is_adopted_in_place_and_continues_exactly() 
     );
     // A second import is refused: the host has progress now.
     let (ok, out) = import(&db, &["--from", "orchestrator", "--go-replica-set", "main"]);
-    assert!(!ok && out.contains("already has progress"), "{out}");
+    assert!(
+        !ok && out.contains("already runs projection bank_balances"),
+        "{out}"
+    );
 
     // Rollback: the Go checkpoints become the host's, the table goes back (the same relation),
     // the host forgets the projection, and a Go worker continuing from there stays exact.

@@ -174,6 +174,16 @@ fn escalations(host_role: &str, db: &str) -> Vec<(Attack, &'static str)> {
         ),
         (
             Attack {
+                name: "row_level_security_trap",
+                steps: json!([
+            {"execute": "CREATE TABLE IF NOT EXISTS hostile.trap (x int)"},
+            {"execute": "ALTER TABLE hostile.trap ENABLE ROW LEVEL SECURITY"},
+            {"execute": "CREATE POLICY trap ON hostile.trap USING (pg_catalog.pg_reload_conf())"}]),
+            },
+            "row-level security",
+        ),
+        (
+            Attack {
                 name: "event_trigger",
                 steps: json!([
             {"execute": "CREATE OR REPLACE FUNCTION hostile.et() RETURNS event_trigger LANGUAGE plpgsql AS $$ BEGIN END $$"},

@@ -17,6 +17,11 @@ impl Checkpoints {
         self.by_partition.get(&partition).map_or(0, |(_, c)| *c)
     }
 
+    /// The epoch of the claim the partition's checkpoint was read under (`None`: not held).
+    pub fn epoch(&self, partition: PartitionId) -> Option<Epoch> {
+        self.by_partition.get(&partition).map(|(e, _)| *e)
+    }
+
     /// The lowest checkpoint among `partitions`: a batch over them starts after it.
     pub fn lowest(&self, partitions: &[(PartitionId, Epoch)]) -> i64 {
         partitions

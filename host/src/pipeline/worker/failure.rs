@@ -282,8 +282,14 @@ impl ProjectionWorker {
                     .retry_now(partition, Instant::now());
             }
             OnFailure::Stop => {
+                let Some(epoch) = self.checkpoints.epoch(partition) else {
+                    // Not held any more: its new owner meets the event itself.
+                    self.failures.containment.release(partition);
+                    return;
+                };
                 match halts::halt(
                     &self.pool,
+                    (&self.config.worker, epoch),
                     &self.config.replica_set,
                     &self.config.track,
                     partition,
@@ -292,7 +298,17 @@ impl ProjectionWorker {
                 )
                 .await
                 {
-                    Ok(()) => {
+                    Ok(false) => {
+                        tracing::warn!(
+                            projection = self.name(),
+                            partition = partition.0,
+                            position,
+                            "the failing event's partition is no longer this worker's (a handover or a resize); its new owner meets the event itself"
+                        );
+                        self.failures.containment.release(partition);
+                        self.coordinator.wake();
+                    }
+                    Ok(true) => {
                         self.failures.halted.insert(partition, position);
                         self.failures.containment.release(partition);
                         let aggregate = self

@@ -94,11 +94,15 @@ async fn bootstrap(conn: &mut sqlx::PgConnection) -> Result<(), DbError> {
     Ok(())
 }
 
-/// A concurrent `CREATE ... IF NOT EXISTS` won: the object exists now.
+/// A concurrent `CREATE ... IF NOT EXISTS` won: the object exists now. A table's row type can
+/// lose the race first (`type "locks" already exists`, duplicate_object).
 fn is_creation_race(code: &str) -> bool {
     matches!(
         code,
-        sqlstate::UNIQUE_VIOLATION | sqlstate::DUPLICATE_SCHEMA | sqlstate::DUPLICATE_TABLE
+        sqlstate::UNIQUE_VIOLATION
+            | sqlstate::DUPLICATE_SCHEMA
+            | sqlstate::DUPLICATE_TABLE
+            | sqlstate::DUPLICATE_OBJECT
     )
 }
 

@@ -97,16 +97,27 @@ async fn a_resize_under_a_live_writer_skips_nothing_and_applies_nothing_twice() 
     db.append_w1(0, 5_999, 300).await;
     let writer = Writer::start(db.pool.clone(), 6_000, 300, 20, Duration::from_millis(20));
     let a = host(&db, "a", &["--partitions", "6"]);
-    let b = host(&db, "b", &["--partitions", "6"]);
+    let mut b = host(&db, "b", &["--partitions", "6"]);
+    let mut c = host(&db, "c", &["--partitions", "6"]);
     all_owned(&db, 6).await;
     progressed_past(&db, 6, 3_000).await;
 
     // 6 -> 9: not a multiple, so new partitions start at the lowest checkpoint of their sources
-    // and the old checkpoints are carried.
+    // and the old checkpoints are carried. A host is killed right after, while it rejoins.
     let (ok, out) = resize(&db, 9);
     assert!(ok, "{out}");
+    c.kill9();
     assert!(out.contains("resized from 6 to 9"), "{out}");
     assert_eq!(shape(&db).await, (9, 9, 9));
+    all_owned(&db, 9).await;
+    let head = db
+        .scalar_i64("SELECT max(global_position) FROM events")
+        .await;
+    progressed_past(&db, 9, head).await;
+    // And one is killed in its next batch after the rejoin (its partitions go to the others
+    // once it is stale).
+    b.kill9();
+    let b = host(&db, "b", &[]);
     all_owned(&db, 9).await;
     let head = db
         .scalar_i64("SELECT max(global_position) FROM events")

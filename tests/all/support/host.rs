@@ -127,8 +127,20 @@ impl Host {
 
 impl Drop for Host {
     fn drop(&mut self) {
-        if self.is_running() {
+        let exited = self.child.try_wait().ok().flatten();
+        if exited.is_none() {
             self.kill9();
+        }
+        // A failing test shows what its hosts said last (the debug log is long: its end).
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!(
+                "--- host {} ({}), last lines of its log:\n{}",
+                self.label,
+                exited.map_or("killed by the test".to_string(), |s| format!("exited: {s}")),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
         }
     }
 }

@@ -429,3 +429,63 @@ async fn core_segments_are_adopted_into_another_partition_count_exactly() {
     );
     db.drop_db().await;
 }
+
+#[tokio::test]
+async fn an_unpartitioned_processor_is_adopted_and_then_resized_online() {
+    let db = TestDb::new("import_v1").await;
+    db.append_w1(0, 9_999, ACCOUNTS).await;
+    // pupsourcing v1's own table, with the one row of an unpartitioned processor.
+    sqlx::raw_sql(
+        "CREATE TABLE projection_checkpoints (projection_name TEXT PRIMARY KEY,
+             last_global_position BIGINT NOT NULL DEFAULT 0, updated_at TIMESTAMPTZ NOT NULL DEFAULT now());
+         CREATE INDEX idx_projection_checkpoints_updated_at ON projection_checkpoints (updated_at);
+         INSERT INTO projection_checkpoints (projection_name, last_global_position) VALUES ('balances_v1', 8200);",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let applied_by_go = go_read_model(&db, &[8_200]).await;
+    let (ok, out) = import(
+        &db,
+        &[
+            "--from",
+            "processor",
+            "--go-name",
+            "balances_v1",
+            "--adopt",
+            "public.account_balances",
+        ],
+    );
+    assert!(ok, "{out}");
+    assert!(out.contains("processors keep no registry"), "{out}");
+    assert!(out.contains("1 partitions"), "{out}");
+    // One partition, as the processor had; then 1 -> 4 while nothing runs, and on from there.
+    let resized = std::process::Command::new(BIN)
+        .args([
+            "partitions",
+            "resize",
+            "--replica-set",
+            REPLICA_SET,
+            "--to",
+            "4",
+        ])
+        .env("DATABASE_URL", &db.url)
+        .output()
+        .unwrap();
+    assert!(
+        resized.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resized.stderr)
+    );
+    db.append_w1(10_000, 10_999, ACCOUNTS).await;
+    run_once(&db, &[]).await;
+    let check = projection_host::bench::check_w1(&db.url, "bank_balances")
+        .await
+        .unwrap();
+    assert!(check.exact(), "{check:?}");
+    assert_eq!(
+        applied_by_host(&db).await + applied_by_go,
+        check.events_in_store
+    );
+    db.drop_db().await;
+}

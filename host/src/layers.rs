@@ -10,8 +10,7 @@
 pub const TABLE_OWNERS: &[(&str, &str)] = &[
     ("checkpoints", "store/checkpoints.rs"),
     ("carried_checkpoints", "store/carried.rs"),
-    // Tables `import` took over, for its rollback.
-    ("adopted_tables", "adoption/tables.rs"),
+    ("adopted_tables", "store/adopted.rs"),
     ("dead_letters", "store/dead_letters.rs"),
     ("halts", "store/halts.rs"),
     ("projection_controls", "store/controls.rs"),

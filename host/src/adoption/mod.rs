@@ -3,10 +3,12 @@
 //! the projection's schema in place, their old names left as views for readers (`tables`).
 //!
 //! Order: everything that can be refused is checked first and printed as a plan (`--dry-run`
-//! stops there). Then the idempotent steps (replica set, plugin registration, the projection's
-//! role and schema), then one transaction that re-reads the Go checkpoints under lock, moves
-//! the tables and writes the checkpoints: interrupted, it leaves nothing half done, and the
-//! import can simply run again.
+//! stops there). Then the idempotent steps that run nothing (the replica set, the schema's
+//! name, the projection's role and schema), then one transaction that locks the set, checks
+//! again that no host or Go worker runs, re-reads the Go checkpoints under lock, moves the
+//! tables and writes the checkpoints; last, the plugin's registration (a host started with the
+//! plugin mounted does the same). Interrupted before the commit, the import can simply run
+//! again.
 
 pub mod go_lineage;
 mod rollback;
@@ -174,7 +176,7 @@ pub async fn import(args: ImportArgs) -> anyhow::Result<()> {
     }
     if store::checkpoints::has_progress(&mut tx, &args.replica_set, &projection).await? {
         bail!(
-            "replica set {} already has checkpoints for projection {projection} (an earlier import, or hosts ran it): if an import finished, start the hosts; to start over, `projection-host projections remove {projection} --yes` (nothing was changed)",
+            "replica set {} already has checkpoints for projection {projection} (an earlier import, or hosts ran it): if an import finished, start the hosts; to start over, `projection-host import --rollback` (which puts adopted tables back) (nothing was changed)",
             args.replica_set
         );
     }
@@ -320,7 +322,7 @@ async fn plan(pool: &sqlx::PgPool, args: &ImportArgs, projection: &str) -> anyho
         .find(|v| v.projection == projection)
     {
         bail!(
-            "replica set {} already runs projection {projection} (version {}, {}): the import is for a projection the set does not have yet; use another replica set, or `projection-host projections remove {projection} --yes` to start over",
+            "replica set {} already runs projection {projection} (version {}, {}): the import is for a projection the set does not have yet; use another replica set; to start over after an import, `projection-host import --rollback`",
             args.replica_set,
             version.version,
             version.state

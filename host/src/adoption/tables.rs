@@ -11,6 +11,7 @@ use sqlx::PgConnection;
 
 use crate::base::sqlstate;
 use crate::db::{quote_ident, quote_literal, QualifiedName};
+use crate::store::adopted::Adopted;
 
 /// `OLD[=NEW]`: the table readers query today, and its name in the projection's schema (the
 /// same name when omitted).
@@ -91,6 +92,18 @@ pub async fn inspect(
     if kind != "r" {
         anyhow::bail!(
             "{qualified} is not a table (relkind {kind}); adopt the table a view reads from instead"
+        );
+    }
+    let secured: bool = sqlx::query_scalar(
+        "SELECT relrowsecurity OR relforcerowsecurity OR EXISTS (SELECT 1 FROM pg_policy WHERE polrelid = $1::oid)
+           FROM pg_class WHERE oid = $1::oid",
+    )
+    .bind(oid)
+    .fetch_one(&mut *conn)
+    .await?;
+    if secured {
+        anyhow::bail!(
+            "{qualified} has row-level security, which a projection's tables may not have (its policies would run as every reader); disable it (ALTER TABLE ... DISABLE ROW LEVEL SECURITY, DROP POLICY) or keep the table out"
         );
     }
     let children: i64 =
@@ -192,19 +205,18 @@ pub async fn adopt(
             anyhow::anyhow!("adopting {}: `{sql}` failed: {e}{hint}", found.from)
         })?;
     }
-    sqlx::query(
-        "INSERT INTO projection_host.adopted_tables
-             (replica_set, projection, from_schema, from_name, to_schema, to_name, owner)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    crate::store::adopted::record(
+        conn,
+        replica_set,
+        projection,
+        &Adopted {
+            from_schema: found.from_schema.clone(),
+            from_name: found.from_name.clone(),
+            to_schema: schema.to_string(),
+            to_name: found.to_name.clone(),
+            owner: found.owner.clone(),
+        },
     )
-    .bind(replica_set)
-    .bind(projection)
-    .bind(&found.from_schema)
-    .bind(&found.from_name)
-    .bind(schema)
-    .bind(&found.to_name)
-    .bind(&found.owner)
-    .execute(&mut *conn)
     .await?;
     for reader in &found.readers {
         let grantee = reader.as_deref().map_or("PUBLIC".to_string(), quote_ident);
@@ -229,16 +241,16 @@ pub async fn restore(
     replica_set: &str,
     projection: &str,
 ) -> anyhow::Result<Vec<Restored>> {
-    let rows: Vec<(String, String, String, String, String)> = sqlx::query_as(
-        "SELECT from_schema, from_name, to_schema, to_name, owner FROM projection_host.adopted_tables
-          WHERE replica_set = $1 AND projection = $2 ORDER BY adopted_at FOR UPDATE",
-    )
-    .bind(replica_set)
-    .bind(projection)
-    .fetch_all(&mut *conn)
-    .await?;
+    let rows = crate::store::adopted::of_projection(conn, replica_set, projection, true).await?;
     let mut restored = Vec::new();
-    for (from_schema, from_name, to_schema, to_name, owner) in rows {
+    for Adopted {
+        from_schema,
+        from_name,
+        to_schema,
+        to_name,
+        owner,
+    } in rows
+    {
         let old = format!("{}.{}", quote_ident(&from_schema), quote_ident(&from_name));
         let adopted = format!("{}.{}", quote_ident(&to_schema), quote_ident(&to_name));
         let back_in_place = format!("{}.{}", quote_ident(&from_schema), quote_ident(&to_name));
@@ -270,13 +282,7 @@ pub async fn restore(
             from: old,
         });
     }
-    sqlx::query(
-        "DELETE FROM projection_host.adopted_tables WHERE replica_set = $1 AND projection = $2",
-    )
-    .bind(replica_set)
-    .bind(projection)
-    .execute(&mut *conn)
-    .await?;
+    crate::store::adopted::forget(conn, replica_set, projection).await?;
     Ok(restored)
 }
 

@@ -37,6 +37,28 @@ pub async fn projections(
     crate::store::projections::known(conn, replica_set).await
 }
 
+/// Tables `import` adopted from a Go deployment are that deployment's data: dropping them with
+/// the projection's schema would lose them. `import --rollback` puts them back first.
+async fn refuse_adopted(
+    conn: &mut sqlx::PgConnection,
+    replica_set: &str,
+    projection: Option<&str>,
+) -> Result<(), RegistryError> {
+    let adopted: Vec<String> = crate::store::adopted::of_replica_set(conn, replica_set)
+        .await?
+        .into_iter()
+        .filter(|a| projection.is_none_or(|p| a.ends_with(&format!(", projection {p})"))))
+        .collect();
+    if adopted.is_empty() {
+        return Ok(());
+    }
+    Err(RegistryError::Refused(format!(
+        "replica set {replica_set} holds tables adopted from a Go deployment by `projection-host import`: {}. \
+         Removing would drop them; `projection-host import --rollback` puts them back where they were first",
+        adopted.join("; ")
+    )))
+}
+
 /// Removes one projection of a replica set whose hosts may be running. `progress` hears about
 /// the wait for the projection's sessions to end.
 pub async fn remove_projection(
@@ -58,6 +80,7 @@ pub async fn remove_projection(
             }
         )));
     }
+    refuse_adopted(&mut conn, replica_set, Some(projection)).await?;
     let role = crate::sink::role::role_of(&mut conn, replica_set, projection).await?;
     drop(conn);
     retire_everything(pool, replica_set, projection).await?;
@@ -107,6 +130,7 @@ pub async fn remove_replica_set(
             }
         )));
     }
+    refuse_adopted(&mut tx, replica_set, None).await?;
     let live = live_hosts(&mut tx, replica_set).await?;
     if !live.is_empty() {
         return Err(RegistryError::Refused(format!(

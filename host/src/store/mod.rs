@@ -4,6 +4,7 @@
 //! `sink::role`; `layers.rs` lists every owner, and a test fails when another module names a
 //! table.
 
+pub mod adopted;
 pub mod carried;
 pub mod checkpoints;
 pub mod controls;

@@ -281,6 +281,29 @@ async fn an_orchestrator_deployment_is_adopted_in_place_and_continues_exactly() 
         "{out}"
     );
 
+    // Removing the projection would drop the adopted table: refused, pointing at the rollback.
+    let removal = std::process::Command::new(BIN)
+        .args([
+            "projections",
+            "remove",
+            "bank_balances",
+            "--replica-set",
+            REPLICA_SET,
+            "--yes",
+        ])
+        .env("DATABASE_URL", &db.url)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&removal.stderr);
+    assert!(!removal.status.success(), "{said}");
+    assert!(said.contains("import --rollback"), "{said}");
+    assert_eq!(
+        relkind(&db, "bank_balances.account_balances")
+            .await
+            .as_deref(),
+        Some("r")
+    );
+
     // Rollback: the Go checkpoints become the host's, the table goes back (the same relation),
     // the host forgets the projection, and a Go worker continuing from there stays exact.
     let rollback = [

@@ -28,9 +28,7 @@ pub const MAX_PARTITIONS: u32 = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ResizeError {
-    #[error(
-        "replica set '{0}' does not exist (check --replica-set / REPLICA_SET)"
-    )]
+    #[error("replica set '{0}' does not exist (check --replica-set / REPLICA_SET)")]
     NoSuchSet(String),
     #[error("replica set '{set}' already has {count} partitions; nothing to do")]
     Unchanged { set: String, count: u32 },

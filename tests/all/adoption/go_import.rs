@@ -8,19 +8,30 @@ use crate::support::{Host, TestDb};
 const ACCOUNTS: u64 = 400;
 const REPLICA_SET: &str = "adopted";
 
-/// `projection-host import <args>` with the bank-balances plugin: (succeeded, output).
-fn import(db: &TestDb, args: &[&str]) -> (bool, String) {
+/// `projection-host <args>` against the test database: (succeeded, stdout + stderr).
+fn cli(db: &TestDb, args: &[&str]) -> (bool, String) {
     let out = std::process::Command::new(BIN)
-        .args(["import", "--plugin", test_artifacts::BANK_BALANCES])
-        .args(["--replica-set", REPLICA_SET])
         .args(args)
         .env("DATABASE_URL", &db.url)
         .env_remove("REPLICA_SET")
         .output()
-        .expect("running import");
+        .expect("running projection-host");
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     (out.status.success(), text)
+}
+
+/// `projection-host import <args>` with the bank-balances plugin into the test's set.
+fn import(db: &TestDb, args: &[&str]) -> (bool, String) {
+    let mut full = vec![
+        "import",
+        "--plugin",
+        test_artifacts::BANK_BALANCES,
+        "--replica-set",
+        REPLICA_SET,
+    ];
+    full.extend_from_slice(args);
+    cli(db, &full)
 }
 
 /// The W1 read model as Go workers partitioned `checkpoints.len()` ways would have left it in
@@ -282,20 +293,18 @@ async fn an_orchestrator_deployment_is_adopted_in_place_and_continues_exactly() 
     );
 
     // Removing the projection would drop the adopted table: refused, pointing at the rollback.
-    let removal = std::process::Command::new(BIN)
-        .args([
+    let (ok, said) = cli(
+        &db,
+        &[
             "projections",
             "remove",
             "bank_balances",
             "--replica-set",
             REPLICA_SET,
             "--yes",
-        ])
-        .env("DATABASE_URL", &db.url)
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&removal.stderr);
-    assert!(!removal.status.success(), "{said}");
+        ],
+    );
+    assert!(!ok, "{said}");
     assert!(said.contains("import --rollback"), "{said}");
     assert_eq!(
         relkind(&db, "bank_balances.account_balances")
@@ -430,12 +439,7 @@ async fn core_segments_are_adopted_into_another_partition_count_exactly() {
             .await,
         12_500
     );
-    let status = std::process::Command::new(BIN)
-        .args(["status", "--replica-set", REPLICA_SET])
-        .env("DATABASE_URL", &db.url)
-        .output()
-        .unwrap();
-    let status = String::from_utf8_lossy(&status.stdout);
+    let (_, status) = cli(&db, &["status", "--replica-set", REPLICA_SET]);
     assert!(
         status.contains("carried checkpoints up to 16800 (import from Core (3 partitions))"),
         "{status}"
@@ -483,23 +487,18 @@ async fn an_unpartitioned_processor_is_adopted_and_then_resized_online() {
     assert!(out.contains("processors keep no registry"), "{out}");
     assert!(out.contains("1 partitions"), "{out}");
     // One partition, as the processor had; then 1 -> 4 while nothing runs, and on from there.
-    let resized = std::process::Command::new(BIN)
-        .args([
+    let (ok, out) = cli(
+        &db,
+        &[
             "partitions",
             "resize",
             "--replica-set",
             REPLICA_SET,
             "--to",
             "4",
-        ])
-        .env("DATABASE_URL", &db.url)
-        .output()
-        .unwrap();
-    assert!(
-        resized.status.success(),
-        "{}",
-        String::from_utf8_lossy(&resized.stderr)
+        ],
     );
+    assert!(ok, "{out}");
     db.append_w1(10_000, 10_999, ACCOUNTS).await;
     run_once(&db, &[]).await;
     let check = projection_host::bench::check_w1(&db.url, "bank_balances")

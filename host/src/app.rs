@@ -47,8 +47,23 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         ),
         None => Vec::new(),
     };
-    // A resize of the replica set under this host ends one run; the next joins again with the
-    // new partition count (the HTTP ports stay up, /ready says false meanwhile).
+    let result = run_until_stopped(config, worker, metrics, &front).await;
+    http_stop.cancel();
+    for task in http_tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+    }
+    result
+}
+
+/// Runs the host until it is stopped. A resize of the replica set under this host ends one run;
+/// the next joins again with the new partition count (the HTTP ports stay up, /ready says false
+/// meanwhile).
+async fn run_until_stopped(
+    config: RunConfig,
+    worker: WorkerId,
+    metrics: HostMetrics,
+    front: &Front,
+) -> anyhow::Result<()> {
     // One watcher for the whole process: a signal that arrives while one run shuts down or the
     // next starts (a rejoin after a resize) still stops the host.
     let (signal_tx, signal) = tokio::sync::watch::channel(None);
@@ -56,32 +71,28 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         let name = shutdown_signal().await;
         let _ = signal_tx.send(Some(name));
     });
+    // One engine for the process: a rejoin keeps its compiled plugins.
+    let runtime =
+        Arc::new(Runtime::new(config.runtime.clone()).context("starting the WebAssembly runtime")?);
     let mut config = config;
-    let result = loop {
+    loop {
         let run = start_and_run(
             config.clone(),
             worker.clone(),
             metrics.clone(),
-            &front,
+            front,
             signal.clone(),
+            runtime.clone(),
         );
-        match run.await {
-            Ok(Ended::Rejoin) if signal.borrow().is_some() => break Ok(()),
-            Ok(Ended::Rejoin) => {
+        match run.await? {
+            Ended::Rejoin if signal.borrow().is_none() => {
                 tracing::info!("joining the replica set again after its resize");
                 // The set's count is the operator's now, whatever this host was started with.
                 config.coordination.partitions = None;
-                continue;
             }
-            Ok(Ended::Stopped) => break Ok(()),
-            Err(e) => break Err(e),
+            Ended::Rejoin | Ended::Stopped => return Ok(()),
         }
-    };
-    http_stop.cancel();
-    for task in http_tasks {
-        let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
     }
-    result
 }
 
 /// The database as the rest of the start needs it: checked, migrated, with a pool.
@@ -159,6 +170,7 @@ async fn start_and_run(
     metrics: HostMetrics,
     front: &Front,
     mut signal: Signal,
+    runtime: Arc<Runtime>,
 ) -> anyhow::Result<Ended> {
     let incarnation = uuid::Uuid::new_v4();
     let Some(Connected {
@@ -173,8 +185,6 @@ async fn start_and_run(
     let token = CommitToken::generate();
 
     let replica_set = config.coordination.replica_set.clone();
-    let runtime =
-        Arc::new(Runtime::new(config.runtime.clone()).context("starting the WebAssembly runtime")?);
     let cache = Arc::new(PluginCache::new(
         runtime.clone(),
         pool.clone(),

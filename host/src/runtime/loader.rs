@@ -194,8 +194,31 @@ impl Runtime {
         Ok((Arc::new(plugin), instance))
     }
 
-    /// Compiles, or reuses the artifact compiled earlier for the same bytes and engine.
+    /// Compiles, or reuses the component compiled earlier for the same bytes and engine (by this
+    /// process, or in the cache directory).
     fn compile(&self, path: &Path, bytes: &[u8], sha256: &str) -> Result<Component, LoadError> {
+        let known = self
+            .compiled
+            .lock()
+            .ok()
+            .and_then(|c| c.get(sha256).cloned());
+        if let Some(component) = known {
+            return Ok(component);
+        }
+        let component = self.compile_or_reuse(path, bytes, sha256)?;
+        if let Ok(mut compiled) = self.compiled.lock() {
+            compiled.insert(sha256.to_string(), component.clone());
+        }
+        Ok(component)
+    }
+
+    /// Compiles, or reuses the artifact of the on-disk cache.
+    fn compile_or_reuse(
+        &self,
+        path: &Path,
+        bytes: &[u8],
+        sha256: &str,
+    ) -> Result<Component, LoadError> {
         let started = std::time::Instant::now();
         let cached = self
             .config

@@ -32,6 +32,9 @@ pub struct Runtime {
     engine: Engine,
     linker: Linker<StoreState>,
     config: RuntimeConfig,
+    /// Components compiled by this process, by sha256: a rejoin after a resize (or a file
+    /// scanned again) does not compile the same bytes twice.
+    compiled: std::sync::Mutex<std::collections::HashMap<String, wasmtime::component::Component>>,
 }
 
 impl Runtime {
@@ -59,6 +62,7 @@ impl Runtime {
             engine,
             linker,
             config,
+            compiled: Default::default(),
         })
     }
 

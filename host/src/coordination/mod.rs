@@ -342,8 +342,8 @@ impl Coordinator {
         }
         tracing::warn!(
             replica_set = %self.config.replica_set,
-            from = self.partitions,
-            to = now,
+            from = %self.partitions,
+            to = %now,
             "the replica set was resized; stopping this host's pipelines to join again with the new partition count"
         );
         self.ownership.forfeit_all();

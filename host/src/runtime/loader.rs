@@ -238,11 +238,14 @@ impl Runtime {
                 }
             }
         }
+        // At info: a component of a Python or JS toolchain takes seconds to compile, and a
+        // host that says nothing meanwhile looks stuck.
+        tracing::info!(file = %path.display(), bytes = bytes.len(), "compiling a plugin (PLUGIN_CACHE_DIR keeps the result across restarts)");
         let component = Component::new(&self.engine, bytes).map_err(|e| LoadError::Invalid {
             path: path.to_path_buf(),
             reason: format!("{e:#}"),
         })?;
-        tracing::debug!(file = %path.display(), ms = started.elapsed().as_millis() as u64, "compiled a plugin");
+        tracing::info!(file = %path.display(), ms = started.elapsed().as_millis() as u64, "compiled a plugin");
         if let Some(file) = cached {
             let written = component
                 .serialize()

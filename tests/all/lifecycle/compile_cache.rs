@@ -32,6 +32,20 @@ async fn restarts_reuse_compiled_plugins() {
         first.log()
     );
     assert_eq!(compiles(&first.log()), 1, "{}", first.log());
+    // A compile is announced, and its duration reported, at info (what operators see).
+    for (needle, with) in [
+        ("compiling a plugin", "bytes="),
+        ("compiled a plugin", "ms="),
+    ] {
+        assert!(
+            first
+                .log()
+                .lines()
+                .any(|l| l.contains(" INFO ") && l.contains(needle) && l.contains(with)),
+            "no info line '{needle}' with {with}: {}",
+            first.log()
+        );
+    }
     let artifacts: Vec<String> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

@@ -83,6 +83,16 @@ pub enum GoError {
     Sql(#[from] sqlx::Error),
 }
 
+/// The Go processors' checkpoint key of partition `k` of `count`: the projection's name when
+/// there is one partition, else `<name>_p<k>` (the count is not part of the key).
+fn checkpoint_name(name: &str, count: u32, k: u32) -> String {
+    if count == 1 {
+        name.to_string()
+    } else {
+        format!("{name}_p{k}")
+    }
+}
+
 async fn require(
     conn: &mut PgConnection,
     table: &QualifiedName,
@@ -123,80 +133,7 @@ async fn checkpoint_rows(
     )
     .await?;
     let (count, count_from) = match go.system {
-        GoSystem::Orchestrator => {
-            require(
-                conn,
-                &t.generations,
-                "pass --generations-table, or --from processor --go-partitions N for processors without the orchestrator",
-            )
-            .await?;
-            let newest: Option<(i32, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(&format!(
-                "SELECT total_partitions, created_at FROM {} WHERE replica_set = $1 ORDER BY created_at DESC LIMIT 1",
-                t.generations
-            ))
-            .bind(&go.replica_set)
-            .fetch_optional(&mut *conn)
-            .await?;
-            let Some((newest, began)) = newest else {
-                return Err(GoError::Inconsistent(format!(
-                    "{} has no generation of replica set '{}' (pass --go-replica-set with the orchestrator's REPLICA_SET)",
-                    t.generations, go.replica_set
-                )));
-            };
-            let newest = newest.max(1) as u32;
-            match go.partitions {
-                // The operator knows better (a generation that never ran, e.g. created by a
-                // scale-down that was undone).
-                Some(given) => (
-                    given.max(1),
-                    format!(
-                        "--go-partitions (the newest generation of replica set '{}' in {} says {newest})",
-                        go.replica_set, t.generations
-                    ),
-                ),
-                None => {
-                    // A generation is created whenever membership changes; one that never ran
-                    // leaves the checkpoints of an earlier count under the same names.
-                    let written_before: Vec<String> = sqlx::query_scalar(&format!(
-                        "SELECT projection_name FROM {}
-                          WHERE (projection_name = $1 OR starts_with(projection_name, $1 || '_p'))
-                            AND updated_at < $2 ORDER BY projection_name",
-                        t.checkpoints
-                    ))
-                    .bind(&go.name)
-                    .bind(began)
-                    .fetch_all(&mut *conn)
-                    .await?;
-                    let key = |k: u32| {
-                        if newest == 1 {
-                            go.name.clone()
-                        } else {
-                            format!("{}_p{k}", go.name)
-                        }
-                    };
-                    let stale: Vec<&String> = written_before
-                        .iter()
-                        .filter(|n| (0..newest).any(|k| key(k) == **n))
-                        .collect();
-                    if !stale.is_empty() {
-                        return Err(GoError::Inconsistent(format!(
-                            "the checkpoints {} were last written before the newest generation of replica set '{}' ({newest} partitions) began at {began}: \
-                             that generation may never have run, and they may belong to an earlier partition count. \
-                             Check the orchestrator's history and pass --go-partitions with the count they were written under",
-                            stale.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "),
-                            go.replica_set
-                        )));
-                    }
-                    (
-                        newest,
-                        format!(
-                            "the newest generation of replica set '{}' in {}",
-                            go.replica_set, t.generations
-                        ),
-                    )
-                }
-            }
-        }
+        GoSystem::Orchestrator => orchestrator_count(conn, go).await?,
         _ => match go.partitions {
             Some(n) => (n.max(1), "--go-partitions".to_string()),
             None => (1, "no --go-partitions: one partition".to_string()),
@@ -212,13 +149,7 @@ async fn checkpoint_rows(
     .bind(&go.name)
     .fetch_all(&mut *conn)
     .await?;
-    let key = |k: u32| {
-        if count == 1 {
-            go.name.clone()
-        } else {
-            format!("{}_p{k}", go.name)
-        }
-    };
+    let key = |k: u32| checkpoint_name(&go.name, count, k);
     let mut positions = vec![0i64; count as usize];
     let (mut used, mut ignored) = (Vec::new(), Vec::new());
     for (name, position) in rows {
@@ -250,6 +181,79 @@ async fn checkpoint_rows(
         rows: used,
         ignored,
     })
+}
+
+/// The orchestrator's partition count: its newest generation's, checked against the checkpoint
+/// rows' age, or the operator's `--go-partitions`. Returns it with where it came from.
+async fn orchestrator_count(
+    conn: &mut PgConnection,
+    go: &GoDeployment,
+) -> Result<(u32, String), GoError> {
+    let t = &go.tables;
+    require(
+        conn,
+        &t.generations,
+        "pass --generations-table, or --from processor --go-partitions N for processors without the orchestrator",
+    )
+    .await?;
+    let newest: Option<(i32, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(&format!(
+        "SELECT total_partitions, created_at FROM {} WHERE replica_set = $1 ORDER BY created_at DESC LIMIT 1",
+        t.generations
+    ))
+    .bind(&go.replica_set)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some((newest, began)) = newest else {
+        return Err(GoError::Inconsistent(format!(
+            "{} has no generation of replica set '{}' (pass --go-replica-set with the orchestrator's REPLICA_SET)",
+            t.generations, go.replica_set
+        )));
+    };
+    let newest = newest.max(1) as u32;
+    if let Some(given) = go.partitions {
+        // The operator knows better (a generation that never ran, e.g. created by a scale-down
+        // that was undone).
+        return Ok((
+            given.max(1),
+            format!(
+                "--go-partitions (the newest generation of replica set '{}' in {} says {newest})",
+                go.replica_set, t.generations
+            ),
+        ));
+    }
+    // A generation is created whenever membership changes; one that never ran leaves the
+    // checkpoints of an earlier count under the same names.
+    let written_before: Vec<String> = sqlx::query_scalar(&format!(
+        "SELECT projection_name FROM {}
+          WHERE (projection_name = $1 OR starts_with(projection_name, $1 || '_p'))
+            AND updated_at < $2 ORDER BY projection_name",
+        t.checkpoints
+    ))
+    .bind(&go.name)
+    .bind(began)
+    .fetch_all(&mut *conn)
+    .await?;
+    let stale: Vec<&str> = written_before
+        .iter()
+        .map(String::as_str)
+        .filter(|n| (0..newest).any(|k| checkpoint_name(&go.name, newest, k) == *n))
+        .collect();
+    if !stale.is_empty() {
+        return Err(GoError::Inconsistent(format!(
+            "the checkpoints {} were last written before the newest generation of replica set '{}' ({newest} partitions) began at {began}: \
+             that generation may never have run, and they may belong to an earlier partition count. \
+             Check the orchestrator's history and pass --go-partitions with the count they were written under",
+            stale.join(", "),
+            go.replica_set
+        )));
+    }
+    Ok((
+        newest,
+        format!(
+            "the newest generation of replica set '{}' in {}",
+            go.replica_set, t.generations
+        ),
+    ))
 }
 
 async fn segment_rows(
@@ -354,13 +358,10 @@ pub async fn write_back(
     let t = &go.tables;
     match go.system {
         GoSystem::Processor | GoSystem::Orchestrator => {
-            let names: Vec<String> = if positions.len() == 1 {
-                vec![go.name.clone()]
-            } else {
-                (0..positions.len())
-                    .map(|k| format!("{}_p{k}", go.name))
-                    .collect()
-            };
+            let count = positions.len() as u32;
+            let names: Vec<String> = (0..count)
+                .map(|k| checkpoint_name(&go.name, count, k))
+                .collect();
             sqlx::query(&format!(
                 "INSERT INTO {} AS c (projection_name, last_global_position, updated_at)
                  SELECT n, p, now() FROM unnest($1::text[], $2::int8[]) AS x(n, p)

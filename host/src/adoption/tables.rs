@@ -162,16 +162,14 @@ pub async fn adopt(
 ) -> anyhow::Result<()> {
     let s = quote_ident(schema);
     let moved = format!("{s}.{}", quote_ident(&found.from_name));
-    let statements = [
-        format!("ALTER TABLE {} SET SCHEMA {s}", found.from),
-        if found.from_name != found.to_name {
-            format!(
-                "ALTER TABLE {moved} RENAME TO {}",
-                quote_ident(&found.to_name)
-            )
-        } else {
-            String::new()
-        },
+    let mut statements = vec![format!("ALTER TABLE {} SET SCHEMA {s}", found.from)];
+    if found.from_name != found.to_name {
+        statements.push(format!(
+            "ALTER TABLE {moved} RENAME TO {}",
+            quote_ident(&found.to_name)
+        ));
+    }
+    statements.extend([
         format!("ALTER TABLE {} OWNER TO {}", found.to, quote_ident(role)),
         format!("CREATE VIEW {} AS SELECT * FROM {}", found.from, found.to),
         format!(
@@ -188,8 +186,8 @@ pub async fn adopt(
             found.from,
             quote_literal(&found.to)
         ),
-    ];
-    for sql in statements.iter().filter(|s| !s.is_empty()) {
+    ]);
+    for sql in &statements {
         sqlx::query(sql).execute(&mut *conn).await.map_err(|e| {
             let hint = if sqlstate::of(&e).as_deref() == Some(sqlstate::INSUFFICIENT_PRIVILEGE) {
                 format!(
